@@ -1,0 +1,236 @@
+"""The ONLY code that knows the model-directory and checkpoint layouts.
+
+Model directory: config.json (the ModelConfig) + model.safetensors (the raw model's weights, no
+`_orig_mod.` or `module.` prefixes, the tied head stored once as transformer.wte.weight).
+Checkpoint: a model directory + optimizer.pt (tensors only) + state.json, written whole or not at all.
+Nothing is ever unpickled from a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from gptlab.config import ModelConfig, read_json, write_json
+from gptlab.errors import UserError
+from gptlab.model import GPT
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+_PREFIXES = ("_orig_mod.", "module.")
+_TIED = "lm_head.weight"
+
+
+def raw_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Unwrap DDP / FSDP-free wrappers and torch.compile to the GPT module itself."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and drop the tied head (it is the token embedding)."""
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        if k == _TIED:
+            continue
+        out[k] = v
+    return out
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = clean_state_dict(raw_model(model).state_dict())
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_model_files(model: torch.nn.Module, path: Path) -> None:
+    cfg: ModelConfig = raw_model(model).config
+    write_json(path / CONFIG, cfg.to_dict())
+    save_file(model_state_dict(model), str(path / WEIGHTS), metadata={"format": "pt", "producer": "gptlab"})
+
+
+def save_model(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write a model directory atomically (a temporary directory renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _write_model_files(model, tmp)
+    _replace_dir(tmp, path)
+    return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+    _fsync_dir(path.parent)
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        return False
+    try:
+        cfg = read_json(path / CONFIG)
+    except UserError:
+        return False
+    return "model_type" not in cfg and "n_layer" in cfg
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    return ModelConfig.from_dict(read_json(Path(path) / CONFIG))
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """A GPT from a gptlab model (or checkpoint) directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such model directory")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise UserError(f"{path}: not a model directory (no {name})")
+    cfg = read_model_config(path)
+    try:
+        sd = load_file(str(path / WEIGHTS), device="cpu")
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise UserError(f"{path / WEIGHTS}: unreadable weights ({e})") from None
+    model = GPT(cfg)
+    load_weights(model, sd, source=str(path / WEIGHTS))
+    return model.to(device)
+
+
+def load_weights(model: GPT, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Load a cleaned state dict into model, with one clear error for any mismatch."""
+    sd = clean_state_dict(sd)
+    own = {k: v for k, v in model.state_dict().items() if k != _TIED}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, config wants {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+def latest_checkpoint(run: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    run = Path(run)
+    latest = run / CHECKPOINTS / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        ckpt = run / CHECKPOINTS / name
+        if name and is_model_dir(ckpt):
+            return ckpt
+    # `latest` missing or stale: fall back to the newest complete step_* folder
+    steps = sorted((run / CHECKPOINTS).glob("step_*")) if (run / CHECKPOINTS).is_dir() else []
+    for ckpt in reversed(steps):
+        if is_model_dir(ckpt) and (ckpt / STATE).is_file():
+            return ckpt
+    return None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / CHECKPOINTS).is_dir()
+
+
+def resolve_model_path(spec: str | Path) -> Path | None:
+    """The model directory that `spec` names if it is a gptlab run, checkpoint or model
+    directory; None if it is something else (a Hugging Face directory or hub id)."""
+    path = Path(spec)
+    if not path.exists():
+        return None
+    if is_run_dir(path):
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise UserError(f"{path}: run directory has no complete checkpoint yet")
+        return ckpt
+    if is_model_dir(path):
+        return path
+    if (path / "model").is_dir() and is_model_dir(path / "model"):
+        return path / "model"
+    return None
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, str]:
+    """A GPT from anything the CLI accepts as MODEL: a run directory (its latest checkpoint), a
+    checkpoint or model directory, a local Hugging Face directory, or a hub id.
+    Returns the model (eval mode, on device) and a description of where it came from."""
+    from gptlab import hf
+
+    local = resolve_model_path(spec)
+    if local is not None:
+        model = load_model_dir(local, device)
+        where = str(local)
+    else:
+        path = Path(spec)
+        if path.exists():
+            if path.is_dir() and (path / "config.json").is_file():
+                model = hf.load_hf_dir(path)
+            elif path.is_dir():
+                raise UserError(f"{path}: not a model directory (no config.json and model weights)")
+            else:
+                raise UserError(f"{path}: is a file, not a model directory")
+            where = str(path)
+        elif hf.looks_like_hub_id(str(spec)):
+            model = hf.load_hub(str(spec))
+            where = f"hub:{spec}"
+        else:
+            raise UserError(f"{spec}: no such model directory, and not a Hugging Face hub id")
+        model = model.to(device)
+    model.eval()
+    return model, where
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    write_json(path, data)
