@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError (no s)
 from safetensors.torch import load_file, save_file
 
 from gptlab.config import ModelConfig, read_json, write_json
@@ -234,3 +234,101 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 
 def save_json(path: str | Path, data: Any) -> None:
     write_json(path, data)
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+
+def optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for optimizer.pt) and plain JSON (param groups
+    and any non-tensor per-parameter values), so optimizer.pt holds tensors only."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict] = {}
+    for idx, pstate in opt_state["state"].items():
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}/{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                plain_state.setdefault(str(idx), {})[name] = value
+    groups = []
+    for g in opt_state["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    return tensors, {"param_groups": groups, "plain_state": plain_state}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta.get("plain_state", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+                    optimizer_state: dict | None, state: dict, keep: int = 0) -> Path:
+    """Write RUN/checkpoints/step_XXXXXX whole or not at all, then point `latest` at it and prune
+    to the newest `keep` (0 keeps all). `state` must be JSON-serialisable.
+    `model` may be a module or an already-gathered state dict (FSDP)."""
+    ckdir = Path(run_dir) / CHECKPOINTS
+    ckdir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = ckdir / name
+    tmp = ckdir / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_model_files(model, tmp)
+        state = dict(state)
+        if optimizer_state is not None:
+            tensors, meta = optimizer_to_files(optimizer_state)
+            torch.save(tensors, tmp / OPTIMIZER)
+            state["optimizer"] = meta
+        write_json(tmp / STATE, state)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    latest_tmp = ckdir / f".{LATEST}.tmp"
+    latest_tmp.write_text(name + "\n")
+    with open(latest_tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    latest_tmp.replace(ckdir / LATEST)
+    _fsync_dir(ckdir)
+    if keep > 0:
+        steps = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
+        for old in steps[:-keep]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(ckpt: str | Path) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """state.json and the optimizer tensors of a checkpoint (weights_only: nothing unpickled)."""
+    ckpt = Path(ckpt)
+    state = read_json(ckpt / STATE)
+    tensors = None
+    if (ckpt / OPTIMIZER).is_file():
+        try:
+            tensors = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
+        except Exception as e:  # refused (needs pickle) or corrupt
+            raise UserError(f"{ckpt / OPTIMIZER}: cannot be loaded safely ({str(e).splitlines()[0]})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise UserError(f"{ckpt / OPTIMIZER}: expected a dict of tensors")
+    return state, tensors
+
+
+def load_checkpoint_weights(ckpt: str | Path, model: torch.nn.Module) -> None:
+    ckpt = Path(ckpt)
+    try:
+        sd = load_file(str(ckpt / WEIGHTS), device="cpu")
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise UserError(f"{ckpt / WEIGHTS}: unreadable weights ({e})") from None
+    load_weights(raw_model(model), sd, source=str(ckpt / WEIGHTS))

@@ -144,3 +144,105 @@ def write_json(path: str | Path, data: Any) -> None:
         json.dump(data, f, indent=2)
         f.write("\n")
     tmp.replace(path)
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field whose help text becomes the flag's --help."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `gptlab train` needs beyond the model's shape. Flags are --kebab-case forms."""
+
+    model: str = _f("gpt2", "model preset: " + ", ".join(PRESETS))
+    n_layer: int | None = _f(None, "override the preset's number of layers")
+    n_head: int | None = _f(None, "override the preset's number of heads")
+    n_embd: int | None = _f(None, "override the preset's width")
+    seq_len: int | None = _f(None, "context length T (default: the preset's)")
+    data: str = _f("data/shakespeare", "prepared dataset directory (from `gptlab prepare`)")
+    out: str = _f("runs/run", "run directory: config, metrics, checkpoints, plots, samples")
+    init_from: str | None = _f(None, "start from pretrained weights: a hub id (gpt2), an HF or gptlab model directory")
+    seed: int = _f(1337, "seed for initialisation, data order and dropout")
+    batch_size: int = _f(32, "micro-batch size per rank, in sequences")
+    total_batch_tokens: int = _f(524288, "global batch per optimizer step, in tokens (sets gradient accumulation)")
+    max_steps: int | None = _f(19073, "optimizer steps to run (overridden by --max-tokens or --epochs)")
+    max_tokens: int | None = _f(None, "train on this many tokens (K/M/B suffixes), instead of --max-steps")
+    epochs: float | None = _f(None, "train for this many passes over the train split, instead of --max-steps")
+    lr: float = _f(6e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    schedule: str = _f("cosine", "learning-rate schedule: cosine | linear | constant | wsd")
+    warmup_steps: int = _f(715, "linear warm-up steps")
+    warmup_frac: float | None = _f(None, "warm-up as a fraction of the steps (overrides --warmup-steps)")
+    decay_frac: float = _f(0.2, "wsd: fraction of the steps spent decaying at the end")
+    weight_decay: float = _f(0.1, "AdamW weight decay, on 2-D weights only")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 turns clipping off)")
+    device: str | None = _f(None, "cpu, cuda, cuda:N or mps (default: the best available)")
+    dtype: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where native, fp16 on older GPUs, fp32 on CPU)")
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
+    eval_every: int = _f(250, "evaluate (val loss, HellaSwag, samples) every N steps; 0 turns it off")
+    eval_tokens: int = _f(10_485_760, "validation tokens per evaluation")
+    hellaswag: bool = _f(False, "also run HellaSwag at each evaluation (needs a file or a cached copy)")
+    hellaswag_file: str | None = _f(None, "local HellaSwag jsonl file")
+    hellaswag_limit: int | None = _f(None, "evaluate only the first N HellaSwag items")
+    sample_tokens: int = _f(32, "tokens per sample drawn at each evaluation (0 turns samples off)")
+    num_samples: int = _f(2, "samples per prompt at each evaluation")
+    checkpoint_every: int = _f(1000, "write a checkpoint every N steps (0: only at the end and on signals)")
+    keep_checkpoints: int = _f(3, "keep the newest K checkpoints (0 keeps all)")
+    overfit_batch: bool = _f(False, "sanity check: repeat one batch until the loss is near zero")
+    tensorboard: bool = _f(False, "also log to TensorBoard in RUN/tensorboard")
+    wandb: bool = _f(False, "also log to Weights & Biases (set WANDB_MODE=offline to stay offline)")
+    wandb_project: str = _f("gptlab", "Weights & Biases project")
+    nproc: str | None = _f(None, "start torchrun with N processes, or 'auto' for one per visible GPU")
+    fsdp: bool = _f(False, "shard parameters, gradients and optimizer state with FSDP2 (large models)")
+    dist_timeout: float = _f(600.0, "seconds before a collective gives up when a rank is lost")
+
+    def model_config(self) -> ModelConfig:
+        return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head,
+                            n_embd=self.n_embd, seq_len=self.seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"train config: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# Training defaults that differ from the GPT-3 Small recipe (TrainConfig's own defaults), by preset.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # Learns visibly on a 2-core CPU within a few minutes: small batches, short warm-up, high lr.
+    "tiny": dict(batch_size=16, total_batch_tokens=4096, max_steps=200, lr=3e-3, warmup_steps=10,
+                 eval_every=50, eval_tokens=65536, checkpoint_every=50, sample_tokens=32),
+    "gpt2": {},
+    "gpt2-medium": dict(lr=3e-4),
+    "gpt2-large": dict(lr=2.5e-4),
+    "gpt2-xl": dict(lr=2e-4),
+}
+# model-shape fields: a resume refuses to change them
+MODEL_FIELDS = ("model", "n_layer", "n_head", "n_embd", "seq_len", "init_from")
+# fields that fix the data order: changing them on resume would break exactness
+DATA_FIELDS = ("data", "seed", "total_batch_tokens")
+
+
+def resolve_train_config(flags: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """TrainConfig from: its defaults < the preset's training defaults < --config file < flags
+    (flags whose value is None were not given)."""
+    file_values = read_json(config_file) if config_file else {}
+    if "train" in file_values and isinstance(file_values["train"], dict):
+        file_values = file_values["train"]  # a RUN/config.json works as --config too
+    model = flags.get("model") or file_values.get("model") or TrainConfig.model
+    if model not in PRESETS:
+        raise UserError(f"unknown model preset {model!r}; choose one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(TRAIN_PRESETS.get(model, {}))
+    values.update(file_values)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values["model"] = model
+    return TrainConfig.from_dict(values)

@@ -116,3 +116,50 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def strip_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` / `flag=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == flag:
+            skip = True
+            continue
+        if a.startswith(flag + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def resolve_nproc(nproc: str) -> int:
+    from gptlab.errors import UserError
+
+    if nproc == "auto":
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    try:
+        n = int(nproc)
+    except ValueError:
+        raise UserError(f"--nproc must be 'auto' or a positive integer, got {nproc!r}") from None
+    if n < 1:
+        raise UserError(f"--nproc must be 'auto' or a positive integer, got {nproc!r}")
+    return n
+
+
+def self_launch(nproc: str, argv: list[str]) -> int:
+    """`gptlab train --nproc N ...`: run the same command under torchrun with N processes on this
+    node (the process is replaced, so signals reach torchrun directly). Under torchrun already,
+    or with N = 1, train in this process."""
+    n = resolve_nproc(nproc)
+    rest = strip_flag(argv, "--nproc")
+    if "RANK" in os.environ or n == 1:
+        from gptlab.cli import main
+
+        return main(rest)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "gptlab", *rest]
+    print(f"gptlab: launching {n} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # not reached

@@ -1,0 +1,118 @@
+"""Run logging: RUN/metrics.jsonl (one JSON object a line), the console progress bar, and
+optional TensorBoard / Weights & Biases. Only rank 0 writes anything."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf: write them as null
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class MetricsLogger:
+    """Appends records to RUN/metrics.jsonl and mirrors scalars to TensorBoard / W&B."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
+                 wandb: bool = False, wandb_project: str = "gptlab", config: dict | None = None,
+                 resume: bool = False):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install 'gptlab[track]'") from None
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_mod
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install 'gptlab[track]'") from None
+            self._wandb = wandb_mod.init(project=wandb_project, dir=str(run_dir), config=config,
+                                         name=Path(run_dir).name, resume="allow" if resume else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = _clean(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step, kind = record.get("step", 0), record.get("kind", "train")
+        scalars = {}
+        for k, v in record.items():
+            if k in ("step", "kind"):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                scalars[f"{kind}/{k}"] = v
+            elif isinstance(v, dict):
+                for k2, v2 in v.items():
+                    if isinstance(v2, dict):
+                        for k3, v3 in v2.items():
+                            if isinstance(v3, (int, float)):
+                                scalars[f"{kind}/{k}/{k2}/{k3}"] = v3
+                    elif isinstance(v2, (int, float)):
+                        scalars[f"{kind}/{k}/{k2}"] = v2
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(run_dir: str | Path, warn=None) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl; a malformed line (a run killed mid-write) is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if warn:
+                    warn(f"{path}:{lineno}: skipped a malformed line")
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):
+    """One tqdm bar for training steps on stderr (rank 0 only)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,321 @@
+"""PNG charts from a run's metrics: loss, learning rate, HellaSwag and throughput.
+
+`plot_run(RUN)` reads RUN/metrics.jsonl (and RUN/config.json for the model's size, to pick
+reference lines) and writes RUN/plots/*.png. `gptlab plot RUN` and the end of training call it.
+
+This module does not import torch, and imports matplotlib only when drawing (Agg, no screen).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+from gptlab.config import preset_for_shape
+from gptlab.errors import UserError
+
+# Published numbers, keyed by the gpt2* preset of the same depth and width. Only the 124M
+# numbers are recorded here; other sizes get no reference lines rather than guessed ones.
+REFERENCES: dict[str, dict[str, float]] = {
+    "gpt2": {
+        "val_loss": 3.2924,  # OpenAI GPT-2 124M on FineWeb-Edu's first 100M val tokens
+        "hellaswag_completion": 0.2955,  # OpenAI GPT-2 124M, completion-style acc_norm
+        "hellaswag_harness": 0.3114,  # OpenAI GPT-2 124M, lm-eval-harness acc_norm
+        "gpt3_hellaswag": 0.337,  # GPT-3 Small (124M), from the GPT-3 paper
+    },
+}
+LABELS = {"gpt2": "124M"}
+
+CHARTS = ("loss.png", "lr.png", "hellaswag.png", "throughput.png")
+_MAX_WARNINGS = 10
+
+
+def _warn(msg: str) -> None:
+    print(f"gptlab plot: warning: {msg}", file=sys.stderr)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for null, missing, non-numeric, NaN or infinite values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Records of a metrics.jsonl grouped by kind, each list sorted by step.
+
+    Blank lines are ignored; a malformed line (a run killed mid-write leaves a partial last
+    line) is skipped with a warning naming its line number. A resumed run repeats steps: a
+    record whose step is not after the previous one of its kind starts a new timeline, so it
+    replaces the earlier records of that kind from its step on (the last record for a step wins).
+    """
+    path = Path(path)
+    by_kind: dict[str, dict[int, dict[str, Any]]] = {}
+    skipped = 0
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e}") from None
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            reason = None
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                reason = f"not valid JSON: {e.msg}"
+            else:
+                if not isinstance(rec, dict):
+                    reason = "not a JSON object"
+                elif not isinstance(rec.get("kind"), str):
+                    reason = "no \"kind\""
+                elif isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), (int, float)) \
+                        or not math.isfinite(rec["step"]):
+                    reason = "no numeric \"step\""
+            if reason is not None:
+                skipped += 1
+                if skipped <= _MAX_WARNINGS:
+                    _warn(f"{path}:{lineno}: skipped malformed line ({reason})")
+                continue
+            step = int(rec["step"])
+            records = by_kind.setdefault(rec["kind"], {})
+            if records and step <= max(records):
+                # a resume: drop this kind's records from the abandoned timeline
+                for s in [s for s in records if s >= step]:
+                    del records[s]
+            records[step] = rec
+    if skipped > _MAX_WARNINGS:
+        _warn(f"{path}: skipped {skipped} malformed lines in all")
+    return {kind: [recs[s] for s in sorted(recs)] for kind, recs in by_kind.items()}
+
+
+def _model_preset(run_dir: Path) -> str | None:
+    """The gpt2* preset whose shape matches RUN/config.json's model, or None (also when unreadable)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        model = config["model"]
+        shape = SimpleNamespace(n_layer=int(model["n_layer"]), n_embd=int(model["n_embd"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _warn(f"{path}: cannot read the model's shape ({e}); no reference lines")
+        return None
+    return preset_for_shape(shape)
+
+
+def _series(records: Iterable[dict[str, Any]], x_key: str, *y_path: str) -> tuple[list[float], list[float]]:
+    """(xs, ys) over the records where both x and the (nested) y value are finite numbers."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for rec in records:
+        y: Any = rec
+        for key in y_path:
+            y = y.get(key) if isinstance(y, dict) else None
+        x, y = _number(rec.get(x_key)), _number(y)
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def smooth(values: list[float], window: int | None = None) -> list[float]:
+    """Centred moving average over `window` points (shrinking at the ends), so it does not lag.
+
+    The default window is about 2% of the points, at most 201.
+    """
+    n = len(values)
+    if window is None:
+        window = max(1, min(201, n // 50))
+    half = window // 2
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(n):
+        lo, hi = max(0, i - half), min(n, i + half + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
+    return out
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Write the figure as PNG atomically: a temporary name in the same directory, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _lone(values: list) -> str | None:
+    """A marker for a one-point series, which a line alone would not show."""
+    return "o" if len(values) == 1 else None
+
+
+def _figure() -> tuple[Any, Any]:
+    # Figure without pyplot: no global state, no GUI backend, safe to call from training.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _plot_loss(metrics: dict, refs: dict, size: str | None, title: str, path: Path) -> Path | None:
+    from matplotlib.ticker import EngFormatter
+
+    train = metrics.get("train", [])
+    val = metrics.get("val", [])
+    tx, ty = _series(train, "tokens", "loss")
+    vx, vy = _series(val, "tokens", "loss")
+    if not ty and not vy:
+        return None
+    fig, ax = _figure()
+    if ty:
+        ax.plot(tx, ty, lw=0.6, alpha=0.35, color="C0", marker=_lone(ty), label="train loss")
+        if len(ty) > 1:
+            ax.plot(tx, smooth(ty), lw=1.6, color="C0", label="train loss (smoothed)")
+    if vy:
+        ax.plot(vx, vy, lw=1.6, color="C1", marker="o" if len(vy) <= 50 else None, ms=3, label="val loss")
+    if "val_loss" in refs:
+        ax.axhline(refs["val_loss"], ls="--", color="C3", lw=1.2,
+                   label=f"OpenAI GPT-2 {LABELS[size]} val ({refs['val_loss']})")
+    # The first steps fall from ~10.9; cap the axis at twice the final loss so the end of
+    # training, where runs differ, is not squeezed into a sliver of the chart.
+    final = min(([smooth(ty)[-1]] if ty else []) + ([vy[-1]] if vy else []))
+    if final > 0 and max(ty + vy) > 2 * final:
+        ax.set_ylim(top=max(2 * final, 1.1 * refs.get("val_loss", 0.0)))
+    ax.set_xlabel("tokens")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_ylabel("loss")
+    ax.set_title(f"loss — {title}")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_lr(metrics: dict, title: str, path: Path) -> Path | None:
+    xs, ys = _series(metrics.get("train", []), "step", "lr")
+    if not ys:
+        return None
+    fig, ax = _figure()
+    ax.plot(xs, ys, lw=1.6, color="C2", marker=_lone(ys))
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.set_title(f"learning rate — {title}")
+    return _save(fig, path)
+
+
+def _plot_hellaswag(metrics: dict, refs: dict, size: str | None, title: str, path: Path) -> Path | None:
+    recs = metrics.get("hellaswag", [])
+    cx, cy = _series(recs, "step", "completion", "acc_norm")
+    hx, hy = _series(recs, "step", "harness", "acc_norm")
+    if not cy and not hy:
+        return None
+    fig, ax = _figure()
+    marker = "o" if max(len(cy), len(hy)) <= 50 else None
+    if cy:
+        ax.plot(cx, cy, lw=1.6, color="C0", marker=marker, ms=3, label="completion acc_norm")
+    if hy:
+        ax.plot(hx, hy, lw=1.6, color="C1", marker=marker, ms=3, label="harness acc_norm")
+    if "hellaswag_completion" in refs:
+        ax.axhline(refs["hellaswag_completion"], ls="--", color="C0", lw=1.0,
+                   label=f"OpenAI GPT-2 {LABELS[size]} completion ({refs['hellaswag_completion']})")
+    if "hellaswag_harness" in refs:
+        ax.axhline(refs["hellaswag_harness"], ls="--", color="C1", lw=1.0,
+                   label=f"OpenAI GPT-2 {LABELS[size]} harness ({refs['hellaswag_harness']})")
+    if "gpt3_hellaswag" in refs:
+        ax.axhline(refs["gpt3_hellaswag"], ls=":", color="C3", lw=1.2,
+                   label=f"GPT-3 {LABELS[size]} ({refs['gpt3_hellaswag']})")
+    ax.axhline(0.25, ls=":", color="grey", lw=0.8, label="chance (0.25)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("HellaSwag acc_norm")
+    ax.set_title(f"HellaSwag — {title}")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_throughput(metrics: dict, title: str, path: Path) -> Path | None:
+    from matplotlib.ticker import EngFormatter, PercentFormatter
+
+    train = metrics.get("train", [])
+    xs, ys = _series(train, "step", "tok_per_s")
+    mx, my = _series(train, "step", "mfu")
+    if not ys and not my:
+        return None
+    fig, ax = _figure()
+    lines = []
+    if ys:
+        lines += ax.plot(xs, ys, lw=1.2, color="C0", marker=_lone(ys), label="tokens/s")
+        ax.set_ylabel("tokens/s")
+        ax.yaxis.set_major_formatter(EngFormatter())
+        ax.set_ylim(bottom=0)
+    if my:
+        ax2 = ax.twinx() if ys else ax
+        # MFU as a fraction (0.45) or already in percent (45): show percent either way
+        ax2.yaxis.set_major_formatter(PercentFormatter(xmax=1.0 if max(my) <= 1.0 else 100.0))
+        lines += ax2.plot(mx, my, lw=1.2, color="C1", marker=_lone(my), label="MFU")
+        ax2.set_ylabel("MFU")
+        ax2.set_ylim(bottom=0)
+    ax.set_xlabel("step")
+    ax.set_title(f"throughput — {title}")
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    return _save(fig, path)
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Draw RUN/metrics.jsonl as PNGs in out_dir (default RUN/plots); return the files written.
+
+    Charts whose data is absent are skipped. Raises UserError when RUN or its metrics are
+    missing, or hold no records.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory (expected a run directory)")
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
+    metrics = read_metrics(metrics_path)
+    if not metrics:
+        raise UserError(f"{metrics_path}: no metric records")
+
+    size = _model_preset(run_dir)
+    refs = REFERENCES.get(size, {}) if size else {}
+    title = run_dir.resolve().name + (f" ({size})" if size else "")
+
+    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output directory: {e}") from None
+
+    # Figures are drawn without pyplot (see _figure), so no backend is chosen or changed:
+    # no screen is needed and a notebook's own backend is left alone.
+    written = [
+        _plot_loss(metrics, refs, size, title, out / "loss.png"),
+        _plot_lr(metrics, title, out / "lr.png"),
+        _plot_hellaswag(metrics, refs, size, title, out / "hellaswag.png"),
+        _plot_throughput(metrics, title, out / "throughput.png"),
+    ]
+    files = [p for p in written if p is not None]
+    if not files:
+        kinds = ", ".join(sorted(metrics))
+        raise UserError(f"{metrics_path}: nothing to plot (no train, val or hellaswag values; kinds: {kinds})")
+    return files

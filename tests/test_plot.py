@@ -1,0 +1,182 @@
+"""plot.py: charts from a synthetic metrics.jsonl, resumes, malformed lines, errors, no torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptlab.errors import UserError
+from gptlab.plot import plot_run, read_metrics, smooth
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALL_CHARTS = ["loss.png", "lr.png", "hellaswag.png", "throughput.png"]
+
+
+def train_rec(step: int, mfu: float | None = 0.4) -> dict:
+    return {"step": step, "kind": "train", "loss": 11.0 * math.exp(-step / 20) + 3.0,
+            "lr": 6e-4 * min(1.0, (step + 1) / 10), "grad_norm": 1.0, "tokens": (step + 1) * 4096,
+            "tok_per_s": 50_000.0 + step, "mfu": mfu, "time": 0.08}
+
+
+def val_rec(step: int) -> dict:
+    return {"step": step, "kind": "val", "loss": 10.0 * math.exp(-step / 20) + 3.2, "tokens": (step + 1) * 4096}
+
+
+def hs_rec(step: int) -> dict:
+    return {"step": step, "kind": "hellaswag", "tokens": (step + 1) * 4096,
+            "completion": {"acc": 0.25, "acc_norm": 0.25 + step / 1000, "n": 100},
+            "harness": {"acc": 0.26, "acc_norm": 0.26 + step / 1000, "n": 100}}
+
+
+def write_run(run: Path, records: list, model: dict | None = None, tail: str = "") -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail, encoding="utf-8")
+    if model is not None:
+        (run / "config.json").write_text(json.dumps({"model": model, "train": {}}), encoding="utf-8")
+    return run
+
+
+def full_records(steps: int = 40) -> list:
+    recs: list = []
+    for s in range(steps):
+        recs.append(train_rec(s))
+        if s % 10 == 0 or s == steps - 1:
+            recs.append(val_rec(s))
+        if s % 20 == 0 or s == steps - 1:
+            recs.append(hs_rec(s))
+    return recs
+
+
+def assert_pngs(files: list, out: Path, names: list) -> None:
+    assert [Path(f) for f in files] == [out / n for n in names]
+    for n in names:
+        data = (out / n).read_bytes()
+        assert data[:8] == PNG_MAGIC, n
+        assert len(data) > 1000, n
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gptlab", "plot", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_all_charts_written(tmp_path):
+    gpt2 = {"n_layer": 12, "n_head": 12, "n_embd": 768, "seq_len": 1024}
+    run = write_run(tmp_path / "run", full_records(), model=gpt2)
+    files = plot_run(run)
+    assert_pngs(files, run / "plots", ALL_CHARTS)
+
+
+def test_out_dir_and_unknown_model_size(tmp_path):
+    tiny = {"n_layer": 4, "n_head": 4, "n_embd": 128, "seq_len": 128}
+    run = write_run(tmp_path / "run", full_records(), model=tiny)
+    out = tmp_path / "elsewhere" / "charts"
+    files = plot_run(run, out)
+    assert_pngs(files, out, ALL_CHARTS)
+    assert not (run / "plots").exists()
+
+
+def test_absent_data_skips_charts(tmp_path):
+    # train records only, MFU unknown, no config.json: no hellaswag chart, the rest drawn
+    run = write_run(tmp_path / "run", [train_rec(s, mfu=None) for s in range(5)])
+    assert_pngs(plot_run(run), run / "plots", ["loss.png", "lr.png", "throughput.png"])
+    # val records only: just the loss chart
+    run2 = write_run(tmp_path / "run2", [val_rec(0), val_rec(10)])
+    assert_pngs(plot_run(run2), run2 / "plots", ["loss.png"])
+
+
+def test_resumed_run_keeps_last_record_per_step(tmp_path):
+    first = [train_rec(s) for s in range(10)] + [val_rec(9)]
+    # resumed from the step-5 checkpoint: steps 5.. repeat with new values
+    again = [dict(train_rec(s), loss=1.0) for s in range(5, 8)] + [dict(val_rec(7), loss=2.0)]
+    run = write_run(tmp_path / "run", first + again)
+    metrics = read_metrics(run / "metrics.jsonl")
+    train = metrics["train"]
+    assert [r["step"] for r in train] == list(range(8))  # the abandoned steps 8, 9 are gone
+    assert [r["loss"] for r in train[5:]] == [1.0, 1.0, 1.0]
+    assert [(r["step"], r["loss"]) for r in metrics["val"]] == [(7, 2.0)]
+    assert_pngs(plot_run(run), run / "plots", ["loss.png", "lr.png", "throughput.png"])
+
+
+def test_same_step_logged_twice_keeps_last(tmp_path):
+    run = write_run(tmp_path / "run", [val_rec(0), dict(val_rec(0), loss=5.0)])
+    assert [r["loss"] for r in read_metrics(run / "metrics.jsonl")["val"]] == [5.0]
+
+
+def test_malformed_lines_skipped_with_warning(tmp_path, capsys):
+    recs = [train_rec(0), "", "not json", train_rec(1), "[1, 2]", {"kind": "train"}, train_rec(2)]
+    run = write_run(tmp_path / "run", recs, tail='{"step": 3, "kind": "tra')  # killed mid-write
+    files = plot_run(run)
+    assert_pngs(files, run / "plots", ["loss.png", "lr.png", "throughput.png"])
+    err = capsys.readouterr().err
+    for lineno in (3, 5, 6, 8):
+        assert f"metrics.jsonl:{lineno}:" in err
+    assert "metrics.jsonl:2:" not in err  # a blank line is no error
+    assert len(err.strip().splitlines()) == 4
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")["train"]] == [0, 1, 2]
+
+
+def test_null_and_nonfinite_values_are_gaps(tmp_path):
+    recs = [train_rec(0), dict(train_rec(1), loss=None, lr=float("nan")), dict(train_rec(2), loss=float("inf"))]
+    run = write_run(tmp_path / "run", recs)
+    assert_pngs(plot_run(run), run / "plots", ["loss.png", "lr.png", "throughput.png"])
+
+
+def test_smooth():
+    assert smooth([]) == []
+    assert smooth([2.0, 2.0, 2.0]) == [2.0, 2.0, 2.0]
+    assert smooth([0.0, 3.0, 0.0, 3.0], window=3) == [1.5, 1.0, 2.0, 1.5]  # centred, shrinks at the ends
+    ramp = [float(i) for i in range(100)]
+    assert smooth(ramp, window=11)[5:95] == ramp[5:95]  # centred: no lag on a trend
+
+
+def test_library_errors(tmp_path):
+    with pytest.raises(UserError, match="no such run directory"):
+        plot_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no metrics.jsonl"):
+        plot_run(tmp_path / "empty")
+    write_run(tmp_path / "blank", [], tail="\n\n")
+    with pytest.raises(UserError, match="no metric records"):
+        plot_run(tmp_path / "blank")
+
+
+def test_cli_prints_files(tmp_path):
+    run = write_run(tmp_path / "run", full_records(12))
+    out = tmp_path / "out"
+    r = run_cli(str(run), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert [Path(line) for line in r.stdout.splitlines()] == [out / n for n in ALL_CHARTS]
+    assert_pngs(r.stdout.splitlines(), out, ALL_CHARTS)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_metrics", "no_records", "only_garbage"])
+def test_cli_errors_exit_2(tmp_path, case):
+    run = tmp_path / "run"
+    if case == "no_metrics":
+        run.mkdir()
+    elif case == "no_records":
+        write_run(run, [], tail="\n")
+    elif case == "only_garbage":
+        write_run(run, [], tail='{"step": 0, "ki')
+    r = run_cli(str(run))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "warning" not in line]
+    assert len(errors) == 1 and errors[0].startswith("gptlab plot: error:"), r.stderr
+    assert not (run / "plots").exists()
+
+
+def test_plot_does_not_import_torch(tmp_path):
+    run = write_run(tmp_path / "run", full_records(5))
+    code = ("import sys, gptlab.plot, gptlab.cli; assert 'torch' not in sys.modules, 'torch on import'; "
+            f"gptlab.plot.plot_run({str(run)!r}); assert 'torch' not in sys.modules, 'torch on plot'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
