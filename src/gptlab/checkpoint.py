@@ -76,10 +76,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_model_files(model: torch.nn.Module, path: Path) -> None:
+def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     cfg: ModelConfig = raw_model(model).config
     write_json(path / CONFIG, cfg.to_dict())
-    save_file(model_state_dict(model), str(path / WEIGHTS), metadata={"format": "pt", "producer": "gptlab"})
+    if weights is None:
+        weights = model_state_dict(model)
+    else:  # already gathered (FSDP): same cleaning
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in clean_state_dict(weights).items()}
+    save_file(weights, str(path / WEIGHTS), metadata={"format": "pt", "producer": "gptlab"})
 
 
 def save_model(model: torch.nn.Module, path: str | Path) -> Path:
@@ -240,7 +244,9 @@ def save_json(path: str | Path, data: Any) -> None:
 
 def optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state_dict into tensors (for optimizer.pt) and plain JSON (param groups
-    and any non-tensor per-parameter values), so optimizer.pt holds tensors only."""
+    and any non-tensor per-parameter values), so optimizer.pt holds tensors only. Keys are
+    parameter names (torch.distributed.checkpoint's full state dict), so DDP, FSDP and a single
+    process all read and write the same files."""
     tensors: dict[str, torch.Tensor] = {}
     plain_state: dict[str, dict] = {}
     for idx, pstate in opt_state["state"].items():
@@ -256,12 +262,15 @@ def optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split("/", 1)
-        state.setdefault(int(idx), {})[name] = value
+    def key(idx: str):
+        return int(idx) if idx.isdigit() else idx
+
+    state: dict = {}
+    for k, value in tensors.items():
+        idx, name = k.split("/", 1)
+        state.setdefault(key(idx), {})[name] = value
     for idx, values in meta.get("plain_state", {}).items():
-        state.setdefault(int(idx), {}).update(values)
+        state.setdefault(key(idx), {}).update(values)
     groups = []
     for g in meta["param_groups"]:
         g = dict(g)
@@ -272,10 +281,11 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
-                    optimizer_state: dict | None, state: dict, keep: int = 0) -> Path:
+                    optimizer_state: dict | None, state: dict, keep: int = 0,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write RUN/checkpoints/step_XXXXXX whole or not at all, then point `latest` at it and prune
-    to the newest `keep` (0 keeps all). `state` must be JSON-serialisable.
-    `model` may be a module or an already-gathered state dict (FSDP)."""
+    to the newest `keep` (0 keeps all). `state` must be JSON-serialisable. `weights`, when given,
+    is the model's already-gathered full state dict (FSDP)."""
     ckdir = Path(run_dir) / CHECKPOINTS
     ckdir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -285,7 +295,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        _write_model_files(model, tmp)
+        _write_model_files(model, tmp, weights)
         state = dict(state)
         if optimizer_state is not None:
             tensors, meta = optimizer_to_files(optimizer_state)

@@ -164,7 +164,7 @@ class TrainConfig:
     out: str = _f("runs/run", "run directory: config, metrics, checkpoints, plots, samples")
     init_from: str | None = _f(None, "start from pretrained weights: a hub id (gpt2), an HF or gptlab model directory")
     seed: int = _f(1337, "seed for initialisation, data order and dropout")
-    batch_size: int = _f(32, "micro-batch size per rank, in sequences")
+    batch_size: int | str = _f(32, "micro-batch size per rank, in sequences; 'auto' finds the largest that fits in memory")
     total_batch_tokens: int = _f(524288, "global batch per optimizer step, in tokens (sets gradient accumulation)")
     max_steps: int | None = _f(19073, "optimizer steps to run (overridden by --max-tokens or --epochs)")
     max_tokens: int | None = _f(None, "train on this many tokens (K/M/B suffixes), instead of --max-steps")

@@ -28,7 +28,7 @@ from gptlab.model import GPT
 from gptlab.optim import SCHEDULES, lr_at, make_adamw, set_lr
 from gptlab.runtime import Runtime, get_runtime
 
-SAMPLE_PROMPTS = ("\n", "The meaning of life is", "Hello, I'm a language model,")
+SAMPLE_PROMPTS = ("Hello, I'm a language model,", "The meaning of life is")
 RUN_CONFIG = "config.json"
 SAMPLES_FILE = "samples.txt"
 
@@ -104,9 +104,10 @@ def _py_state_from_json(s) -> tuple:
 
 # ----------------------------------------------------------------------------- config
 
-def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
+def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int, batch_size: int | None = None) -> int:
     """Micro-steps per optimizer step, with a message that says which numbers divide."""
-    per_micro = cfg.batch_size * seq_len * world_size
+    batch_size = cfg.batch_size if batch_size is None else batch_size
+    per_micro = batch_size * seq_len * world_size
     if cfg.total_batch_tokens % per_micro != 0:
         total = cfg.total_batch_tokens
         if total % (seq_len * world_size) != 0:
@@ -118,7 +119,7 @@ def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
         options = [b for b in range(1, seqs + 1) if seqs % b == 0]
         shown = ", ".join(str(b) for b in options if b <= 1024)
         raise UserError(
-            f"--batch-size {cfg.batch_size} does not divide the global batch: {total} tokens = "
+            f"--batch-size {batch_size} does not divide the global batch: {total} tokens = "
             f"{seqs} sequences of {seq_len} per rank over {world_size} rank(s); use a batch size in: {shown}"
         )
     return cfg.total_batch_tokens // per_micro
@@ -126,7 +127,8 @@ def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
 
 def validate(cfg: TrainConfig) -> None:
     checks = [
-        (cfg.batch_size > 0, "--batch-size must be positive"),
+        (cfg.batch_size == "auto" or (isinstance(cfg.batch_size, int) and cfg.batch_size > 0),
+         "--batch-size must be a positive integer or 'auto'"),
         (cfg.total_batch_tokens > 0, "--total-batch-tokens must be positive"),
         (cfg.lr > 0, "--lr must be positive"),
         (0 <= cfg.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
@@ -227,8 +229,6 @@ def _pretrained_config(spec: str) -> ModelConfig:
 
 def train(cfg: TrainConfig, resume: bool = False, resume_flags: dict[str, Any] | None = None) -> TrainResult:
     """Train a GPT-2 as `cfg` says. With resume, cfg.out names the run to continue."""
-    from gptlab.data.loader import TrainLoader
-
     run_dir = Path(cfg.out)
     if resume:
         if not (run_dir / RUN_CONFIG).is_file():
@@ -262,8 +262,13 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
 
     model_cfg = ckpt_mod.read_model_config(ckpt) if ckpt is not None else effective_model_config(cfg)
     T = model_cfg.seq_len
-    accum = grad_accum_steps(cfg, T, env.world_size)
-    loader = TrainLoader(cfg.data, seq_len=T, batch_size=cfg.batch_size, grad_accum=accum,
+    batch_size = cfg.batch_size
+    if batch_size == "auto":
+        batch_size = find_batch_size(model_cfg, rt, cfg, env)
+        if env.is_main:
+            print(f"gptlab train: --batch-size auto chose {batch_size}", file=sys.stderr)
+    accum = grad_accum_steps(cfg, T, env.world_size, batch_size)
+    loader = TrainLoader(cfg.data, seq_len=T, batch_size=batch_size, grad_accum=accum,
                          rank=env.rank, world_size=env.world_size, seed=cfg.seed)
     steps = total_steps(cfg, loader)
     warmup = warmup_for(cfg, steps)
@@ -277,35 +282,39 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
     start_step, tokens_seen, state = 0, 0, {}
     if ckpt is not None:
         ckpt_mod.load_checkpoint_weights(ckpt, model)
+    if cfg.fsdp and not env.is_distributed:
+        raise UserError("--fsdp shards over several processes: launch with torchrun or --nproc N")
     model.to(rt.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.fsdp:
+        shard_model(model, rt)
     optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.eps, device_type=rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
     if ckpt is not None:
         state, opt_tensors = ckpt_mod.load_checkpoint_state(ckpt)
         if opt_tensors is not None and "optimizer" in state:
-            optimizer.load_state_dict(ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
+            load_optimizer(model, optimizer, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
         loader.load_state_dict(state["loader"])
         start_step, tokens_seen = int(state["step"]), int(state["tokens"])
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])
         # RNG states are per rank; a resume on another world size reseeds the extra ranks
         rngs = state.get("rng", [])
-        if env.rank < len(rngs):
+        if env.rank < len(rngs) and state.get("world_size") == env.world_size:
             set_rng_state(rngs[env.rank])
         else:
-            torch.manual_seed(cfg.seed + env.rank)
+            torch.manual_seed(cfg.seed + env.rank + start_step)
     else:
         torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ across ranks
         random.seed(cfg.seed + env.rank)
 
-    n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model_cfg.flops_per_token(T)
     peak = rt.peak_flops()
     train_model: torch.nn.Module = model
     if rt.compile:
         train_model = torch.compile(model)
-    if env.is_distributed:
+    if env.is_distributed and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -317,12 +326,14 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
         logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                wandb_project=cfg.wandb_project, resume=ckpt is not None,
                                config={"model": model_cfg.to_dict(), "train": cfg.to_dict()})
-    say = tqdm.write if env.is_main else (lambda *a, **k: None)
+    def say(msg: str) -> None:
+        if env.is_main:
+            tqdm.write(msg, file=sys.stderr)  # above the progress bar, which is on stderr too
     if env.is_main:
         print(f"gptlab train: {n_params / 1e6:.2f}M parameters, {rt.describe()}, {env.world_size} rank(s)",
               file=sys.stderr)
         print(f"gptlab train: {steps} steps of {cfg.total_batch_tokens:,} tokens "
-              f"(batch {cfg.batch_size} x seq {T} x accum {accum} x ranks {env.world_size}); "
+              f"(batch {batch_size} x seq {T} x accum {accum} x ranks {env.world_size}); "
               f"{loader.tokens_per_epoch:,} train tokens per epoch; run dir {run_dir}", file=sys.stderr)
         if ckpt is not None:
             print(f"gptlab train: resumed from {ckpt} at step {start_step}", file=sys.stderr)
@@ -337,7 +348,7 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
     bar = None
 
     def save(step_done: int) -> Path | None:
-        opt_state = optimizer.state_dict()
+        weights, opt_state = gather_state(model, optimizer, cfg.fsdp)
         st = {
             "step": step_done,
             "tokens": tokens_seen,
@@ -355,7 +366,8 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
         st["rng"] = rngs
         path = None
         if env.is_main:
-            path = ckpt_mod.save_checkpoint(run_dir, step_done, model, opt_state, st, keep=cfg.keep_checkpoints)
+            path = ckpt_mod.save_checkpoint(run_dir, step_done, model, opt_state, st, keep=cfg.keep_checkpoints,
+                                            weights=weights)
         dist.barrier()
         return path
 
@@ -376,7 +388,11 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
                     x, y = overfit_batches[micro] if overfit_batches is not None else loader.next_batch()
                     x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
                     sync = micro == accum - 1
-                    ctx = train_model.no_sync() if (env.is_distributed and not sync) else contextlib.nullcontext()
+                    ctx = contextlib.nullcontext()
+                    if env.is_distributed and cfg.fsdp:
+                        model.set_requires_gradient_sync(sync)
+                    elif env.is_distributed and not sync:
+                        ctx = train_model.no_sync()  # all-reduce gradients once, after the last micro-step
                     with ctx:
                         with rt.autocast():
                             _, loss = train_model(x, y)
@@ -416,7 +432,7 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
                 last_loss = loss_val
                 if logger is not None:
                     logger.log({"step": step, "kind": "train", "loss": loss_val, "lr": lr,
-                                "grad_norm": float(grad_norm), "tokens": tokens_seen, "tok_per_s": tok_s,
+                                "grad_norm": _to_float(grad_norm), "tokens": tokens_seen, "tok_per_s": tok_s,
                                 "mfu": mfu, "time": time.time(), "epoch": loader.epoch})
                     post = {"loss": f"{loss_val:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
                     if mfu is not None:
@@ -458,6 +474,97 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
                        stopped_by=stopped_by, checkpoint=saved)
 
 
+def find_batch_size(model_cfg: ModelConfig, rt: Runtime, cfg: TrainConfig, env: dist.DistEnv) -> int:
+    """The largest micro-batch that divides this rank's share of the global batch and fits in memory
+    (GPU), keeping the global batch by adjusting accumulation. Memory is not the limit on a CPU,
+    where it takes the largest divisor up to 16."""
+    T = model_cfg.seq_len
+    if cfg.total_batch_tokens % (T * env.world_size) != 0:
+        grad_accum_steps(cfg, T, env.world_size, 1)  # raises the explanatory error
+    seqs = cfg.total_batch_tokens // (T * env.world_size)
+    divisors = [b for b in range(seqs, 0, -1) if seqs % b == 0]
+    if rt.device.type != "cuda":
+        return next(b for b in divisors if b <= 16)
+    probe = GPT(model_cfg).to(rt.device)
+    n_params = sum(p.numel() for p in probe.parameters())
+    # AdamW keeps two fp32 moments per parameter; reserve them while probing
+    reserve = torch.empty(2 * n_params, dtype=torch.float32, device=rt.device)
+    chosen = 1
+    try:
+        for b in [d for d in divisors if d <= 1024]:
+            ok = torch.ones(1, device=rt.device)
+            try:
+                x = torch.randint(0, model_cfg.vocab_size, (b, T), device=rt.device)
+                with rt.autocast():
+                    _, loss = probe(x, x)
+                loss.backward()
+                rt.synchronize()
+            except torch.OutOfMemoryError:
+                ok.zero_()
+            probe.zero_grad(set_to_none=True)
+            loss = x = None
+            torch.cuda.empty_cache()
+            if env.is_distributed:
+                # every rank must choose the same size
+                ok = ok.neg()
+                dist.all_reduce_max(ok)
+                ok = ok.neg()
+            if ok.item() > 0:
+                chosen = b
+                break
+    finally:
+        del reserve, probe
+        torch.cuda.empty_cache()
+    return chosen
+
+
+def shard_model(model: GPT, rt: Runtime) -> None:
+    """FSDP2: shard each block, then the rest (embeddings, final norm); parameters become DTensors."""
+    import warnings
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the model returns a view of the logits (real vocab only); FSDP2 warns about in-place ops on it
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    kw = {}
+    if rt.dtype != torch.float32:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+
+
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(model: GPT, optimizer: torch.optim.Optimizer, fsdp: bool):
+    """Full model weights (FSDP only; None means read them from the module) and the optimizer state
+    keyed by parameter name, the same for DDP, FSDP and one process. Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=_state_options()) if fsdp else None
+    return weights, get_optimizer_state_dict(model, optimizer, options=_state_options())
+
+
+def load_optimizer(model: GPT, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    # the saving device's implementation choices must not override this device's
+    keep = [{k: g.get(k) for k in ("fused", "foreach", "capturable")} for g in optimizer.param_groups]
+    set_optimizer_state_dict(model, optimizer, full_state, options=_state_options())
+    for g, kept in zip(optimizer.param_groups, keep):
+        g.update(kept)
+
+
+def _to_float(t) -> float:
+    if hasattr(t, "full_tensor"):  # a DTensor under FSDP
+        t = t.full_tensor()
+    return float(t)
+
+
 def _agree_to_stop(local: bool, env: dist.DistEnv) -> bool:
     if not env.is_distributed:
         return local
@@ -484,9 +591,20 @@ def _evaluate(cfg: TrainConfig, model: GPT, rt: Runtime, env: dist.DistEnv, run_
 
     model.eval()
     val_loss = None
+    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else 16
+    max_tokens = cfg.eval_tokens
+    if cfg.fsdp:
+        # a sharded forward is a collective: every rank must run the same number of batches
+        from gptlab.data.loader import val_windows
+
+        n = val_windows(cfg.data, seq_len=T, max_tokens=cfg.eval_tokens)
+        n = n // (env.world_size * batch) * (env.world_size * batch)
+        max_tokens = n * T
     try:
-        res = evaluate.evaluate_val_loss(model, cfg.data, device=rt.device, seq_len=T, batch_size=cfg.batch_size,
-                                         max_tokens=cfg.eval_tokens, autocast=rt.autocast)
+        if max_tokens == 0:
+            raise UserError(f"the val split has fewer than {env.world_size * batch} windows for FSDP")
+        res = evaluate.evaluate_val_loss(model, cfg.data, device=rt.device, seq_len=T, batch_size=batch,
+                                         max_tokens=max_tokens, autocast=rt.autocast)
         val_loss = res["loss"]
         if logger is not None:
             logger.log({"step": step, "kind": "val", "loss": val_loss, "tokens": tokens,
@@ -494,32 +612,44 @@ def _evaluate(cfg: TrainConfig, model: GPT, rt: Runtime, env: dist.DistEnv, run_
         say(f"step {step}: val loss {val_loss:.4f}")
     except UserError as e:
         say(f"step {step}: val loss skipped: {e}")
-    if hellaswag_path is not None:
+    if hellaswag_path is not None and cfg.fsdp:
+        say(f"step {step}: HellaSwag is not run inside FSDP training; use `gptlab eval {run_dir} --hellaswag`")
+    elif hellaswag_path is not None:
         hs = evaluate.evaluate_hellaswag(model, hellaswag_path, device=rt.device, limit=cfg.hellaswag_limit,
-                                         batch_size=max(1, cfg.batch_size // 4), autocast=rt.autocast,
+                                         batch_size=max(1, batch // 4), autocast=rt.autocast,
                                          show_progress=False)
         if logger is not None:
             logger.log({"step": step, "kind": "hellaswag", "tokens": tokens,
                         "completion": hs["completion"], "harness": hs["harness"]})
         say(f"step {step}: hellaswag acc_norm {hs['completion']['acc_norm']:.4f} (completion), "
             f"{hs['harness']['acc_norm']:.4f} (harness), n={hs['completion']['n']}")
-    if env.is_main and cfg.sample_tokens > 0:
-        _write_samples(cfg, model, rt, run_dir, step)
+    if cfg.sample_tokens > 0 and (env.is_main or cfg.fsdp):
+        # under FSDP every rank takes part in the sharded forward passes; rank 0 writes
+        _write_samples(cfg, model, rt, run_dir, step, write=env.is_main)
     model.train()
     return val_loss
 
 
-def _write_samples(cfg: TrainConfig, model: GPT, rt: Runtime, run_dir: Path, step: int) -> None:
-    from gptlab.generate import sample_texts
+def _write_samples(cfg: TrainConfig, model: GPT, rt: Runtime, run_dir: Path, step: int, write: bool = True) -> None:
+    import warnings
 
+    from gptlab.generate import generate_ids
+    from gptlab.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
     # sampling has its own generator: it never touches the training RNG
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed + step)
     lines = [f"=== step {step} ==="]
-    for prompt in SAMPLE_PROMPTS:
-        texts = sample_texts(model, prompt, num_samples=cfg.num_samples, max_new_tokens=cfg.sample_tokens,
-                             temperature=1.0, top_k=50, generator=gen, device=rt.device)
-        for t in texts:
-            lines.append(prompt + t)
-            lines.append("---")
-    with open(run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny context may not hold the whole sample: that is fine here
+        for prompt in SAMPLE_PROMPTS:
+            ids = [tok.eot] + tok.encode(prompt)
+            for new in generate_ids(model, ids, num_samples=cfg.num_samples, max_new_tokens=cfg.sample_tokens,
+                                    temperature=1.0, top_k=50, generator=gen):
+                if new and new[-1] == tok.eot:
+                    new = new[:-1]
+                lines.append(prompt + tok.decode(new))
+                lines.append("---")
+    if write:
+        with open(run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")

@@ -1,0 +1,179 @@
+"""Training end to end on tiny CPU configs: the loss falls, resume is exact, errors are clear."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab import checkpoint as ck
+from gptlab.config import resolve_train_config
+from gptlab.errors import UserError
+from gptlab.train import train
+
+SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def markov_tokens(n: int, seed: int) -> np.ndarray:
+    """A learnable stream: each token mostly determines the next one (over 300 ids)."""
+    nxt = np.random.default_rng(0).integers(0, 300, size=300)  # the same chain for every split
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.int64)
+    t = 0
+    for i in range(n):
+        out[i] = t
+        t = nxt[t] if rng.random() < 0.9 else rng.integers(0, 300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
+    write_shard(d / "toy_train_000001.bin", markov_tokens(200_000, 2))
+    return d
+
+
+def flags(data_dir, out, **kw):
+    base = dict(model="tiny", n_layer=1, n_head=2, n_embd=32, seq_len=32, data=str(data_dir), out=str(out),
+                batch_size=4, total_batch_tokens=256, max_steps=30, lr=1e-2, warmup_steps=3, eval_every=0,
+                eval_tokens=2048, sample_tokens=0, checkpoint_every=0, device="cpu")
+    base.update(kw)
+    return base
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_loss_falls(data_dir, tmp_path):
+    res = train(resolve_train_config(flags(data_dir, tmp_path / "run", eval_every=15, sample_tokens=4)))
+    ls = losses(tmp_path / "run")
+    assert len(ls) == 30
+    assert ls[1] > 10.0  # about ln(50257) at the start
+    assert np.mean([ls[s] for s in range(26, 31)]) < ls[1] - 3.0
+    assert res.val_loss is not None and res.val_loss < 7.5
+    run = tmp_path / "run"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["n_embd"] == 32 and cfg["train"]["lr"] == 1e-2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000030"
+    assert (run / "samples.txt").read_text().count("=== step") == 2
+    assert sorted(p.name for p in (run / "plots").glob("*.png")) >= ["loss.png", "lr.png", "throughput.png"]
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "kind", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "mfu", "time"} <= set(rec)
+
+
+def test_overfit_batch_drives_loss_down(data_dir, tmp_path):
+    res = train(resolve_train_config(flags(data_dir, tmp_path / "o", overfit_batch=True, max_steps=150,
+                                           lr=1e-2, schedule="constant")))
+    assert res.final_loss < 0.5
+
+
+def test_resume_in_process_equals_unbroken(data_dir, tmp_path):
+    train(resolve_train_config(flags(data_dir, tmp_path / "full", max_steps=12)))
+    train(resolve_train_config(flags(data_dir, tmp_path / "part", max_steps=12, checkpoint_every=5)))
+    # throw away everything after step 5 and resume from its checkpoint
+    ckdir = tmp_path / "part" / "checkpoints"
+    for p in ckdir.glob("step_*"):
+        if p.name != "step_000005":
+            import shutil
+            shutil.rmtree(p)
+    (ckdir / "latest").write_text("step_000005\n")
+    train(resolve_train_config({"out": str(tmp_path / "part")}), resume=True, resume_flags={})
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert full == part  # bit-identical floats on CPU
+
+
+def _run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
+    common = ["train", *SMALL, "--data", str(data_dir), "--batch-size", "4", "--total-batch-tokens", "256",
+              "--max-steps", "40", "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "0",
+              "--sample-tokens", "0", "--checkpoint-every", "0", "--device", "cpu"]
+    r = _run_cli(*common, "--out", str(tmp_path / "full"))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *common, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.exists() and m.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "--resume" in err
+    stopped_at = int(ck.latest_checkpoint(run).name.split("_")[1])
+    assert 5 <= stopped_at < 40
+    r = _run_cli("train", "--out", str(run), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert losses(run) == losses(tmp_path / "full")
+
+
+def test_resume_refuses_model_change(data_dir, tmp_path):
+    train(resolve_train_config(flags(data_dir, tmp_path / "r", max_steps=2)))
+    r = _run_cli("train", "--out", str(tmp_path / "r"), "--resume", "--n-layer", "3")
+    assert r.returncode == 2 and "would change the model" in r.stderr
+    assert "Traceback" not in r.stderr
+    # a new run into a directory that has checkpoints is refused: nothing is overwritten
+    with pytest.raises(UserError, match="--resume"):
+        train(resolve_train_config(flags(data_dir, tmp_path / "r", max_steps=2)))
+    # extending the run is allowed
+    train(resolve_train_config({"out": str(tmp_path / "r")}), resume=True, resume_flags={"max_steps": 4})
+    assert max(losses(tmp_path / "r")) == 4
+
+
+def test_cli_errors(data_dir, tmp_path):
+    r = _run_cli("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "e"), "--batch-size", "3",
+                 "--total-batch-tokens", "256")
+    assert r.returncode == 2 and "use a batch size in: 1, 2, 4, 8" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _run_cli("train", *SMALL, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and "no such data directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _run_cli("train", "--out", str(tmp_path / "never"), "--resume")
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "nan"
+    train(resolve_train_config(flags(data_dir, run, max_steps=3, checkpoint_every=3)))
+    good = ck.latest_checkpoint(run)
+    before = (good / "model.safetensors").read_bytes()
+    from gptlab.model import GPT
+
+    real_forward = GPT.forward
+
+    def nan_forward(self, idx, targets=None, cache=None, **kw):
+        logits, loss = real_forward(self, idx, targets, cache, **kw)
+        return logits, (loss * float("nan") if loss is not None else None)
+
+    monkeypatch.setattr(GPT, "forward", nan_forward)
+    with pytest.raises(UserError, match="loss is nan at step 4"):
+        train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 6})
+    assert ck.latest_checkpoint(run) == good
+    assert (good / "model.safetensors").read_bytes() == before
