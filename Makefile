@@ -22,5 +22,24 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow"
 
+# The set-up-and-run command: prepare the embedded corpus, train `tiny` on the CPU for a few
+# minutes, evaluate, sample and plot. runs/demo is the demo's own directory and is replaced.
+demo: setup
+	$(BIN)/gptlab prepare shakespeare --out data/shakespeare
+	rm -rf runs/demo
+	$(BIN)/gptlab train --model tiny --data data/shakespeare --out runs/demo --device cpu
+	$(BIN)/gptlab eval runs/demo --val data/shakespeare --val-tokens 40960 --device cpu
+	$(BIN)/gptlab sample runs/demo --prompt "ROMEO:" --num-samples 1 --max-new-tokens 48 --seed 7 --device cpu > runs/demo/demo_sample.txt
+	@echo
+	@echo "Demo finished. Everything is in runs/demo:"
+	@echo "  runs/demo/config.json          the resolved configuration"
+	@echo "  runs/demo/metrics.jsonl        train and val metrics, one JSON object a line"
+	@echo "  runs/demo/checkpoints/         checkpoints (resume with: gptlab train --out runs/demo --resume)"
+	@echo "  runs/demo/samples.txt          samples drawn during training"
+	@echo "  runs/demo/plots/               loss, learning-rate and throughput charts"
+	@echo
+	@echo "One sample from the trained model:"
+	@cat runs/demo/demo_sample.txt
+
 clean:
 	rm -rf $(VENV) runs data/shakespeare

@@ -219,8 +219,9 @@ class TrainConfig:
 # Training defaults that differ from the GPT-3 Small recipe (TrainConfig's own defaults), by preset.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Learns visibly on a 2-core CPU within a few minutes: small batches, short warm-up, high lr.
-    "tiny": dict(batch_size=16, total_batch_tokens=4096, max_steps=200, lr=3e-3, warmup_steps=10,
-                 eval_every=50, eval_tokens=65536, checkpoint_every=50, sample_tokens=32),
+    # On Shakespeare, 60 steps (246K tokens, about 4 minutes on 2 cores) take val loss from 10.8 to about 6.2.
+    "tiny": dict(batch_size=16, total_batch_tokens=4096, max_steps=60, lr=3e-3, warmup_steps=10,
+                 eval_every=20, eval_tokens=40960, checkpoint_every=20, sample_tokens=32),
     "gpt2": {},
     "gpt2-medium": dict(lr=3e-4),
     "gpt2-large": dict(lr=2.5e-4),
