@@ -133,9 +133,14 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: Cache | None = None,
         ignore_index: int = -100,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss
         over targets (B, T) (None without targets). With a cache, positions continue from cache.pos.
+
+        return_logits=False with targets, while gradients are on, computes the loss and its
+        gradients through the output layer chunk by chunk (FusedHeadLoss): the (B, T, 50304) logits
+        are never held whole, which is faster where memory bandwidth is scarce. Logits are then None.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -151,14 +156,69 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, padded V)
         V = self.config.vocab_size
+        if targets is not None and not return_logits and torch.is_grad_enabled():
+            loss = FusedHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), V, ignore_index)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, padded V)
         if logits.size(-1) > V:
             # padded ids are not tokens: they take no probability mass, in the loss or in sampling
             logits[..., V:] = float("-inf")
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
-            )
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
         return logits[..., :V], loss
+
+
+class FusedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of (x @ W.T) over the real vocabulary, with the gradients for x and W
+    computed in the same pass, CHUNK rows at a time. Same arithmetic as lm_head + cross_entropy,
+    but no (N, V) logits, log-softmax or gradient tensor is ever materialised: each chunk's
+    logits are used while they are still in cache. Matmuls run in the autocast dtype if one is
+    active; the softmax and the accumulated weight gradient are fp32."""
+
+    CHUNK_ELEMENTS = 1 << 22  # rows per chunk x padded vocab, about 16 MB of fp32 logits
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                ignore_index: int) -> torch.Tensor:
+        N, C = x.shape
+        Vp = weight.size(0)
+        dev = x.device.type
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(mm_dtype)
+            xs = x.to(mm_dtype)
+            valid = targets != ignore_index
+            n_valid = valid.sum().clamp(min=1).to(torch.float32)
+            safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+            grad_x = torch.empty(N, C, dtype=torch.float32, device=x.device)
+            grad_w = torch.zeros(Vp, C, dtype=torch.float32, device=x.device)
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            rows = max(1, FusedHeadLoss.CHUNK_ELEMENTS // Vp)
+            for a in range(0, N, rows):
+                b = min(a + rows, N)
+                logits = (xs[a:b] @ w.t()).float()  # (c, Vp)
+                if Vp > vocab_size:
+                    logits[:, vocab_size:] = float("-inf")
+                lse = torch.logsumexp(logits, dim=1)  # (c,)
+                t = safe_t[a:b]
+                ar = torch.arange(b - a, device=x.device)
+                m = valid[a:b].float()
+                loss += ((lse - logits[ar, t]) * m).sum()
+                # d(mean loss)/d(logits) = (softmax - onehot) * valid / n_valid, in place over the logits
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs[ar, t] -= 1.0
+                probs.mul_((m / n_valid).unsqueeze(1))
+                g = probs.to(mm_dtype)
+                grad_x[a:b] = (g @ w).float()
+                grad_w.addmm_(g.t().float() if mm_dtype != torch.float32 else g.t(), xs[a:b].float())
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (grad_x * grad_out).to(x_dtype), (grad_w * grad_out).to(w_dtype), None, None, None

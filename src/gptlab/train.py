@@ -395,7 +395,8 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
                         ctx = train_model.no_sync()  # all-reduce gradients once, after the last micro-step
                     with ctx:
                         with rt.autocast():
-                            _, loss = train_model(x, y)
+                            # uncompiled, the output layer's loss is fused and chunked (model.FusedHeadLoss)
+                            _, loss = train_model(x, y, return_logits=rt.compile)
                         loss = loss / accum
                         loss_sum += loss.detach()
                         if scaler is not None:
