@@ -1,0 +1,333 @@
+"""Hugging Face GPT-2 in (a hub id or a local directory) and out (a directory transformers loads).
+
+gptlab's parameter names are GPT-2's, so the whole translation is:
+- keys: HF may or may not prefix them with `transformer.`; its causal-mask buffers
+  (`attn.bias`, `attn.masked_bias`) are not weights; `lm_head.weight` is the tied embedding;
+- Conv1D: HF's GPT-2 stores attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj as (in, out), the
+  transpose of nn.Linear's (out, in). `_swap_conv1d` is the one place that transposes, both ways;
+- vocabulary: HF has 50257 embedding rows, gptlab pads to config.padded_vocab_size (zeros).
+
+This module owns the Hugging Face directory format; checkpoint.py owns gptlab's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from gptlab.config import EOT_TOKEN, ModelConfig, read_json
+from gptlab.errors import UserError
+from gptlab.model import GPT
+
+HF_CONFIG = "config.json"
+HF_SAFETENSORS = "model.safetensors"
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_PYTORCH_BIN = "pytorch_model.bin"
+
+# The four bare names OpenAI published, now under the openai-community organisation.
+GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+# Weights that HF's GPT-2 keeps in Conv1D layout (in_features, out_features).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Non-weight buffers older transformers versions saved with the model (causal mask, -1e4).
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+_PREFIX = "transformer."
+_WTE = "transformer.wte.weight"
+_LM_HEAD = "lm_head.weight"
+_PRODUCER = "gptlab"  # safetensors metadata of our exports: what export_hf may overwrite
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def _swap_conv1d(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conv1D (in, out) <-> nn.Linear (out, in) for the four projection weights of every block.
+    Transposing is its own inverse, so import and export both call this, and only this."""
+    return {k: (v.t().contiguous() if k.endswith(_CONV1D) else v) for k, v in sd.items()}
+
+
+def looks_like_hub_id(s: str) -> bool:
+    """True for gpt2, gpt2-medium, gpt2-large, gpt2-xl and any "owner/name" repository id, unless
+    "owner" is a local directory: then "runs/typo" is a mistyped path, not something to download."""
+    if s in GPT2_HUB_NAMES:
+        return True
+    return bool(_HUB_ID.match(s)) and ".." not in s and not Path(s.split("/")[0]).is_dir()
+
+
+def _canonical_repo(repo_id: str) -> str:
+    return f"openai-community/{repo_id}" if repo_id in GPT2_HUB_NAMES else repo_id
+
+
+# ----------------------------------------------------------------------------- in
+
+def load_hub(repo_id: str, revision: str | None = None) -> GPT:
+    """Download config.json and the weights of a hub repository (or find them in the local
+    Hugging Face cache) and load them exactly as a local directory."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    # the file is missing from the repository (not merely from an offline cache)
+    missing_remote = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
+    repo = _canonical_repo(repo_id)
+
+    def fetch(filename: str) -> Path:
+        return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision))
+
+    try:
+        config_path = fetch(HF_CONFIG)
+        try:
+            fetch(HF_SAFETENSORS)
+        except missing_remote:
+            # older repositories only have the pickle-free-loadable PyTorch file
+            fetch(HF_PYTORCH_BIN)
+    except Exception as e:  # network, missing repo, gated repo, offline mode, disk: all one message
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        raise UserError(
+            f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+            "check the name and the network, or pass a local directory with config.json and model.safetensors"
+        ) from None
+    # hf_hub_download puts every file of one revision in the same snapshot directory
+    return load_hf_dir(config_path.parent)
+
+
+def _model_config_from_hf(path: Path, hf: dict) -> ModelConfig:
+    """gptlab's ModelConfig from a transformers GPT2Config dict, refusing what gptlab cannot run."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        if "seq_len" in hf and "n_layer" in hf:
+            raise UserError(f"{path}: a gptlab model directory without its weights ({HF_SAFETENSORS})")
+        raise UserError(f"{path}: {HF_CONFIG} has no model_type; not a Hugging Face GPT-2 directory")
+    if model_type != "gpt2":
+        raise UserError(f"{path}: model_type {model_type!r} is not supported; gptlab loads GPT-2 models (model_type 'gpt2')")
+    n_embd = hf.get("n_embd", 768)
+    unsupported = []
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        unsupported.append(f"activation_function {hf['activation_function']!r}")
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        unsupported.append(f"n_inner {hf['n_inner']} (gptlab uses 4 * n_embd)")
+    if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
+        unsupported.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']}")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        unsupported.append("non-standard attention scaling")
+    if hf.get("add_cross_attention", False):
+        unsupported.append("cross-attention")
+    if unsupported:
+        raise UserError(f"{path}: this GPT-2 variant is not supported: {', '.join(unsupported)}")
+    # defaults are GPT2Config's, which transformers also applies to a missing field
+    return ModelConfig(
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_embd=n_embd,
+        seq_len=hf.get("n_positions", 1024),
+        vocab_size=hf.get("vocab_size", 50257),
+    )
+
+
+def _read_hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of a HF directory (safetensors, sharded safetensors or pytorch_model.bin)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if (path / HF_SAFETENSORS).is_file():
+            return load_file(str(path / HF_SAFETENSORS), device="cpu"), str(path / HF_SAFETENSORS)
+        if (path / HF_SAFETENSORS_INDEX).is_file():
+            index = read_json(path / HF_SAFETENSORS_INDEX)
+            shards = sorted(set(index.get("weight_map", {}).values()))
+            if not shards:
+                raise UserError(f"{path / HF_SAFETENSORS_INDEX}: no weight_map")
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(load_file(str(path / shard), device="cpu"))
+            return sd, str(path / HF_SAFETENSORS_INDEX)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable safetensors weights ({e})") from None
+    if (path / HF_PYTORCH_BIN).is_file():
+        source = str(path / HF_PYTORCH_BIN)
+        try:
+            # weights_only: tensors and plain containers only; anything needing pickle is refused
+            sd = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError, zip errors: all mean "not loadable safely"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"{source}: refused or unreadable (only plain tensors are loaded, nothing is unpickled): {first}") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise UserError(f"{source}: not a state dict of tensors")
+        return sd, source
+    raise UserError(f"{path}: not a model directory (no {HF_SAFETENSORS} or {HF_PYTORCH_BIN})")
+
+
+def hf_to_gptlab_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """HF GPT-2 tensors -> gptlab's state dict (without the tied lm_head)."""
+    out: dict[str, torch.Tensor] = {}
+    lm_head = None
+    for k, v in sd.items():
+        if k.endswith(_HF_BUFFERS):
+            continue
+        if k == _LM_HEAD:
+            lm_head = v
+            continue
+        # GPT2LMHeadModel saves transformer.h.0..., GPT2Model (and the original OpenAI files) h.0...
+        out[k if k.startswith(_PREFIX) else _PREFIX + k] = v
+    out = _swap_conv1d(out)
+    wte = out.get(_WTE)
+    if wte is None:
+        raise UserError(f"{source}: no token embedding ({_WTE})")
+    if lm_head is not None and not torch.equal(lm_head, wte):
+        raise UserError(f"{source}: lm_head.weight differs from the token embedding; gptlab's GPT-2 ties them")
+    V, padded = cfg.vocab_size, cfg.padded_vocab_size
+    if wte.size(0) != V:
+        raise UserError(f"{source}: {_WTE} has {wte.size(0)} rows, config vocab_size is {V}")
+    if padded > V:
+        # (V, C) -> (padded V, C); the padded rows are never sampled (model masks them)
+        out[_WTE] = torch.cat([wte, wte.new_zeros(padded - V, wte.size(1))], dim=0)
+    return out
+
+
+def load_hf_dir(path: str | Path) -> GPT:
+    """A GPT from a local Hugging Face GPT-2 directory (as written by save_pretrained or export_hf)."""
+    from gptlab.checkpoint import load_weights
+
+    path = Path(path)
+    if not (path / HF_CONFIG).is_file():
+        raise UserError(f"{path}: not a model directory (no {HF_CONFIG})")
+    cfg = _model_config_from_hf(path, read_json(path / HF_CONFIG))
+    sd, source = _read_hf_weights(path)
+    sd = hf_to_gptlab_state_dict(sd, cfg, source)
+    model = GPT(cfg)
+    load_weights(model, sd, source=source)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- out
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """A transformers GPT2Config dict for cfg."""
+    eot = EOT_TOKEN if cfg.vocab_size > EOT_TOKEN else None
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.seq_len,
+        "n_ctx": cfg.seq_len,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",  # the tanh approximation, as GPT-2 and gptlab use
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "summary_first_dropout": cfg.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tie_word_embeddings": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def gptlab_to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """gptlab weights -> HF GPT2LMHeadModel tensors: `transformer.*` keys, Conv1D layout,
+    the embedding cut back to the real vocabulary, lm_head left out (tied)."""
+    from gptlab.checkpoint import model_state_dict, raw_model
+
+    cfg: ModelConfig = raw_model(model).config
+    sd = _swap_conv1d(model_state_dict(model))
+    # (padded V, C) -> (V, C); clone so the file does not hold the padded storage
+    sd[_WTE] = sd[_WTE][: cfg.vocab_size].clone()
+    return sd
+
+
+def _tokenizer_files(seq_len: int) -> dict[str, bytes]:
+    from gptlab.tokenizer import vocab_files
+
+    bpe, enc = vocab_files()
+    eot = "<|endoftext|>"
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    tok_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        **special,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "model_max_length": seq_len,
+        "errors": "replace",
+        "clean_up_tokenization_spaces": False,
+    }
+    dump = lambda d: (json.dumps(d, indent=2) + "\n").encode()  # noqa: E731
+    return {
+        "vocab.json": enc.read_bytes(),  # encoder.json is HF's vocab.json
+        "merges.txt": bpe.read_bytes(),  # vocab.bpe is HF's merges.txt
+        "tokenizer_config.json": dump(tok_config),
+        "special_tokens_map.json": dump(special),
+    }
+
+
+def _is_replaceable(out: Path) -> bool:
+    """An output directory may be replaced when it is empty or an earlier export by gptlab (its
+    weights say so), never a directory of someone else's files."""
+    from safetensors import SafetensorError, safe_open
+
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        with safe_open(str(out / HF_SAFETENSORS), framework="pt") as f:
+            return (f.metadata() or {}).get("producer") == _PRODUCER
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """Write model as a Hugging Face GPT-2 directory (GPT2LMHeadModel + GPT2Tokenizer), whole or
+    not at all: everything goes to a temporary sibling directory that is then renamed into place."""
+    from safetensors.torch import save_file
+
+    from gptlab.checkpoint import raw_model
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.exists() and not _is_replaceable(out):
+        raise UserError(f"{out}: exists and is not empty or an earlier export; refusing to overwrite it")
+    cfg: ModelConfig = raw_model(model).config
+    sd = gptlab_to_hf_state_dict(model)
+    dtype = sd[_WTE].dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(sd, str(tmp / HF_SAFETENSORS), metadata={"format": "pt", "producer": _PRODUCER})
+        files = {HF_CONFIG: (json.dumps(hf_config(cfg, dtype), indent=2) + "\n").encode()}
+        files.update(_tokenizer_files(cfg.seq_len))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

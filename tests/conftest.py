@@ -1,0 +1,89 @@
+"""Shared fixtures: small random GPT-2 models in gptlab's and in Hugging Face's formats, and a
+runner for the `gptlab` command line. Everything is created under pytest's temporary directories."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.config import ModelConfig
+from gptlab.model import GPT
+
+# GPT-2's vocabulary with a tiny body: the embedding is the only large tensor (50257 x 32).
+TINY_HF = dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=50257)
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter, so that LayerNorm gains/biases and Linear biases (initialised
+    to 1 and 0) differ from each other and a swapped, dropped or untransposed tensor shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def random_hf_gpt2(seed: int = 0, noise: float = 0.05, **overrides):
+    """A transformers GPT2LMHeadModel (eval mode) with random, perturbed weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**{**TINY_HF, **overrides}, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return perturb_(GPT2LMHeadModel(cfg), seed, noise).eval()
+
+
+def random_gptlab(seed: int = 0, noise: float = 0.05, **overrides) -> GPT:
+    """A gptlab GPT (eval mode) of the tiny shape with random, perturbed weights. More noise makes
+    attention matter more (and greedy text less repetitive)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 32, "seq_len": 64, **overrides})
+    return perturb_(GPT(cfg), seed, noise).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory) -> Path:
+    """A Hugging Face GPT-2 directory written by transformers' save_pretrained (safetensors)."""
+    path = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    random_hf_gpt2(seed=0, noise=0.2).save_pretrained(path)  # noisy enough for varied greedy text
+    return path
+
+
+@pytest.fixture(scope="session")
+def gptlab_model_dir(tmp_path_factory) -> Path:
+    """A gptlab model directory (config.json + model.safetensors) of a random tiny model."""
+    from gptlab.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("gptlab") / "tiny"
+    save_model(random_gptlab(seed=1), path)
+    return path
+
+
+@pytest.fixture
+def gptlab_cli():
+    """Run `python -m gptlab ARGS...` in a subprocess; returns the CompletedProcess (text mode)."""
+
+    def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "gptlab", *map(str, args)],
+            capture_output=True, text=True, env=full_env, timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture
+def make_hf_gpt2():
+    """random_hf_gpt2 as a fixture: make_hf_gpt2(seed=0, **GPT2Config overrides)."""
+    return random_hf_gpt2
+
+
+@pytest.fixture
+def make_gptlab():
+    """random_gptlab as a fixture: make_gptlab(seed=0, **ModelConfig overrides)."""
+    return random_gptlab
