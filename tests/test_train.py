@@ -177,3 +177,26 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypa
         train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 6})
     assert ck.latest_checkpoint(run) == good
     assert (good / "model.safetensors").read_bytes() == before
+
+
+def test_trained_run_exports_to_transformers(data_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gptlab.generate import generate_ids
+
+    run = tmp_path / "run"
+    train(resolve_train_config(flags(data_dir, run, max_steps=8)))
+    model, _ = ck.load_model(run)  # a run directory is a MODEL
+    r = _run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.tensor(markov_tokens(32, 5)).unsqueeze(0)
+    with torch.no_grad():
+        ours, _ = model(x)
+        theirs = hf(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    prompt = x[0, :8].tolist()
+    ours_ids = generate_ids(model, prompt, max_new_tokens=16, temperature=0.0, stop_token=None)[0]
+    with torch.no_grad():
+        theirs_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                 pad_token_id=50256, eos_token_id=None)[0, 8:].tolist()
+    assert ours_ids == theirs_ids
