@@ -200,3 +200,20 @@ def test_trained_run_exports_to_transformers(data_dir, tmp_path):
         theirs_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                                  pad_token_id=50256, eos_token_id=None)[0, 8:].tolist()
     assert ours_ids == theirs_ids
+
+
+def test_hellaswag_during_training(data_dir, tmp_path):
+    items = tmp_path / "hs.jsonl"
+    with open(items, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"ind": i, "activity_label": "Cooking", "ctx_a": "A man cuts onions.",
+                                "ctx_b": "he", "ctx": "A man cuts onions. he",
+                                "endings": ["puts them in a pan.", "flies away.", "sings loudly.", "reads."],
+                                "label": i % 4}) + "\n")
+    run = tmp_path / "run"
+    train(resolve_train_config(flags(data_dir, run, max_steps=2, eval_every=2, hellaswag=True,
+                                     hellaswag_file=str(items))))
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    hs = [r for r in recs if r["kind"] == "hellaswag"]
+    assert len(hs) == 1 and hs[0]["completion"]["n"] == 6 and hs[0]["harness"]["n"] == 6
+    assert (run / "plots" / "hellaswag.png").is_file()

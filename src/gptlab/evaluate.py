@@ -1,0 +1,747 @@
+"""Evaluation: HellaSwag in two scoring styles, and validation loss. Sharded over ranks.
+
+HellaSwag (Zellers et al. 2019) gives a context and 4 endings; a language model picks the ending
+it finds most likely. Two conventions are in use and they give different numbers, so both are
+reported:
+
+- **completion** (build-nanogpt / llm.c): the tokens of `ctx`, then the tokens of " " + ending;
+  only the ending's tokens are scored. acc picks the lowest summed loss, acc_norm the lowest mean
+  loss per token.
+- **harness** (EleutherAI lm-evaluation-harness, task `hellaswag`): the query
+  `activity_label + ": " + ctx_a + " " + ctx_b.capitalize()` and each ending go through the
+  harness's cleaning (`harness_preprocess`); the continuation is " " + cleaned ending. acc picks
+  the highest summed log-likelihood, acc_norm the highest log-likelihood divided by the length in
+  characters of the cleaned ending (`len(choice)` in the harness: the choice string without the
+  leading space that joins it to the query).
+
+Both styles run as rows of one forward pass: an item's 4 endings x 2 styles = 8 rows, and many
+items go into one batch. Rows are right-padded; with causal attention a pad token only follows
+the real tokens, so it cannot change their outputs, and pad positions are never scored.
+
+Sharding: items are sorted by length and cut into batches the same way for any world size;
+batch b runs on rank b % world_size. A batch's contents and padding do not depend on the world
+size, so every item scores bit-for-bit the same, and the counts summed once at the end make 2
+ranks give exactly the 1-rank numbers.
+
+Validation loss: token-weighted sums of the loss over the val split's fixed windows (the loader
+gives each rank its share), summed over ranks once at the end.
+
+Both evaluations run the raw module (no DDP wrapper, no torch.compile), so they work on a model
+that is being trained compiled or wrapped, and they restore each module's train/eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gptlab import dist
+from gptlab.config import EOT_TOKEN, preset_for_shape
+from gptlab.errors import UserError
+
+# ----------------------------------------------------------------------------- data files
+
+HELLASWAG_SPLITS = ("val", "train", "test")
+# The HellaSwag authors' repository; GPTLAB_HELLASWAG_URL (a template with {split}) overrides it,
+# e.g. for a mirror.
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+# sha256 and size of the authors' files, as pinned by Hugging Face `datasets` for its `hellaswag`
+# builder (datasets/hellaswag/dataset_infos.json, download_checksums). The val hash is also the
+# one that several independent projects pin for hellaswag_val.jsonl (10,042 items).
+HELLASWAG_SHA256 = {
+    "val": "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588",
+    "train": "dae5e69249868cb9fe4e23ff925c60b66169564cfb7072d793cd7356a2b69f8d",
+    "test": "da082b00543e422b8d25394614d102944586986def4de5cd1bd36d86bcb76261",
+}
+HELLASWAG_BYTES = {"val": 12246618, "train": 47496131, "test": 11752147}
+HELLASWAG_VAL_ITEMS = 10042
+
+
+def resolve_cache_dir(override: str | Path | None = None) -> Path:
+    """Where downloads are kept: `override`, else $GPTLAB_CACHE, else ~/.cache/gptlab."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get("GPTLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "gptlab"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url: str, dest: Path, expected_sha256: str | None, show_progress: bool) -> None:
+    """Fetch url to dest through a temporary file in the same folder; dest appears only once its
+    sha256 matches (a partial or wrong download never looks like a cached copy)."""
+    from tqdm import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    h = hashlib.sha256()
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, os.fdopen(fd, "wb") as f:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                          file=sys.stderr, disable=not show_progress) as bar:
+                    while True:
+                        chunk = resp.read(1 << 16)
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise UserError(
+                f"cannot download {url} ({reason}); pass --hellaswag-file PATH to use a local copy"
+            ) from None
+        got = h.hexdigest()
+        if expected_sha256 is not None and got != expected_sha256:
+            raise UserError(f"{url}: downloaded file has sha256 {got}, expected {expected_sha256}")
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def find_hellaswag(
+    path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    split: str = "val",
+    download: bool = True,
+    *,
+    url: str | None = None,
+    expected_sha256: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """The HellaSwag jsonl to read: `path` if given (a local file in the authors' format), else the
+    cached copy of `split` under the cache directory, else (with download) a fresh download checked
+    against the pinned sha256. `url` (a template with {split}; default $GPTLAB_HELLASWAG_URL or the
+    authors' GitHub) and `expected_sha256` (default: the pinned hash of that split) are for mirrors
+    and tests. A cached copy with the wrong hash is fetched again. UserError when unavailable."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise UserError(f"{p}: no such HellaSwag file")
+        if not p.is_file():
+            raise UserError(f"{p}: is not a file")
+        return p
+    if split not in HELLASWAG_SPLITS:
+        raise UserError(f"unknown HellaSwag split {split!r}; choose one of {', '.join(HELLASWAG_SPLITS)}")
+    want = expected_sha256 or HELLASWAG_SHA256[split]
+    dest = resolve_cache_dir(cache_dir) / "hellaswag" / f"hellaswag_{split}.jsonl"
+    if dest.is_file():
+        if _sha256_file(dest) == want:
+            return dest
+        if not download:
+            raise UserError(f"{dest}: cached copy has the wrong sha256 (expected {want}); delete it to fetch it again")
+    elif not download:
+        raise UserError(f"HellaSwag {split} split is not in the cache ({dest}); pass --hellaswag-file PATH")
+    template = url or os.environ.get("GPTLAB_HELLASWAG_URL") or HELLASWAG_URL
+    src = template.format(split=split)
+    _download(src, dest, want, show_progress)
+    return dest
+
+
+# ----------------------------------------------------------------------------- items
+
+@dataclass(frozen=True)
+class HellaSwagItem:
+    """One HellaSwag item: the fields both scoring styles need."""
+
+    ctx: str
+    endings: tuple[str, ...]
+    label: int
+    activity_label: str
+    ctx_a: str
+    ctx_b: str
+    where: str = ""
+    """file:line (or item index) for error messages."""
+
+
+_TEXT_FIELDS = ("ctx", "activity_label", "ctx_a", "ctx_b")
+
+
+def parse_item(obj: Any, where: str) -> HellaSwagItem:
+    """Check one decoded JSON object and make an item of it; UserError naming `where` otherwise."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in (*_TEXT_FIELDS, "endings", "label") if k not in obj]
+    if missing:
+        hint = " (HellaSwag's test split has no labels)" if missing == ["label"] else ""
+        raise UserError(f"{where}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}{hint}")
+    for k in _TEXT_FIELDS:
+        if not isinstance(obj[k], str):
+            raise UserError(f"{where}: field {k} must be a string")
+    endings = obj["endings"]
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        raise UserError(f"{where}: endings must be a list of 4 strings")
+    label = obj["label"]
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)  # the Hugging Face copy stores labels as strings
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:
+        raise UserError(f"{where}: label must be 0, 1, 2 or 3, got {obj['label']!r}")
+    return HellaSwagItem(obj["ctx"], tuple(endings), label, obj["activity_label"], obj["ctx_a"],
+                         obj["ctx_b"], where)
+
+
+def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwagItem]:
+    """Items of a HellaSwag jsonl file (the first `limit` of them); errors name the line."""
+    path = Path(path)
+    items: list[HellaSwagItem] = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if limit is not None and len(items) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+                items.append(parse_item(obj, where))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such HellaSwag file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a HellaSwag jsonl file") from None
+    if not items:
+        raise UserError(f"{path}: no HellaSwag items in the file")
+    return items
+
+
+def harness_preprocess(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag text cleaning: WikiHow items carry markers such as
+    "[title]" and "[header]"; " [title]" becomes a sentence break and other [...] tags go."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def harness_query(item: HellaSwagItem) -> str:
+    """The harness's context: activity label, then ctx_a and the capitalised ctx_b, cleaned."""
+    return harness_preprocess(item.activity_label + ": " + item.ctx_a + " " + item.ctx_b.capitalize())
+
+
+# ----------------------------------------------------------------------------- rendering
+
+@dataclass(frozen=True)
+class RenderedItem:
+    """An item as token rows. rows[0:4] are the completion style's endings, rows[4:8] the
+    harness's; each row is (context + continuation ids, number of continuation ids at its end)."""
+
+    label: int
+    rows: tuple[tuple[tuple[int, ...], int], ...]
+    harness_chars: tuple[int, ...]
+    """len(cleaned ending) per ending: the harness's acc_norm divisor."""
+    where: str
+
+
+def _harness_rows(enc, query: str, continuations: Sequence[str]) -> list[tuple[int, ...]]:
+    """Token rows of query + each continuation as the harness (v0.4) makes them: trailing spaces
+    of the context move to the continuation, context + continuation is encoded as one string, and
+    the continuation's ids are what follows the context's own ids. An empty context becomes the
+    end-of-text token. Returns rows of context ids + continuation ids, with len(continuation ids)."""
+    if query == "":
+        return [((EOT_TOKEN, *enc.encode_ordinary(c)), len(enc.encode_ordinary(c))) for c in continuations]
+    n_spaces = len(query) - len(query.rstrip())
+    context, moved = (query[:-n_spaces], query[-n_spaces:]) if n_spaces else (query, "")
+    ctx = enc.encode_ordinary(context)
+    rows = []
+    for c in continuations:
+        whole = enc.encode_ordinary(context + moved + c)
+        rows.append((tuple(ctx + whole[len(ctx):]), len(whole) - len(ctx)))
+    return rows
+
+
+def render_item(item: HellaSwagItem, enc=None) -> RenderedItem:
+    if enc is None:
+        from gptlab.tokenizer import get_encoding
+
+        enc = get_encoding()
+    rows = []
+    # completion style (build-nanogpt): ctx, then " " + ending
+    ctx = enc.encode_ordinary(item.ctx) or [EOT_TOKEN]  # an empty context: condition on end-of-text
+    for e in item.endings:
+        cont = enc.encode_ordinary(" " + e)
+        rows.append((tuple(ctx + cont), len(cont)))
+    # harness style: cleaned query, then " " + cleaned ending
+    choices = [harness_preprocess(e) for e in item.endings]
+    rows.extend(_harness_rows(enc, harness_query(item), [" " + c for c in choices]))
+    # a choice that cleans to "" would divide by zero in the harness; count it as 1 character
+    return RenderedItem(item.label, tuple(rows), tuple(max(1, len(c)) for c in choices), item.where)
+
+
+def render_hellaswag(items: Iterable[HellaSwagItem | dict]) -> list[RenderedItem]:
+    """Tokenize items once (the trainer keeps the result and passes it to evaluate_hellaswag)."""
+    from gptlab.tokenizer import get_encoding
+
+    enc = get_encoding()
+    out = []
+    for i, it in enumerate(items):
+        if isinstance(it, dict):
+            it = parse_item(it, f"item {i}")
+        out.append(render_item(it, enc))
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _raw(model: torch.nn.Module) -> torch.nn.Module:
+    from gptlab.checkpoint import raw_model
+
+    return raw_model(model)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """eval() for the duration, then every submodule back to the mode it had."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of the process group (0, 1 without one). Read from
+    the group itself, so a group started outside dist.init() is sharded correctly too."""
+    if dist.is_initialized():
+        import torch.distributed as tdist
+
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def _context_len(model: torch.nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "seq_len", None)
+
+
+def _gpt_hidden(model, idx: torch.Tensor) -> torch.Tensor:
+    """GPT.forward up to (and including) ln_f: idx (B, T) -> hidden states (B, T, C).
+    Kept in step with model.py by a test that compares it with the full forward."""
+    T = idx.size(1)
+    pos = torch.arange(T, dtype=torch.long, device=idx.device)
+    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
+    x = model.transformer.drop(x)
+    for block in model.transformer.h:
+        x = block(x)
+    return model.transformer.ln_f(x)
+
+
+def _token_logprobs(model, idx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                    tgt: torch.Tensor) -> torch.Tensor:
+    """log p(tgt[k] | idx[rows[k], :pos[k] + 1]) for each scored position k -> (K,) float32.
+
+    For a gptlab GPT only the scored positions go through the output layer (50304 x C): that
+    layer is most of a small model's cost, and context positions need no logits. Any other module
+    with the GPT call signature gets a full forward."""
+    from gptlab.model import GPT
+
+    if isinstance(model, GPT):
+        h = _gpt_hidden(model, idx)[rows, pos]  # (K, C)
+        V = model.config.vocab_size
+        out = []
+        for hk, tk in zip(h.split(2048), tgt.split(2048)):  # bounds the (K, V) logits in memory
+            logits = model.lm_head(hk)[:, :V].float()  # padded ids are not tokens
+            out.append(logits.log_softmax(-1).gather(1, tk[:, None]).squeeze(1))
+        return torch.cat(out)
+    logits, _ = model(idx)  # (B, T, V)
+    logits = logits[rows, pos].float()  # (K, V)
+    return logits.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1)
+
+
+def _crop(row: tuple[int, ...], T: int | None) -> tuple[tuple[int, ...], bool]:
+    """Keep the last T + 1 tokens: the model reads row[:-1] (at most T) and predicts row[1:]."""
+    if T is None or len(row) <= T + 1:
+        return row, False
+    return row[len(row) - (T + 1):], True
+
+
+def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]],
+               device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-likelihood of each row's continuation and its token count, in one forward pass.
+
+    rows: (ids, n_cont) with ids = context + continuation, already cropped to the model's context + 1.
+    Returns (R,) float32 sums and (R,) int64 counts, on the CPU."""
+    lengths = [len(r) - 1 for r, _ in rows]  # inputs are row[:-1]
+    T = max(lengths)
+    idx = torch.full((len(rows), T), EOT_TOKEN, dtype=torch.long)  # (R, T), right-padded
+    r_idx, c_idx, p_idx, tgt = [], [], [], []
+    for i, (ids, n_cont) in enumerate(rows):
+        L = len(ids) - 1
+        idx[i, :L] = torch.tensor(ids[:-1], dtype=torch.long)
+        # the continuation's tokens are ids[L+1-n_cont : L+1], predicted at positions L-n_cont .. L-1
+        r_idx.extend([i] * n_cont)
+        c_idx.extend(range(n_cont))
+        p_idx.extend(range(L - n_cont, L))
+        tgt.extend(ids[L + 1 - n_cont:])
+    dev = torch.device(device)
+    rows_t = torch.tensor(r_idx, dtype=torch.long, device=dev)
+    lp = _token_logprobs(model, idx.to(dev), rows_t, torch.tensor(p_idx, dtype=torch.long, device=dev),
+                         torch.tensor(tgt, dtype=torch.long, device=dev))  # (K,)
+    counts = torch.tensor([n for _, n in rows], dtype=torch.long)
+    # sum per row through a zero-padded (R, max n_cont) table: a fixed-order sum, where
+    # index_add_ would accumulate with atomics on a GPU and could differ from run to run
+    table = torch.zeros(len(rows), int(counts.max()), dtype=torch.float32, device=dev)
+    table[rows_t, torch.tensor(c_idx, dtype=torch.long, device=dev)] = lp
+    return table.sum(1).cpu(), counts
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value, the first one on ties (as numpy's and torch's argmax/argmin)."""
+    best = 0
+    for i in range(1, len(values)):
+        if values[i] > values[best]:
+            best = i
+    return best
+
+
+def _predictions(sums: Sequence[float], counts: Sequence[int], chars: Sequence[int]) -> tuple[int, int, int, int]:
+    """(completion acc, completion acc_norm, harness acc, harness acc_norm) predictions of one
+    item's 8 row scores. Lowest loss = highest log-likelihood."""
+    c, h = sums[:4], sums[4:]
+    return (
+        _argmax(c),
+        _argmax([s / n for s, n in zip(c, counts[:4])]),  # mean loss per token
+        _argmax(h),
+        _argmax([s / n for s, n in zip(h, chars)]),  # per character of the cleaned ending
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _rendered_file(path: str, size: int, mtime_ns: int, limit: int | None) -> tuple[RenderedItem, ...]:
+    """The rendered items of a file, kept for the next call with the same unchanged file: the
+    trainer evaluates the same file every few hundred steps, and tokenizing 10,042 items takes
+    seconds. size and mtime_ns are part of the key so that an edited file is read again."""
+    return tuple(render_hellaswag(load_hellaswag(path, limit)))
+
+
+def _prepare_items(items_or_path, limit: int | None) -> list[RenderedItem]:
+    if isinstance(items_or_path, (str, Path)):
+        path = find_hellaswag(items_or_path).resolve()
+        st = path.stat()
+        return list(_rendered_file(str(path), st.st_size, st.st_mtime_ns, limit))
+    items = list(items_or_path)
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise UserError("no HellaSwag items to evaluate")
+    if all(isinstance(it, RenderedItem) for it in items):
+        return items
+    return render_hellaswag(items)
+
+
+def evaluate_hellaswag(
+    model: torch.nn.Module,
+    items_or_path,
+    *,
+    device,
+    limit: int | None = None,
+    batch_size: int = 16,
+    autocast: Callable[[], Any] | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """HellaSwag accuracy in both scoring styles.
+
+    items_or_path: a jsonl path, a list of HellaSwagItem or item dicts, or render_hellaswag's
+    output. batch_size: items per forward pass (8 rows each). autocast: a context manager factory
+    (e.g. Runtime.autocast) or None. When a process group is up every rank must call this; the
+    ranks share the items and the result is the same on every rank.
+    Items longer than the model's context are cropped from the left and counted in "cropped".
+    Returns {"completion": {"acc", "acc_norm", "n"}, "harness": {...}, "cropped": k}."""
+    from tqdm import tqdm
+
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    rendered = _prepare_items(items_or_path, limit)
+    net = _raw(model)
+    T = _context_len(net)
+
+    # crop every row (on every rank, so an impossible item fails everywhere before any collective)
+    cropped_rows: list[tuple[tuple[tuple[int, ...], int], ...]] = []
+    cropped_flags: list[bool] = []
+    for it in rendered:
+        rows, any_cropped = [], False
+        for ids, n_cont in it.rows:
+            if T is not None and n_cont > T:
+                raise UserError(
+                    f"{it.where}: an ending of {n_cont} tokens does not fit the model's context of {T} tokens"
+                )
+            ids2, was = _crop(ids, T)
+            rows.append((ids2, n_cont))
+            any_cropped |= was
+        cropped_rows.append(tuple(rows))
+        cropped_flags.append(any_cropped)
+
+    # batches: items sorted by longest row (less padding), the same cut for any world size
+    order = sorted(range(len(rendered)), key=lambda i: (max(len(r) for r, _ in cropped_rows[i]), i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rank, world = _rank_world()
+    mine = batches[rank::world]
+
+    # counts: items, completion acc, completion acc_norm, harness acc, harness acc_norm, cropped
+    totals = [0] * 6
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    bar = tqdm(total=sum(len(b) for b in mine), desc="hellaswag", unit="item", file=sys.stderr,
+               disable=not (show_progress and rank == 0), dynamic_ncols=True)
+    try:
+        with _eval_mode(net), torch.no_grad():
+            for batch in mine:
+                rows = [r for i in batch for r in cropped_rows[i]]
+                with ctx():
+                    sums, counts = score_rows(net, rows, device)
+                sums_l, counts_l = sums.tolist(), counts.tolist()
+                for j, i in enumerate(batch):
+                    it = rendered[i]
+                    preds = _predictions(sums_l[8 * j:8 * j + 8], counts_l[8 * j:8 * j + 8], it.harness_chars)
+                    totals[0] += 1
+                    for k, p in enumerate(preds):
+                        totals[1 + k] += int(p == it.label)
+                    totals[5] += int(cropped_flags[i])
+                bar.update(len(batch))
+    finally:
+        bar.close()
+
+    if dist.is_initialized():
+        t = torch.tensor(totals, dtype=torch.int64, device=device)
+        dist.all_reduce_sum(t)  # once, after every rank has finished its (possibly fewer) batches
+        totals = t.tolist()
+    n = totals[0]
+    return {
+        "completion": {"acc": totals[1] / n, "acc_norm": totals[2] / n, "n": n},
+        "harness": {"acc": totals[3] / n, "acc_norm": totals[4] / n, "n": n},
+        "cropped": totals[5],
+    }
+
+
+# ----------------------------------------------------------------------------- validation loss
+
+def evaluate_val_loss(
+    model: torch.nn.Module,
+    data_dir: str | Path,
+    *,
+    device,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+    autocast: Callable[[], Any] | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Mean cross-entropy over the val split's fixed windows (capped at max_tokens), and its
+    perplexity. When a process group is up every rank must call this: each takes its share of
+    the windows from the loader, and the token-weighted sums are reduced once at the end, so any
+    number of ranks gives the 1-rank number up to float summation order.
+    Returns {"loss", "perplexity", "tokens"}."""
+    from tqdm import tqdm
+
+    from gptlab.data.loader import iter_val_batches, val_windows
+
+    if seq_len <= 0 or batch_size <= 0:
+        raise UserError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+    net = _raw(model)
+    T = _context_len(net)
+    if T is not None and seq_len > T:
+        raise UserError(f"seq_len {seq_len} is longer than the model's context ({T})")
+    rank, world = _rank_world()
+    # float64 sums keep 1e8 tokens' worth of losses exact enough; MPS has no float64
+    acc = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    loss_sum = torch.zeros((), dtype=acc, device=device)
+    tokens = 0
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    bar = tqdm(total=val_windows(data_dir, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
+               desc="val loss", unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
+               disable=not (show_progress and rank == 0))  # rank 0's share, for its rate and ETA
+    with bar, _eval_mode(net), torch.no_grad():
+        for x, y in iter_val_batches(data_dir, seq_len=seq_len, batch_size=batch_size,
+                                     max_tokens=max_tokens, rank=rank, world_size=world):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with ctx():
+                logits, loss = net(x, y)
+                if loss is None:
+                    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+            loss_sum += loss.to(acc) * y.numel()  # the mean over B*T tokens, weighted back to a sum
+            tokens += y.numel()
+            bar.update(y.numel())
+    t = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=acc, device=device)])
+    dist.all_reduce_sum(t)
+    total_loss, total_tokens = t.tolist()
+    if total_tokens == 0:
+        raise UserError(f"{data_dir}: the val split has no complete window of {seq_len + 1} tokens")
+    loss = total_loss / total_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(total_tokens)}
+
+
+# ----------------------------------------------------------------------------- references
+
+# Published HellaSwag (val, 10,042 items, zero-shot) numbers by the GPT-2 size they belong to.
+# GPT-2 "completion": (acc, acc_norm) from build-nanogpt's hellaswag.py docstring (gpt2, gpt2-xl);
+#   for gpt2-medium/-large only acc_norm is published, by llm.c's dev/vislog.ipynb baselines
+#   (0.375224, 0.431986, measured with llm.c's completion-style evaluation).
+# GPT-2 "harness": (acc, acc_norm) from lm-evaluation-harness as quoted in build-nanogpt's hellaswag.py.
+# GPT-3: the GPT-3 paper's zero-shot accuracy of the nearest size (Brown et al. 2020; the same
+#   values as llm.c's vislog baselines). GPT-3 normalises per token, so it sits under acc_norm.
+HELLASWAG_REFERENCES: dict[str, dict[str, Any]] = {
+    "gpt2": {"completion": (0.2859, 0.2955), "harness": (0.2892, 0.3114), "gpt3": ("GPT-3 Small 125M", 0.337)},
+    "gpt2-medium": {"completion": (None, 0.3752), "gpt3": ("GPT-3 Medium 350M", 0.436)},
+    "gpt2-large": {"completion": (None, 0.4320), "gpt3": ("GPT-3 Large 760M", 0.510)},
+    "gpt2-xl": {"completion": (0.3842, 0.4893), "harness": (0.4004, 0.5089), "gpt3": ("GPT-3 XL 1.3B", 0.547)},
+}
+# OpenAI GPT-2 124M's loss on FineWeb-Edu's first 100M val tokens (build-nanogpt; DESIGN.md). It is
+# a reference for that dataset only.
+VAL_LOSS_REFERENCES = {"gpt2": 3.2924}
+_GPT2_NAMES = {"gpt2": "OpenAI GPT-2 124M", "gpt2-medium": "OpenAI GPT-2 350M",
+               "gpt2-large": "OpenAI GPT-2 774M", "gpt2-xl": "OpenAI GPT-2 1558M"}
+
+
+def _fmt(v: float | None) -> str:
+    return "     -" if v is None else f"{v:.4f}"
+
+
+def format_report(results: dict, *, preset: str | None = None, split: str = "val") -> str:
+    """The human-readable table of `results` (run_eval's dict), with the references of `preset`."""
+    lines = []
+    refs = HELLASWAG_REFERENCES.get(preset or "", {})
+    hs = results.get("hellaswag")
+    if hs is not None:
+        n = hs["completion"]["n"]
+        lines.append(f"{'HellaSwag ' + split + f', {n:,} items':<40} {'acc':>7} {'acc_norm':>9}")
+        for style, title in (("completion", "completion (build-nanogpt style)"),
+                             ("harness", "harness (lm-eval-harness style)")):
+            lines.append(f"  {title:<38} {_fmt(hs[style]['acc']):>7} {_fmt(hs[style]['acc_norm']):>9}")
+            if style in refs:
+                acc, acc_norm = refs[style]
+                lines.append(f"    {_GPT2_NAMES[preset]:<36} {_fmt(acc):>7} {_fmt(acc_norm):>9}")
+        if "gpt3" in refs:
+            name, value = refs["gpt3"]
+            lines.append(f"  {name + ' (paper, zero-shot)':<38} {_fmt(None):>7} {_fmt(value):>9}")
+        if hs.get("cropped"):
+            lines.append(f"  note: {hs['cropped']} items were longer than the model's context and were "
+                         "cropped from the left")
+    val = results.get("val")
+    if val is not None:
+        lines.append(f"validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} "
+                     f"over {val['tokens']:,} tokens")
+        if preset in VAL_LOSS_REFERENCES:
+            lines.append(f"  {_GPT2_NAMES[preset]}: {VAL_LOSS_REFERENCES[preset]:.4f} on FineWeb-Edu's first "
+                         "100M val tokens (comparable on that data only)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _find_hellaswag_on_all_ranks(env, device, **kwargs) -> Path:
+    """find_hellaswag where only one process per node may download: local rank 0 fetches, the
+    others wait for it and read the cached copy; a failure anywhere fails every rank."""
+    if not dist.is_initialized() or kwargs.get("path") is not None:
+        return find_hellaswag(**kwargs)
+    err, path = None, None
+    if env.local_rank == 0:
+        try:
+            path = find_hellaswag(**kwargs, download=True, show_progress=env.is_main)
+        except UserError as e:
+            err = str(e)
+    flag = torch.tensor([1 if err else 0], dtype=torch.int64, device=device)
+    dist.all_reduce_max(flag)
+    if flag.item():
+        raise UserError(err or "HellaSwag data is unavailable (see rank 0's error)")
+    return path or find_hellaswag(**kwargs, download=False)
+
+
+def run_eval(
+    model: str,
+    *,
+    hellaswag: bool = False,
+    hellaswag_file: str | None = None,
+    split: str = "val",
+    cache: str | None = None,
+    limit: int | None = None,
+    val_dir: str | None = None,
+    val_tokens: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    as_json: bool = False,
+    out=None,
+) -> dict:
+    """`gptlab eval`: load MODEL, run what was asked for, print a table (or one JSON object) on
+    rank 0, and return the results. Under torchrun the work is shared by the ranks.
+    batch_size: HellaSwag items per forward pass (default 16) and val windows per batch (default 8)."""
+    from gptlab.checkpoint import load_model
+    from gptlab.runtime import get_runtime
+
+    out = out or sys.stdout
+    hellaswag = hellaswag or hellaswag_file is not None
+    if not hellaswag and val_dir is None:
+        raise UserError("nothing to evaluate: pass --hellaswag and/or --val DIR")
+    if limit is not None and not hellaswag:
+        raise UserError("--limit applies to HellaSwag; add --hellaswag")
+    if val_tokens is not None and val_dir is None:
+        raise UserError("--val-tokens applies to validation loss; add --val DIR")
+    if val_dir is not None and not Path(val_dir).is_dir():
+        raise UserError(f"{val_dir}: no such dataset directory")
+
+    rt = get_runtime(device, dtype, compile=False)
+    env = dist.init(rt.device_type)
+    try:
+        dev = rt.device
+        if dev.type == "cuda" and env.is_distributed:
+            dev = torch.device("cuda", env.local_rank)
+        items = None
+        if hellaswag:
+            path = _find_hellaswag_on_all_ranks(env, dev, path=hellaswag_file, cache_dir=cache, split=split)
+            items = render_hellaswag(load_hellaswag(path, limit))
+        net, where = load_model(model, dev)
+        results: dict[str, Any] = {}
+        if items is not None:
+            results["hellaswag"] = evaluate_hellaswag(
+                net, items, device=dev, batch_size=batch_size or 16, autocast=rt.autocast, show_progress=True
+            )
+        if val_dir is not None:
+            results["val"] = evaluate_val_loss(
+                net, val_dir, device=dev, seq_len=net.config.seq_len, batch_size=batch_size or 8,
+                max_tokens=val_tokens, autocast=rt.autocast, show_progress=True,
+            )
+        if env.is_main:
+            if as_json:
+                print(json.dumps(results), file=out)
+            else:
+                preset = preset_for_shape(net.config)
+                shape = f"{net.num_params() / 1e6:.1f}M parameters" + (f", {preset} shape" if preset else "")
+                print(f"model {where} ({shape}); {rt.describe()}"
+                      + (f"; {env.world_size} ranks" if env.is_distributed else ""), file=out)
+                print(format_report(results, preset=preset,
+                                    split="file" if hellaswag_file else split), file=out)
+        return results
+    finally:
+        if env.is_distributed:
+            dist.shutdown()
