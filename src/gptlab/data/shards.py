@@ -1,0 +1,344 @@
+"""Token shards on disk: the ONLY code that knows their byte layout and the manifest.
+
+A shard is an llm.c-layout `.bin` file, so that llm.c and modded-nanogpt shards work here and
+ours work there:
+
+    header: 256 little-endian int32   [0] magic 20240520, [1] version 1, [2] token count n
+    body:   n little-endian uint16    the GPT-2 token ids
+
+A prepared dataset is a directory of shards named `<name>_<split>_<index:06d>.bin` and a
+`manifest.json` (format version, tokenizer, source, and per shard: file, split, tokens,
+documents, sha256). A directory of `.bin` shards without a manifest is accepted as it is, the
+split read from each file name. While `gptlab prepare` runs, `progress.json` stands in for the
+manifest; a directory holding only that is an unfinished prepare and is refused.
+
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from gptlab.errors import UserError
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4  # 1024
+TOKEN_DTYPE = np.dtype("<u2")
+EOT = 50256
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+FORMAT = "gptlab.token-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def shard_name(name: str, split: str, index: int) -> str:
+    """`shakespeare_val_000000.bin`: the index counts shards of both splits together, as
+    build-nanogpt and llm.c number them (val first, then train)."""
+    return f"{name}_{split}_{index:06d}.bin"
+
+
+def split_from_name(filename: str) -> str | None:
+    """The split a shard file name says: 'val' or 'train' as a word of the name (fineweb_val_000000.bin),
+    else as a substring; None when it says neither."""
+    stem = filename.rsplit(".", 1)[0].lower()
+    words = set(re.split(r"[^a-z0-9]+", stem))
+    for split in ("val", "train"):
+        if split in words:
+            return split
+    for split in ("val", "train"):
+        if split in stem:
+            return split
+    return None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _header(n_tokens: int) -> bytes:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, n_tokens
+    return header.tobytes()
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> str:
+    """Write tokens (n,) as a shard that appears whole or not at all (temporary file, fsync,
+    rename). Returns the sha256 of the file's bytes."""
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if len(tokens) >= 2**31:
+        raise ValueError("a shard holds fewer than 2**31 tokens (int32 header)")
+    header = _header(len(tokens))
+    h = hashlib.sha256(header)
+    body = memoryview(tokens).cast("B")
+    h.update(body)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, and harmless to skip there.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_header(path: str | Path) -> int:
+    """Check a shard's header against its size; return its token count."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise UserError(f"shard {path}: no such file") from None
+    except OSError as e:
+        raise UserError(f"shard {path}: cannot read: {e.strerror or e}") from None
+    if len(raw) < HEADER_BYTES:
+        raise UserError(f"shard {path}: truncated ({size} bytes, shorter than the {HEADER_BYTES}-byte header)")
+    magic, version, n = (int(v) for v in np.frombuffer(raw, dtype="<i4", count=3))
+    if magic != MAGIC:
+        raise UserError(f"shard {path}: bad magic {magic} (expected {MAGIC}): not an llm.c token shard")
+    if version != VERSION:
+        raise UserError(f"shard {path}: unsupported version {version} (expected {VERSION}: GPT-2 uint16 tokens)")
+    want = HEADER_BYTES + 2 * n
+    if n < 0 or size != want:
+        raise UserError(f"shard {path}: truncated or damaged: header says {n} tokens ({want} bytes) "
+                        f"but the file has {size} bytes")
+    return n
+
+
+def open_tokens(path: str | Path, n_tokens: int | None = None) -> np.ndarray:
+    """The shard's tokens as a read-only memory map, (n,) uint16; nothing is read until used."""
+    n = read_header(path) if n_tokens is None else n_tokens
+    if n == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """The shard's tokens in memory, (n,) uint16."""
+    return np.array(open_tokens(path))
+
+
+# ------------------------------------------------------------------------------------ JSON files
+def read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def write_json_file(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename); sorted keys so equal data gives equal bytes."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    split: str
+    tokens: int
+    documents: int | None = None  # None for shards without a manifest
+    sha256: str | None = None
+
+
+@dataclass
+class Dataset:
+    """A directory of shards, opened and checked (headers against sizes and the manifest)."""
+
+    directory: Path
+    shards: list[Shard]
+    manifest: dict[str, Any] | None
+
+    def split(self, name: str) -> list[Shard]:
+        return [s for s in self.shards if s.split == name]
+
+    @property
+    def splits(self) -> dict[str, list[Shard]]:
+        out: dict[str, list[Shard]] = {}
+        for s in self.shards:
+            out.setdefault(s.split, []).append(s)
+        return out
+
+    def source_text(self) -> str:
+        if self.manifest is None:
+            return "unknown (llm.c-style shards without a manifest)"
+        src = dict(self.manifest.get("source", {}))
+        name = src.pop("name", "?")
+        # lists of files or texts are long: show how many
+        extras = ", ".join(f"{k}={len(v)}" if isinstance(v, list) else f"{k}={v}"
+                           for k, v in sorted(src.items()) if v is not None)
+        return f"{name} ({extras})" if extras else str(name)
+
+
+def open_dataset(directory: str | Path) -> Dataset:
+    """Open a prepared directory (manifest) or a directory of llm.c / modded-nanogpt shards."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise UserError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: not a directory")
+    manifest_path = directory / MANIFEST
+    if manifest_path.exists():
+        manifest = read_manifest(directory)
+        shards = []
+        for entry in manifest["shards"]:
+            path = directory / entry["file"]
+            n = read_header(path)
+            if n != entry["tokens"]:
+                raise UserError(f"shard {path}: holds {n} tokens but the manifest says {entry['tokens']}")
+            shards.append(Shard(path, entry["split"], n, entry.get("documents"), entry.get("sha256")))
+        if not shards:
+            raise UserError(f"{directory}: the manifest lists no shards")
+        return Dataset(directory, shards, manifest)
+    if (directory / PROGRESS).exists():
+        raise UserError(f"{directory}: an unfinished prepare (progress.json, no manifest.json); "
+                        f"run the same `gptlab prepare` again to finish it")
+    shards = []
+    for path in sorted(directory.glob("*.bin")):
+        split = split_from_name(path.name)
+        if split is None:
+            continue  # neither val nor train: not a shard of a split we can use
+        shards.append(Shard(path, split, read_header(path)))
+    if not shards:
+        raise UserError(f"{directory}: no token shards (*.bin with 'train' or 'val' in the name, or a manifest.json)")
+    return Dataset(directory, shards, None)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    m = read_json_file(path)
+    if m.get("format") != FORMAT:
+        raise UserError(f"{path}: not a gptlab shard manifest (format {m.get('format')!r})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: unsupported manifest version {m.get('format_version')!r} (expected {FORMAT_VERSION})")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise UserError(f"{path}: no shard list")
+    for i, e in enumerate(shards):
+        ok = (isinstance(e, dict) and isinstance(e.get("file"), str) and e.get("split") in SPLITS
+              and isinstance(e.get("tokens"), int) and isinstance(e.get("sha256"), str)
+              and "/" not in e["file"] and "\\" not in e["file"] and e["file"] not in ("", ".", ".."))
+        if not ok:
+            raise UserError(f"{path}: shard entry {i} is malformed")
+    return m
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
+    write_json_file(Path(directory) / MANIFEST, manifest)
+
+
+def split_totals(shards: list[dict[str, Any]] | list[Shard]) -> dict[str, dict[str, Any]]:
+    """Per split: shard count, tokens, documents (None when unknown)."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in shards:
+        split, tokens, docs = ((s["split"], s["tokens"], s.get("documents")) if isinstance(s, dict)
+                               else (s.split, s.tokens, s.documents))
+        t = out.setdefault(split, {"shards": 0, "tokens": 0, "documents": 0})
+        t["shards"] += 1
+        t["tokens"] += tokens
+        t["documents"] = None if docs is None or t["documents"] is None else t["documents"] + docs
+    return out
+
+
+def dataset_summary(directory: str | Path) -> dict[str, Any]:
+    """What `gptlab data info` prints, as data."""
+    ds = open_dataset(directory)
+    return {
+        "directory": str(ds.directory),
+        "manifest": ds.manifest is not None,
+        "source": ds.source_text(),
+        "tokenizer": (ds.manifest or {}).get("tokenizer", {}).get("name"),
+        "splits": split_totals(ds.shards),
+        "tokens": sum(s.tokens for s in ds.shards),
+        "documents": (None if any(s.documents is None for s in ds.shards)
+                      else sum(s.documents for s in ds.shards)),
+    }
+
+
+def _hash_and_count(path: Path, chunk_tokens: int = 1 << 22) -> Iterator[tuple[int, str | None, int]]:
+    """Yield (bytes read so far, None, eot count so far) while reading, then the final sha256."""
+    h = hashlib.sha256()
+    eots = 0
+    done = 0
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+        h.update(header)
+        done += len(header)
+        while block := f.read(2 * chunk_tokens):
+            h.update(block)
+            # Documents are counted as the end-of-text tokens that open them.
+            eots += int(np.count_nonzero(np.frombuffer(block, dtype=TOKEN_DTYPE, count=len(block) // 2) == EOT))
+            done += len(block)
+            yield done, None, eots
+    yield done, h.hexdigest(), eots
+
+
+def verify_dataset(directory: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Re-hash every shard against the manifest (and count its documents); UserError naming the
+    first shard that differs. Without a manifest only headers and sizes can be checked."""
+    ds = open_dataset(directory)  # headers, sizes and manifest token counts
+    if ds.manifest is None:
+        return {"directory": str(ds.directory), "shards": len(ds.shards), "hashed": False}
+    from tqdm import tqdm
+
+    total = sum(HEADER_BYTES + 2 * s.tokens for s in ds.shards)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None if progress else True,
+              file=None) as bar:
+        for s in ds.shards:
+            last = 0
+            for done, digest, eots in _hash_and_count(s.path):
+                bar.update(done - last)
+                last = done
+            if digest != s.sha256:
+                raise UserError(f"shard {s.path.name}: sha256 {digest} does not match the manifest's {s.sha256}")
+            if s.documents is not None and eots != s.documents:
+                raise UserError(f"shard {s.path.name}: holds {eots} documents but the manifest says {s.documents}")
+    return {"directory": str(ds.directory), "shards": len(ds.shards), "hashed": True,
+            "tokens": sum(s.tokens for s in ds.shards)}
