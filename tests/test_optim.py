@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from gptlab.config import ModelConfig
 from gptlab.errors import UserError

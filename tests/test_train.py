@@ -1,7 +1,6 @@
 """Training end to end on tiny CPU configs: the loss falls, resume is exact, errors are clear."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

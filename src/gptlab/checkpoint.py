@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError (no s)
 from safetensors.torch import load_file, save_file
 
+from gptlab.atomic import fsync_dir, replace_dir
 from gptlab.config import ModelConfig, read_json, write_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
@@ -63,19 +64,6 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     cfg: ModelConfig = raw_model(model).config
     write_json(path / CONFIG, cfg.to_dict())
@@ -95,23 +83,8 @@ def save_model(model: torch.nn.Module, path: str | Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     _write_model_files(model, tmp)
-    _replace_dir(tmp, path)
+    replace_dir(tmp, path)
     return path
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-    _fsync_dir(path.parent)
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -302,7 +275,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
             torch.save(tensors, tmp / OPTIMIZER)
             state["optimizer"] = meta
         write_json(tmp / STATE, state)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -311,7 +284,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     with open(latest_tmp, "rb") as fh:
         os.fsync(fh.fileno())
     latest_tmp.replace(ckdir / LATEST)
-    _fsync_dir(ckdir)
+    fsync_dir(ckdir)
     if keep > 0:
         steps = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
         for old in steps[:-keep]:

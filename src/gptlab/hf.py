@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from gptlab.atomic import replace_dir
 from gptlab.config import EOT_TOKEN, ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
@@ -317,16 +318,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
         files.update(_tokenizer_files(cfg.seq_len))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

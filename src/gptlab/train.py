@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import signal
 import sys
@@ -371,7 +370,6 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
         dist.barrier()
         return path
 
-    t_last = time.time()
     with StopFlag() as stop:
         bar = __import__("gptlab.metrics", fromlist=["progress_bar"]).progress_bar(steps, start_step, env.is_main)
         try:

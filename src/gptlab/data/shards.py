@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from gptlab.atomic import fsync_dir
 from gptlab.errors import UserError
 
 MAGIC = 20240520
@@ -97,22 +98,8 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, and harmless to skip there.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_header(path: str | Path) -> int:
