@@ -41,5 +41,14 @@ demo: setup
 	@echo "One sample from the trained model:"
 	@cat runs/demo/demo_sample.txt
 
+# Benchmarks against peers, side by side in one run each; results go in benchmarks/RESULTS.md by hand.
+bench: setup
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/dist.py
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/hellaswag.py --preset tiny --limit 200
+
 clean:
 	rm -rf $(VENV) runs data/shakespeare
