@@ -216,3 +216,12 @@ def test_hellaswag_during_training(data_dir, tmp_path):
     hs = [r for r in recs if r["kind"] == "hellaswag"]
     assert len(hs) == 1 and hs[0]["completion"]["n"] == 6 and hs[0]["harness"]["n"] == 6
     assert (run / "plots" / "hellaswag.png").is_file()
+
+
+def test_batch_size_auto_keeps_the_global_batch(data_dir, tmp_path, capsys):
+    # on a CPU memory is not the limit: the largest divisor of the per-rank sequences up to 16
+    train(resolve_train_config(flags(data_dir, tmp_path / "a", batch_size="auto", max_steps=1)))
+    err = capsys.readouterr().err
+    assert "--batch-size auto chose 8" in err and "accum 1" in err
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == "auto" and cfg["train"]["total_batch_tokens"] == 256
