@@ -38,6 +38,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def make_step(model, opt, rt, loss_of):
+    """One optimizer step of the plain loop both runners share: forward, backward, clip 1.0, AdamW."""
+
+    def step(x, y):
+        with rt.autocast():
+            loss = loss_of(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def build_gptlab(cfg, args, rt):
     from gptlab.model import GPT
     from gptlab.optim import make_adamw
@@ -46,17 +61,8 @@ def build_gptlab(cfg, args, rt):
     model = GPT(cfg).to(rt.device)
     opt = make_adamw(model, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type=rt.device.type)
     fwd = torch.compile(model) if rt.compile else model
-
-    def step(x, y):
-        with rt.autocast():
-            _, loss = fwd(x, y, return_logits=rt.compile)  # as the trainer calls it
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    # as the trainer calls it
+    return make_step(model, opt, rt, lambda x, y: fwd(x, y, return_logits=rt.compile)[1])
 
 
 def build_hf(cfg, args, rt):
@@ -74,17 +80,8 @@ def build_hf(cfg, args, rt):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **fused)
     fwd = torch.compile(model) if rt.compile else model
-
-    def step(x, y):
-        with rt.autocast():
-            loss = fwd(input_ids=x, labels=x).loss  # transformers shifts the labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    # transformers shifts the labels itself
+    return make_step(model, opt, rt, lambda x, y: fwd(input_ids=x, labels=x).loss)
 
 
 def main() -> int:
@@ -133,7 +130,7 @@ def main() -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "threads": torch.get_num_threads(),
         "runtime": rt.describe(),
-        "model": args.model, "params": sum(1 for _ in ()) or cfg.num_params(), "batch": B, "seq_len": T,
+        "model": args.model, "params": cfg.num_params(), "batch": B, "seq_len": T,
         "peak_flops": peak,
     }
     for name, rs in rates.items():

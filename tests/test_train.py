@@ -225,3 +225,20 @@ def test_batch_size_auto_keeps_the_global_batch(data_dir, tmp_path, capsys):
     assert "--batch-size auto chose 8" in err and "accum 1" in err
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert cfg["train"]["batch_size"] == "auto" and cfg["train"]["total_batch_tokens"] == 256
+
+
+def test_init_from_pretrained_model_dir(data_dir, tmp_path):
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+
+    torch.manual_seed(3)
+    pre = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, seq_len=64))
+    ck.save_model(pre, tmp_path / "pre")
+    # the pretrained model decides the shape; --seq-len may only shorten its context
+    cfg = flags(data_dir, tmp_path / "ft", max_steps=1, lr=1e-12, warmup_steps=0, init_from=str(tmp_path / "pre"))
+    train(resolve_train_config(cfg))
+    tuned, _ = ck.load_model(tmp_path / "ft")
+    assert tuned.config.seq_len == 32 and tuned.config.n_embd == 32
+    assert torch.allclose(tuned.transformer.wpe.weight, pre.transformer.wpe.weight[:32], atol=1e-6)
+    with pytest.raises(UserError, match="longer than the pretrained context"):
+        train(resolve_train_config({**cfg, "out": str(tmp_path / "ft2"), "seq_len": 128}))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError (no s)
@@ -207,10 +206,6 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         model = model.to(device)
     model.eval()
     return model, where
-
-
-def save_json(path: str | Path, data: Any) -> None:
-    write_json(path, data)
 
 
 # ----------------------------------------------------------------------------- training checkpoints

@@ -17,6 +17,14 @@ GPT2_VOCAB_SIZE = 50257
 EOT_TOKEN = 50256
 
 
+def _from_dict(cls, d: dict[str, Any], what: str):
+    """A config dataclass from JSON data, refusing fields it does not know."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise UserError(f"{what}: unknown fields {sorted(unknown)}")
+    return cls(**d)
+
+
 def pad_to_multiple(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
@@ -85,11 +93,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"model config: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d, "model config")
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -209,11 +213,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UserError(f"train config: unknown fields {sorted(unknown)}")
-        return cls(**d)
+        return _from_dict(cls, d, "train config")
 
 
 # Training defaults that differ from the GPT-3 Small recipe (TrainConfig's own defaults), by preset.

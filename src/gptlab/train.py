@@ -13,7 +13,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from gptlab.config import (DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig, 
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.optim import SCHEDULES, lr_at, make_adamw, set_lr
+from gptlab.metrics import progress_bar
 from gptlab.runtime import Runtime, get_runtime
 
 SAMPLE_PROMPTS = ("Hello, I'm a language model,", "The meaning of life is")
@@ -40,7 +41,6 @@ class TrainResult:
     val_loss: float | None = None
     stopped_by: str | None = None
     checkpoint: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -190,38 +190,24 @@ def resume_config(run_dir: Path, flags: dict[str, Any]) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(cfg: TrainConfig, model_cfg: ModelConfig) -> GPT:
-    """A fresh GPT-2 from the seed, or pretrained weights for fine-tuning (--init-from)."""
+def build_model(cfg: TrainConfig) -> GPT:
+    """A fresh GPT-2 from the seed, or pretrained weights for fine-tuning (--init-from): the
+    pretrained model decides the shape, and only its context may be shortened (--seq-len)."""
     if not cfg.init_from:
         torch.manual_seed(cfg.seed)
-        return GPT(model_cfg)
+        return GPT(cfg.model_config())
     pretrained, _ = ckpt_mod.load_model(cfg.init_from, device="cpu")
-    if model_cfg.seq_len > pretrained.config.seq_len:
-        raise UserError(f"--seq-len {model_cfg.seq_len} is longer than the pretrained context "
-                        f"{pretrained.config.seq_len}")
-    model = GPT(model_cfg)
+    pre = pretrained.config
+    seq = cfg.seq_len if cfg.seq_len is not None else pre.seq_len
+    if seq > pre.seq_len:
+        raise UserError(f"--seq-len {seq} is longer than the pretrained context {pre.seq_len}")
+    if seq == pre.seq_len:
+        return pretrained
+    model = GPT(ModelConfig(**{**pre.to_dict(), "seq_len": seq}))
     sd = pretrained.state_dict()
-    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: model_cfg.seq_len]  # keep the first T positions
+    sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:seq]  # keep the first T positions
     ckpt_mod.load_weights(model, sd, source=str(cfg.init_from))
     return model
-
-
-def effective_model_config(cfg: TrainConfig) -> ModelConfig:
-    model_cfg = cfg.model_config()
-    if cfg.init_from:
-        # the pretrained checkpoint decides the shape; only the context may be shortened
-        pre = _pretrained_config(cfg.init_from)
-        seq = cfg.seq_len if cfg.seq_len is not None else pre.seq_len
-        model_cfg = ModelConfig(**{**pre.to_dict(), "seq_len": seq})
-    return model_cfg
-
-
-def _pretrained_config(spec: str) -> ModelConfig:
-    local = ckpt_mod.resolve_model_path(spec)
-    if local is not None:
-        return ckpt_mod.read_model_config(local)
-    model, _ = ckpt_mod.load_model(spec, device="cpu")
-    return model.config
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -259,7 +245,12 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
     from gptlab.data.loader import TrainLoader
     from tqdm.auto import tqdm
 
-    model_cfg = ckpt_mod.read_model_config(ckpt) if ckpt is not None else effective_model_config(cfg)
+    if ckpt is not None:
+        model = GPT(ckpt_mod.read_model_config(ckpt))
+        ckpt_mod.load_checkpoint_weights(ckpt, model)
+    else:
+        model = build_model(cfg)
+    model_cfg = model.config
     T = model_cfg.seq_len
     batch_size = cfg.batch_size
     if batch_size == "auto":
@@ -277,10 +268,7 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
         write_json(run_dir / RUN_CONFIG, {"model": model_cfg.to_dict(), "train": cfg.to_dict()})
     dist.barrier()
 
-    model = build_model(cfg, model_cfg) if ckpt is None else GPT(model_cfg)
     start_step, tokens_seen, state = 0, 0, {}
-    if ckpt is not None:
-        ckpt_mod.load_checkpoint_weights(ckpt, model)
     if cfg.fsdp and not env.is_distributed:
         raise UserError("--fsdp shards over several processes: launch with torchrun or --nproc N")
     model.to(rt.device)
@@ -371,7 +359,7 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
         return path
 
     with StopFlag() as stop:
-        bar = __import__("gptlab.metrics", fromlist=["progress_bar"]).progress_bar(steps, start_step, env.is_main)
+        bar = progress_bar(steps, start_step, env.is_main)
         try:
             while step < steps:
                 t0 = time.time()
@@ -412,8 +400,8 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
                 loss_val = float(loss_sum.item())
                 if not math.isfinite(loss_val):
                     optimizer.zero_grad(set_to_none=True)
-                    where = f"; the last good checkpoint is {saved or ckpt_mod.latest_checkpoint(run_dir)}" \
-                        if (saved or ckpt_mod.latest_checkpoint(run_dir)) else ""
+                    good = saved or ckpt_mod.latest_checkpoint(run_dir)
+                    where = f"; the last good checkpoint is {good}" if good else ""
                     raise UserError(f"loss is {loss_val} at step {step + 1}: training stopped "
                                     f"(try a lower --lr or --dtype fp32){where}")
                 if scaler is not None:
