@@ -192,7 +192,7 @@ def test_batched_scoring_equals_one_row_at_a_time(make_gptlab):
 
 def test_output_layer_shortcut_equals_the_full_forward(make_gptlab):
     """The GPT path runs only scored positions through the output layer; a non-GPT wrapper of
-    the same network takes the full forward. They must agree (this also keeps _gpt_hidden in
+    the same network takes the full forward. They must agree (this also keeps GPT.hidden in
     step with model.py)."""
     model = make_gptlab(seed=4)
     rows = [r for it in ev.render_hellaswag(some_items(4, seed=4)) for r in it.rows]

@@ -346,18 +346,6 @@ def _context_len(model: torch.nn.Module) -> int | None:
     return getattr(cfg, "seq_len", None)
 
 
-def _gpt_hidden(model, idx: torch.Tensor) -> torch.Tensor:
-    """GPT.forward up to (and including) ln_f: idx (B, T) -> hidden states (B, T, C).
-    Kept in step with model.py by a test that compares it with the full forward."""
-    T = idx.size(1)
-    pos = torch.arange(T, dtype=torch.long, device=idx.device)
-    x = model.transformer.wte(idx) + model.transformer.wpe(pos)  # (B, T, C)
-    x = model.transformer.drop(x)
-    for block in model.transformer.h:
-        x = block(x)
-    return model.transformer.ln_f(x)
-
-
 def _token_logprobs(model, idx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                     tgt: torch.Tensor) -> torch.Tensor:
     """log p(tgt[k] | idx[rows[k], :pos[k] + 1]) for each scored position k -> (K,) float32.
@@ -368,11 +356,10 @@ def _token_logprobs(model, idx: torch.Tensor, rows: torch.Tensor, pos: torch.Ten
     from gptlab.model import GPT
 
     if isinstance(model, GPT):
-        h = _gpt_hidden(model, idx)[rows, pos]  # (K, C)
-        V = model.config.vocab_size
+        h = model.hidden(idx)[rows, pos]  # (K, C)
         out = []
         for hk, tk in zip(h.split(2048), tgt.split(2048)):  # bounds the (K, V) logits in memory
-            logits = model.lm_head(hk)[:, :V].float()  # padded ids are not tokens
+            logits = model.logits(hk).float()
             out.append(logits.log_softmax(-1).gather(1, tk[:, None]).squeeze(1))
         return torch.cat(out)
     logits, _ = model(idx)  # (B, T, V)

@@ -182,8 +182,8 @@ def generate(model: torch.nn.Module, prompt: Sequence[int], *, num_samples: int 
     try:
         # prefill one copy of the prompt, then share its keys/values with every sample
         idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T0)
-        logits, _ = model(idx, cache=cache)  # (1, T0, V)
-        logits = logits[:, -1, :].expand(B, -1)  # (B, V)
+        # only the last position needs the output layer
+        logits = model.logits(model.hidden(idx, cache)[:, -1, :]).expand(B, -1)  # (B, V)
         if B > 1:
             cache.keep(torch.zeros(B, dtype=torch.long, device=device))
         rows = list(range(B))  # rows[r]: which sample cache row r holds
@@ -204,8 +204,7 @@ def generate(model: torch.nn.Module, prompt: Sequence[int], *, num_samples: int 
                 cache.keep(keep)
                 nxt = nxt[keep]
                 rows = [rows[i] for i in alive]
-            logits, _ = model(nxt.unsqueeze(1), cache=cache)  # (b, 1, V)
-            logits = logits[:, -1, :]
+            logits = model.logits(model.hidden(nxt.unsqueeze(1), cache)[:, -1, :])  # (b, V)
     finally:
         model.train(was_training)
 

@@ -127,21 +127,11 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        ignore_index: int = -100,
-        return_logits: bool = True,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy loss
-        over targets (B, T) (None without targets). With a cache, positions continue from cache.pos.
+    def hidden(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> the final normed hidden states (B, T, C).
 
-        return_logits=False with targets, while gradients are on, computes the loss and its
-        gradients through the output layer chunk by chunk (FusedHeadLoss): the (B, T, 50304) logits
-        are never held whole, which is faster where memory bandwidth is scarce. Logits are then None.
-        """
+        With a cache, positions continue from cache.pos and the cache advances by T. Under FSDP
+        this is registered as a forward method (parallel.py), so calling it directly is safe."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.seq_len:
@@ -155,19 +145,47 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits over the real vocabulary (..., vocab_size).
+        The padded rows of the output layer are dropped: they are not tokens."""
+        return self.lm_head(h)[..., : self.config.vocab_size]
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             fused: bool = True) -> torch.Tensor:
+        """Mean cross-entropy of the next tokens `targets` (B, T) given hidden states h (B, T, C).
+
+        fused (and gradients on): the output layer's loss and gradients are computed together,
+        chunk by chunk (FusedHeadLoss), so the (B, T, 50304) logits are never held whole.
+        Otherwise plain cross-entropy over the logits (what torch.compile fuses well)."""
         V = self.config.vocab_size
+        if fused and torch.is_grad_enabled():
+            return FusedHeadLoss.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                       V, ignore_index)
+        return F.cross_entropy(self.logits(h).reshape(-1, V), targets.reshape(-1), ignore_index=ignore_index)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        ignore_index: int = -100,
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) -> (logits (B, T, vocab_size), mean cross-entropy over targets (B, T)).
+
+        The entry point that wrappers (DDP, FSDP, torch.compile) see. return_logits=False with
+        targets uses the fused output-layer loss and returns None for the logits."""
+        h = self.hidden(idx, cache)
         if targets is not None and not return_logits and torch.is_grad_enabled():
-            loss = FusedHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), V, ignore_index)
-            return None, loss
-        logits = self.lm_head(x)  # (B, T, padded V)
-        if logits.size(-1) > V:
-            # padded ids are not tokens: they take no probability mass, in the loss or in sampling
-            logits[..., V:] = float("-inf")
+            return None, self.loss(h, targets, ignore_index, fused=True)
+        logits = self.logits(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
-        return logits[..., :V], loss
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=ignore_index)
+        return logits, loss
 
 
 class FusedHeadLoss(torch.autograd.Function):
