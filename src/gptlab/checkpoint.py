@@ -20,6 +20,8 @@ from gptlab.atomic import fsync_dir, replace_dir
 from gptlab.config import ModelConfig, read_json, write_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
+from gptlab.weights import clean_state_dict, load_weights, model_state_dict, raw_model
+from gptlab import hf
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -27,40 +29,6 @@ OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
-_PREFIXES = ("_orig_mod.", "module.")
-_TIED = "lm_head.weight"
-
-
-def raw_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Unwrap DDP / FSDP-free wrappers and torch.compile to the GPT module itself."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
-
-
-def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes and drop the tied head (it is the token embedding)."""
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        if k == _TIED:
-            continue
-        out[k] = v
-    return out
-
-
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = clean_state_dict(raw_model(model).state_dict())
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
 def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -119,24 +87,6 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     return model.to(device)
 
 
-def load_weights(model: GPT, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load a cleaned state dict into model, with one clear error for any mismatch."""
-    sd = clean_state_dict(sd)
-    own = {k: v for k, v in model.state_dict().items() if k != _TIED}
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, config wants {tuple(own[k].shape)}")
-    with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v)
-
-
 # ----------------------------------------------------------------------------- run directories
 
 def latest_checkpoint(run: str | Path) -> Path | None:
@@ -182,8 +132,6 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     """A GPT from anything the CLI accepts as MODEL: a run directory (its latest checkpoint), a
     checkpoint or model directory, a local Hugging Face directory, or a hub id.
     Returns the model (eval mode, on device) and a description of where it came from."""
-    from gptlab import hf
-
     local = resolve_model_path(spec)
     if local is not None:
         model = load_model_dir(local, device)

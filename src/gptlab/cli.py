@@ -422,9 +422,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if flags.get("nproc") is not None:
-        from gptlab.dist import self_launch
+        from gptlab import dist
 
-        return self_launch(flags["nproc"], args.argv)
+        n = dist.resolve_nproc(flags["nproc"])
+        if dist.needs_launch(n):
+            dist.self_launch(n, args.argv)  # does not return
+        flags["nproc"] = None  # one process, or already under torchrun: train here
     from gptlab.train import train
 
     if args.resume:

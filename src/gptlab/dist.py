@@ -1,4 +1,4 @@
-"""Everything distributed: torchrun's environment, the process group, rank-0 printing,
+"""Everything distributed: torchrun's environment, the process group,
 reductions, and self-launch through torchrun. Other modules ask `env.is_main` or `env.world_size`.
 """
 
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+from gptlab.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -41,17 +43,9 @@ def env_from_torchrun() -> DistEnv:
     )
 
 
-_ENV = DistEnv()
-
-
-def get_env() -> DistEnv:
-    return _ENV
-
-
 def init(device_type: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
     """Start the process group when launched by torchrun: nccl on CUDA, gloo otherwise.
     The timeout makes surviving ranks fail instead of hanging when one dies."""
-    global _ENV
     env = env_from_torchrun()
     if env.is_distributed and not tdist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -60,28 +54,19 @@ def init(device_type: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
             torch.cuda.set_device(env.local_rank)
             kwargs["device_id"] = torch.device("cuda", env.local_rank)
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    _ENV = env
     return env
 
 
 def shutdown() -> None:
-    global _ENV
     if tdist.is_initialized():
         try:
             tdist.destroy_process_group()
         except Exception:  # a dead peer must not turn a clean exit into a traceback
             pass
-    _ENV = DistEnv()
 
 
 def is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
-
-
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only."""
-    if _ENV.is_main:
-        print(*args, **kwargs)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -110,14 +95,6 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not is_initialized():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def strip_flag(argv: list[str], flag: str) -> list[str]:
     """argv without `flag VALUE` / `flag=VALUE`."""
     out, skip = [], False
@@ -135,8 +112,6 @@ def strip_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def resolve_nproc(nproc: str) -> int:
-    from gptlab.errors import UserError
-
     if nproc == "auto":
         return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
     try:
@@ -148,18 +123,17 @@ def resolve_nproc(nproc: str) -> int:
     return n
 
 
-def self_launch(nproc: str, argv: list[str]) -> int:
-    """`gptlab train --nproc N ...`: run the same command under torchrun with N processes on this
-    node (the process is replaced, so signals reach torchrun directly). Under torchrun already,
-    or with N = 1, train in this process."""
-    n = resolve_nproc(nproc)
-    rest = strip_flag(argv, "--nproc")
-    if "RANK" in os.environ or n == 1:
-        from gptlab.cli import main
+def needs_launch(n: int) -> bool:
+    """True when `--nproc n` asks for more processes than this one and torchrun has not started us."""
+    return n > 1 and "RANK" not in os.environ
 
-        return main(rest)
+
+def self_launch(n: int, argv: list[str]) -> None:
+    """`gptlab train --nproc N ...`: re-execute `python -m gptlab` with the same arguments (without
+    --nproc) under torchrun with N processes on this node. The process is replaced, so signals
+    reach torchrun directly. The CLI is not imported here: the new processes parse argv themselves."""
+    rest = strip_flag(argv, "--nproc")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "gptlab", *rest]
     print(f"gptlab: launching {n} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     os.execv(sys.executable, cmd)
-    return 0  # not reached

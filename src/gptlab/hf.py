@@ -1,11 +1,6 @@
 """Hugging Face GPT-2 in (a hub id or a local directory) and out (a directory transformers loads).
 
-gptlab's parameter names are GPT-2's, so the whole translation is:
-- keys: HF may or may not prefix them with `transformer.`; its causal-mask buffers
-  (`attn.bias`, `attn.masked_bias`) are not weights; `lm_head.weight` is the tied embedding;
-- Conv1D: HF's GPT-2 stores attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj as (in, out), the
-  transpose of nn.Linear's (out, in). `_swap_conv1d` is the one place that transposes, both ways;
-- vocabulary: HF has 50257 embedding rows, gptlab pads to config.padded_vocab_size (zeros).
+The tensor translation (names, Conv1D transposes, the tied head, vocabulary padding) is weights.py's.
 
 This module owns the Hugging Face directory format; checkpoint.py owns gptlab's own.
 """
@@ -24,6 +19,7 @@ from gptlab.atomic import replace_dir
 from gptlab.config import EOT_TOKEN, ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
+from gptlab.weights import gptlab_to_hf_state_dict, hf_to_gptlab_state_dict, load_weights, raw_model
 
 HF_CONFIG = "config.json"
 HF_SAFETENSORS = "model.safetensors"
@@ -34,23 +30,10 @@ HF_PYTORCH_BIN = "pytorch_model.bin"
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
-# Weights that HF's GPT-2 keeps in Conv1D layout (in_features, out_features).
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Non-weight buffers older transformers versions saved with the model (causal mask, -1e4).
-_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
-_PREFIX = "transformer."
-_WTE = "transformer.wte.weight"
-_LM_HEAD = "lm_head.weight"
 _PRODUCER = "gptlab"  # safetensors metadata of our exports: what export_hf may overwrite
 
 
 # ----------------------------------------------------------------------------- shared pieces
-
-def _swap_conv1d(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Conv1D (in, out) <-> nn.Linear (out, in) for the four projection weights of every block.
-    Transposing is its own inverse, so import and export both call this, and only this."""
-    return {k: (v.t().contiguous() if k.endswith(_CONV1D) else v) for k, v in sd.items()}
-
 
 def looks_like_hub_id(s: str) -> bool:
     """True for gpt2, gpt2-medium, gpt2-large, gpt2-xl and any "owner/name" repository id, unless
@@ -164,37 +147,8 @@ def _read_hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     raise UserError(f"{path}: not a model directory (no {HF_SAFETENSORS} or {HF_PYTORCH_BIN})")
 
 
-def hf_to_gptlab_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """HF GPT-2 tensors -> gptlab's state dict (without the tied lm_head)."""
-    out: dict[str, torch.Tensor] = {}
-    lm_head = None
-    for k, v in sd.items():
-        if k.endswith(_HF_BUFFERS):
-            continue
-        if k == _LM_HEAD:
-            lm_head = v
-            continue
-        # GPT2LMHeadModel saves transformer.h.0..., GPT2Model (and the original OpenAI files) h.0...
-        out[k if k.startswith(_PREFIX) else _PREFIX + k] = v
-    out = _swap_conv1d(out)
-    wte = out.get(_WTE)
-    if wte is None:
-        raise UserError(f"{source}: no token embedding ({_WTE})")
-    if lm_head is not None and not torch.equal(lm_head, wte):
-        raise UserError(f"{source}: lm_head.weight differs from the token embedding; gptlab's GPT-2 ties them")
-    V, padded = cfg.vocab_size, cfg.padded_vocab_size
-    if wte.size(0) != V:
-        raise UserError(f"{source}: {_WTE} has {wte.size(0)} rows, config vocab_size is {V}")
-    if padded > V:
-        # (V, C) -> (padded V, C); the padded rows are never sampled (model masks them)
-        out[_WTE] = torch.cat([wte, wte.new_zeros(padded - V, wte.size(1))], dim=0)
-    return out
-
-
 def load_hf_dir(path: str | Path) -> GPT:
     """A GPT from a local Hugging Face GPT-2 directory (as written by save_pretrained or export_hf)."""
-    from gptlab.checkpoint import load_weights
-
     path = Path(path)
     if not (path / HF_CONFIG).is_file():
         raise UserError(f"{path}: not a model directory (no {HF_CONFIG})")
@@ -238,18 +192,6 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "tie_word_embeddings": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-
-
-def gptlab_to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """gptlab weights -> HF GPT2LMHeadModel tensors: `transformer.*` keys, Conv1D layout,
-    the embedding cut back to the real vocabulary, lm_head left out (tied)."""
-    from gptlab.checkpoint import model_state_dict, raw_model
-
-    cfg: ModelConfig = raw_model(model).config
-    sd = _swap_conv1d(model_state_dict(model))
-    # (padded V, C) -> (V, C); clone so the file does not hold the padded storage
-    sd[_WTE] = sd[_WTE][: cfg.vocab_size].clone()
-    return sd
 
 
 def _tokenizer_files(seq_len: int) -> dict[str, bytes]:
@@ -297,8 +239,6 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
     not at all: everything goes to a temporary sibling directory that is then renamed into place."""
     from safetensors.torch import save_file
 
-    from gptlab.checkpoint import raw_model
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
@@ -306,7 +246,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
         raise UserError(f"{out}: exists and is not empty or an earlier export; refusing to overwrite it")
     cfg: ModelConfig = raw_model(model).config
     sd = gptlab_to_hf_state_dict(model)
-    dtype = sd[_WTE].dtype
+    dtype = sd["transformer.wte.weight"].dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
