@@ -93,7 +93,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rendered = render_hellaswag(items)
     t_render = time.perf_counter() - t0
-    rows = [f"| preset | items | batch | seconds | items/s | completion acc_norm | harness acc_norm |",
+    rows = ["| preset | items | batch | seconds | items/s | completion acc_norm | harness acc_norm |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for preset in args.preset or ["tiny"]:
         torch.manual_seed(0)

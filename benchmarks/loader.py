@@ -77,7 +77,7 @@ def main() -> None:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"### loader: batches served vs consumed by the `tiny` model\n")
+    print("### loader: batches served vs consumed by the `tiny` model\n")
     print(f"- dataset: {data if args.data else 'shakespeare (prepared in a temp dir)'}, "
           f"{loader.windows_per_epoch:,} windows of {T + 1} tokens")
     print(f"- torch {torch.__version__}, {torch.get_num_threads()} threads; "

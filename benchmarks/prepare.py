@@ -107,7 +107,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     med_o, med_p = statistics.median(ours_t), statistics.median(plain_t)
     tokens, docs = plain["tokens"], plain["docs"]
-    print(f"### prepare: `gptlab prepare files` vs a plain tiktoken loop\n")
+    print("### prepare: `gptlab prepare files` vs a plain tiktoken loop\n")
     print(f"- corpus: {len(files)} parquet/jsonl files, {size / 1e6:.1f} MB, {docs:,} documents, {tokens:,} tokens "
           f"(both count the same tokens, EOT included)")
     print(f"- runs: {args.repeat} alternating pairs, each a fresh process end to end (start-up, encoding build, reading, "

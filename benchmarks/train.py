@@ -54,15 +54,17 @@ def make_step(model, opt, rt, loss_of):
 
 
 def build_gptlab(cfg, args, rt):
+    """gptlab's own step, exactly as the trainer runs it (parallel.train_step on a placed model)."""
+    from gptlab.dist import DistEnv
     from gptlab.model import GPT
     from gptlab.optim import make_adamw
+    from gptlab.parallel import place, train_step
 
     torch.manual_seed(0)
-    model = GPT(cfg).to(rt.device)
-    opt = make_adamw(model, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type=rt.device.type)
-    fwd = torch.compile(model) if rt.compile else model
-    # as the trainer calls it
-    return make_step(model, opt, rt, lambda x, y: fwd(x, y, return_logits=rt.compile)[1])
+    placed = place(GPT(cfg), rt, DistEnv())
+    opt = make_adamw(placed.model, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                     device_type=rt.device.type)
+    return lambda x, y: train_step(placed, rt, [(x, y)], accum=1, optimizer=opt, grad_clip=1.0)
 
 
 def build_hf(cfg, args, rt):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,18 +64,55 @@ def gptlab_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+def run_gptlab(*args, env: dict | None = None, timeout: float = 300, cwd: Path | str | None = None,
+               ) -> subprocess.CompletedProcess:
+    """Run `python -m gptlab ARGS...` in a subprocess (text mode, output captured). The one CLI
+    runner of the suite: `env` adds to (or, with a None value, removes from) the environment."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for k, v in (env or {}).items():
+        if v is None:
+            full_env.pop(k, None)
+        else:
+            full_env[k] = v
+    return subprocess.run([sys.executable, "-m", "gptlab", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
+
+
 @pytest.fixture
 def gptlab_cli():
-    """Run `python -m gptlab ARGS...` in a subprocess; returns the CompletedProcess (text mode)."""
+    """run_gptlab as a fixture."""
+    return run_gptlab
 
-    def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        return subprocess.run(
-            [sys.executable, "-m", "gptlab", *map(str, args)],
-            capture_output=True, text=True, env=full_env, timeout=timeout,
-        )
 
-    return run
+def write_shard(path: Path, tokens) -> None:
+    """The one shard writer of the suite, independent of the code under test: llm.c's layout, a
+    header of 256 little-endian int32 [20240520, 1, n_tokens, 0...], then the tokens as uint16."""
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (20240520, 1, len(tokens))
+    Path(path).write_bytes(header.tobytes() + np.asarray(tokens).astype("<u2").tobytes())
+
+
+def markov_tokens(n: int, seed: int, vocab: int = 300) -> np.ndarray:
+    """A learnable stream: each token mostly determines the next one (over `vocab` ids)."""
+    nxt = np.random.default_rng(0).integers(0, vocab, size=vocab)  # the same chain for every split
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.int64)
+    t = 0
+    for i in range(n):
+        out[i] = t
+        t = nxt[t] if rng.random() < 0.9 else rng.integers(0, vocab)
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: they run wherever a GPU exists (`pytest -m gpu`), and are
+    skipped, visibly, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

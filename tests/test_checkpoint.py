@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gptlab import checkpoint as ck
+from gptlab.rundir import RunDir
 from gptlab.config import ModelConfig
 from gptlab.errors import UserError
 from gptlab.model import GPT
@@ -42,10 +43,19 @@ def _opt_state(m):
     return opt
 
 
+def _save(run_path, step, model, opt_state, state, keep=0):
+    """Save as training does: the checkpoint, then `latest`, then pruning."""
+    run = RunDir(run_path)
+    path = ck.save_checkpoint(run.checkpoint_path(step), model, opt_state, state)
+    run.mark_latest(path)
+    run.prune(keep)
+    return path
+
+
 def test_checkpoint_round_trip_and_latest(tmp_path):
     m = _model()
     opt = _opt_state(m)
-    p = ck.save_checkpoint(tmp_path, 5, m, opt.state_dict(), {"step": 5, "tokens": 10})
+    p = _save(tmp_path, 5, m, opt.state_dict(), {"step": 5, "tokens": 10})
     assert p.name == "step_000005"
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000005"
     state, tensors = ck.load_checkpoint_state(p)
@@ -58,7 +68,7 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
     for i in a["state"]:
         for k in a["state"][i]:
             assert torch.equal(a["state"][i][k], b["state"][i][k])
-    assert ck.latest_checkpoint(tmp_path) == p
+    assert RunDir(tmp_path).latest_checkpoint() == p
     model, where = ck.load_model(tmp_path)  # a run directory is a MODEL
     assert where.endswith("step_000005")
 
@@ -66,23 +76,23 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
 def test_keep_newest(tmp_path):
     m = _model()
     for s in (1, 2, 3, 4):
-        ck.save_checkpoint(tmp_path, s, m, None, {"step": s}, keep=2)
+        _save(tmp_path, s, m, None, {"step": s}, keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert names == ["step_000003", "step_000004"]
 
 
 def test_crash_during_save_keeps_old_checkpoint(tmp_path, monkeypatch):
     m = _model()
-    ck.save_checkpoint(tmp_path, 1, m, None, {"step": 1})
+    _save(tmp_path, 1, m, None, {"step": 1})
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(ck, "write_json", boom)
     with pytest.raises(OSError):
-        ck.save_checkpoint(tmp_path, 2, _model(3), None, {"step": 2})
+        _save(tmp_path, 2, _model(3), None, {"step": 2})
     monkeypatch.undo()
-    assert ck.latest_checkpoint(tmp_path).name == "step_000001"
+    assert RunDir(tmp_path).latest_checkpoint().name == "step_000001"
     assert not (tmp_path / "checkpoints" / "step_000002").exists()
     loaded, _ = ck.load_model(tmp_path)
     assert torch.equal(loaded.transformer.wte.weight, m.transformer.wte.weight)
@@ -94,7 +104,7 @@ class Evil:
 
 def test_pickled_optimizer_is_refused(tmp_path):
     m = _model()
-    p = ck.save_checkpoint(tmp_path, 1, m, None, {"step": 1})
+    p = _save(tmp_path, 1, m, None, {"step": 1})
 
     torch.save({"x": Evil()}, p / "optimizer.pt")
     with pytest.raises(UserError, match="cannot be loaded safely"):

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from test_train import markov_tokens, write_shard
+from conftest import run_gptlab
+
+from conftest import markov_tokens, write_shard
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def env():
     e = dict(os.environ)
     e["OMP_NUM_THREADS"] = "1"
     return e
-
-
-def gptlab(*args, timeout=300):
-    r = subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True,
-                       timeout=timeout, env=env())
-    return r
 
 
 def torchrun(nproc, *args, extra=(), timeout=300):
@@ -78,7 +77,8 @@ def assert_same_curve(a: Path, b: Path, rel=1e-4):
 @pytest.fixture(scope="module")
 def one_rank(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("r1") / "run"
-    r = gptlab("train", *COMMON, "--data", str(data_dir), "--out", str(out), "--batch-size", "4", "--max-steps", "10")
+    r = run_gptlab("train", *COMMON, "--data", str(data_dir), "--out", str(out), "--batch-size", "4", "--max-steps", "10",
+                   env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -93,8 +93,8 @@ def test_two_ranks_equal_one(data_dir, one_rank, tmp_path):
 
 
 def test_self_launch_nproc(data_dir, one_rank, tmp_path):
-    r = gptlab("train", *COMMON, "--data", str(data_dir), "--out", str(tmp_path / "run"), "--batch-size", "8",
-               "--max-steps", "10", "--nproc", "2")
+    r = run_gptlab("train", *COMMON, "--data", str(data_dir), "--out", str(tmp_path / "run"), "--batch-size", "8",
+               "--max-steps", "10", "--nproc", "2", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert_same_curve(one_rank, tmp_path / "run")
 
@@ -127,7 +127,7 @@ def test_elastic_resume_two_ranks_to_one(data_dir, one_rank, tmp_path):
                  "--max-steps", "10")
     assert r.returncode == 0, r.stderr
     rewind_to_step_5(run)
-    r = gptlab("train", "--out", str(run), "--resume")
+    r = run_gptlab("train", "--out", str(run), "--resume", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert_same_curve(one_rank, run)
 

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from gptlab.config import ModelConfig
 from gptlab.errors import UserError
@@ -22,10 +23,28 @@ def test_param_groups_decay_only_2d_weights():
     assert any(p is model.transformer.ln_f.weight for p in no_decay["params"])
 
 
-def test_adamw_recipe():
+def test_adamw_recipe_one_step_by_hand():
+    """One AdamW step equals the update written out by hand: decoupled weight decay on 2-D
+    weights only, bias-corrected moments, betas (0.9, 0.95), eps 1e-8."""
+    torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, seq_len=4, vocab_size=64))
-    opt = make_adamw(model, lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
-    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+    lr, wd, (b1, b2), eps = 6e-4, 0.1, (0.9, 0.95), 1e-8
+    opt = make_adamw(model, lr=lr, weight_decay=wd, betas=(b1, b2), eps=eps, device_type="cpu")
+    x = torch.randint(0, 64, (2, 4))
+    model(x, x)[1].backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for n, p in model.named_parameters():
+        g, w = grads[n].double(), before[n].double()
+        decay = wd if p.dim() >= 2 else 0.0
+        m = (1 - b1) * g  # first step: the moments start at zero
+        v = (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1), v / (1 - b2)
+        want = w * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + eps)
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-7, msg=n)
+    # decay really differs between the groups: a LayerNorm gain is not shrunk, a matmul weight is
+    assert (1 - lr * wd) != 1.0
 
 
 def test_cosine_schedule_gpt3_recipe():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gptlab.errors import UserError
+from conftest import run_gptlab
 from gptlab.plot import plot_run, read_metrics, smooth
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -60,11 +61,6 @@ def assert_pngs(files: list, out: Path, names: list) -> None:
         assert data[:8] == PNG_MAGIC, n
         assert len(data) > 1000, n
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlab", "plot", *args],
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_all_charts_written(tmp_path):
@@ -151,7 +147,7 @@ def test_library_errors(tmp_path):
 def test_cli_prints_files(tmp_path):
     run = write_run(tmp_path / "run", full_records(12))
     out = tmp_path / "out"
-    r = run_cli(str(run), "--out", str(out))
+    r = run_gptlab("plot", str(run), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert [Path(line) for line in r.stdout.splitlines()] == [out / n for n in ALL_CHARTS]
     assert_pngs(r.stdout.splitlines(), out, ALL_CHARTS)
@@ -166,7 +162,7 @@ def test_cli_errors_exit_2(tmp_path, case):
         write_run(run, [], tail="\n")
     elif case == "only_garbage":
         write_run(run, [], tail='{"step": 0, "ki')
-    r = run_cli(str(run))
+    r = run_gptlab("plot", str(run))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "warning" not in line]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_gptlab
 from gptlab.data import prepare as prep
 from gptlab.data import shards as sh
 from gptlab.data.sources import files_source, hub_source
@@ -189,23 +190,16 @@ def test_interrupted_prepare_resumes_identically(tmp_path, monkeypatch, event, s
         assert (tmp_path / "part" / p.name).read_bytes() == p.read_bytes(), p.name
 
 
-def cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    e = dict(os.environ, **(env or {}))
-    e["PYTHONPATH"] = SRC + os.pathsep + e.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, env=e,
-                          cwd=cwd, timeout=300)
-
-
 def test_sigkilled_prepare_resumes_identically(tmp_path):
     """A real SIGKILL (test hook) in a subprocess with worker processes; the rerun gives the same bytes."""
     corpus = write_jsonl(tmp_path / "c.jsonl", make_texts(300, seed=6))
     # the reference: in this process, one worker (the output does not depend on the worker count)
     prep.prepare(files_source([str(corpus)]), tmp_path / "ref", shard_tokens=2000, workers=1, progress=False)
     common = ["prepare", "files", str(corpus), "--shard-tokens", "2K", "--workers", "2", "--no-progress"]
-    r = cli(*common, "--out", str(tmp_path / "part"), env={prep.KILL_ENV: "progress:2"})
+    r = run_gptlab(*common, "--out", str(tmp_path / "part"), env={prep.KILL_ENV: "progress:2"})
     assert r.returncode == -9, r.stderr
     assert len(list((tmp_path / "part").glob("*.bin"))) == 2
-    r = cli(*common, "--out", str(tmp_path / "part"))
+    r = run_gptlab(*common, "--out", str(tmp_path / "part"))
     assert r.returncode == 0 and "resum" in r.stdout, r.stdout + r.stderr
     ref = sorted((tmp_path / "ref").iterdir())
     assert [p.name for p in ref] == sorted(p.name for p in (tmp_path / "part").iterdir())
@@ -229,7 +223,7 @@ def test_prepare_does_not_import_torch(tmp_path):
 
 
 def test_cli_shakespeare_offline_default_out(tmp_path):
-    r = cli("prepare", "shakespeare", "--max-docs", "3", cwd=tmp_path)
+    r = run_gptlab("prepare", "shakespeare", "--max-docs", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "data" / "shakespeare" / "manifest.json").read_text())
     assert m["source"]["name"] == "shakespeare" and m["documents"] == 3
@@ -244,7 +238,7 @@ def test_cli_shakespeare_offline_default_out(tmp_path):
 ])
 def test_cli_user_errors(tmp_path, args, message):
     write_jsonl(tmp_path / "c.jsonl", ["x"])
-    r = cli("prepare", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    r = run_gptlab("prepare", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
 

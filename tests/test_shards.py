@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gptlab.atomic import sha256_file
 from gptlab.data import shards as sh
 from gptlab.data.prepare import prepare
 from gptlab.data.sources import files_source
@@ -40,7 +41,7 @@ def test_shard_round_trip_and_layout(tmp_path):
     assert header[0] == 20240520 and header[1] == 1 and header[2] == len(tokens)
     assert not header[3:].any()
     assert raw[1024:] == tokens.astype("<u2").tobytes()
-    assert digest == hashlib.sha256(raw).hexdigest() == sh.sha256_file(path)
+    assert digest == hashlib.sha256(raw).hexdigest() == sha256_file(path)
     assert sh.read_header(path) == len(tokens)
     np.testing.assert_array_equal(sh.read_tokens(path), tokens)
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left

@@ -11,32 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import markov_tokens, run_gptlab, write_shard
 from gptlab import checkpoint as ck
+from gptlab.rundir import RunDir
 from gptlab.config import resolve_train_config
 from gptlab.errors import UserError
 from gptlab.train import train
 
 SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, len(tokens))
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-
-
-def markov_tokens(n: int, seed: int) -> np.ndarray:
-    """A learnable stream: each token mostly determines the next one (over 300 ids)."""
-    nxt = np.random.default_rng(0).integers(0, 300, size=300)  # the same chain for every split
-    rng = np.random.default_rng(seed)
-    out = np.empty(n, dtype=np.int64)
-    t = 0
-    for i in range(n):
-        out[i] = t
-        t = nxt[t] if rng.random() < 0.9 else rng.integers(0, 300)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +84,12 @@ def test_resume_in_process_equals_unbroken(data_dir, tmp_path):
     assert full == part  # bit-identical floats on CPU
 
 
-def _run_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, **kw)
-
-
 @pytest.mark.slow
 def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
     common = ["train", *SMALL, "--data", str(data_dir), "--batch-size", "4", "--total-batch-tokens", "256",
               "--max-steps", "40", "--lr", "3e-3", "--warmup-steps", "3", "--eval-every", "0",
               "--sample-tokens", "0", "--checkpoint-every", "0", "--device", "cpu"]
-    r = _run_cli(*common, "--out", str(tmp_path / "full"))
+    r = run_gptlab(*common, "--out", str(tmp_path / "full"))
     assert r.returncode == 0, r.stderr
     run = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "gptlab", *common, "--out", str(run)],
@@ -126,16 +104,16 @@ def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "--resume" in err
-    stopped_at = int(ck.latest_checkpoint(run).name.split("_")[1])
+    stopped_at = int(RunDir(run).latest_checkpoint().name.split("_")[1])
     assert 5 <= stopped_at < 40
-    r = _run_cli("train", "--out", str(run), "--resume")
+    r = run_gptlab("train", "--out", str(run), "--resume")
     assert r.returncode == 0, r.stderr
     assert losses(run) == losses(tmp_path / "full")
 
 
 def test_resume_refuses_model_change(data_dir, tmp_path):
     train(resolve_train_config(flags(data_dir, tmp_path / "r", max_steps=2)))
-    r = _run_cli("train", "--out", str(tmp_path / "r"), "--resume", "--n-layer", "3")
+    r = run_gptlab("train", "--out", str(tmp_path / "r"), "--resume", "--n-layer", "3")
     assert r.returncode == 2 and "would change the model" in r.stderr
     assert "Traceback" not in r.stderr
     # a new run into a directory that has checkpoints is refused: nothing is overwritten
@@ -147,21 +125,21 @@ def test_resume_refuses_model_change(data_dir, tmp_path):
 
 
 def test_cli_errors(data_dir, tmp_path):
-    r = _run_cli("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "e"), "--batch-size", "3",
+    r = run_gptlab("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "e"), "--batch-size", "3",
                  "--total-batch-tokens", "256")
     assert r.returncode == 2 and "use a batch size in: 1, 2, 4, 8" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = _run_cli("train", *SMALL, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
+    r = run_gptlab("train", *SMALL, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "no such data directory" in r.stderr
     assert "Traceback" not in r.stderr
-    r = _run_cli("train", "--out", str(tmp_path / "never"), "--resume")
+    r = run_gptlab("train", "--out", str(tmp_path / "never"), "--resume")
     assert r.returncode == 2 and "nothing to resume" in r.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
     run = tmp_path / "nan"
     train(resolve_train_config(flags(data_dir, run, max_steps=3, checkpoint_every=3)))
-    good = ck.latest_checkpoint(run)
+    good = RunDir(run).latest_checkpoint()
     before = (good / "model.safetensors").read_bytes()
     from gptlab.model import GPT
 
@@ -174,7 +152,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypa
     monkeypatch.setattr(GPT, "forward", nan_forward)
     with pytest.raises(UserError, match="loss is nan at step 4"):
         train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 6})
-    assert ck.latest_checkpoint(run) == good
+    assert RunDir(run).latest_checkpoint() == good
     assert (good / "model.safetensors").read_bytes() == before
 
 
@@ -185,7 +163,7 @@ def test_trained_run_exports_to_transformers(data_dir, tmp_path):
     run = tmp_path / "run"
     train(resolve_train_config(flags(data_dir, run, max_steps=8)))
     model, _ = ck.load_model(run)  # a run directory is a MODEL
-    r = _run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    r = run_gptlab("export", str(run), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = torch.tensor(markov_tokens(32, 5)).unsqueeze(0)

@@ -3,6 +3,7 @@
 Model directory: config.json (the ModelConfig) + model.safetensors (the raw model's weights, no
 `_orig_mod.` or `module.` prefixes, the tied head stored once as transformer.wte.weight).
 Checkpoint: a model directory + optimizer.pt (tensors only) + state.json, written whole or not at all.
+Where checkpoints live inside a run, and which is `latest`, is rundir.py's.
 Nothing is ever unpickled from a file.
 """
 
@@ -16,19 +17,18 @@ import torch
 from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError (no s)
 from safetensors.torch import load_file, save_file
 
-from gptlab.atomic import fsync_dir, replace_dir
-from gptlab.config import ModelConfig, read_json, write_json
+from gptlab.atomic import replace_dir, write_json
+from gptlab.config import ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.weights import clean_state_dict, load_weights, model_state_dict, raw_model
 from gptlab import hf
+from gptlab.rundir import RunDir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 
 
 def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -87,28 +87,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     return model.to(device)
 
 
-# ----------------------------------------------------------------------------- run directories
-
-def latest_checkpoint(run: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
-    run = Path(run)
-    latest = run / CHECKPOINTS / LATEST
-    if latest.is_file():
-        name = latest.read_text().strip()
-        ckpt = run / CHECKPOINTS / name
-        if name and is_model_dir(ckpt):
-            return ckpt
-    # `latest` missing or stale: fall back to the newest complete step_* folder
-    steps = sorted((run / CHECKPOINTS).glob("step_*")) if (run / CHECKPOINTS).is_dir() else []
-    for ckpt in reversed(steps):
-        if is_model_dir(ckpt) and (ckpt / STATE).is_file():
-            return ckpt
-    return None
-
-
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / CHECKPOINTS).is_dir()
-
+# ----------------------------------------------------------------------------- MODEL specs
 
 def resolve_model_path(spec: str | Path) -> Path | None:
     """The model directory that `spec` names if it is a gptlab run, checkpoint or model
@@ -116,8 +95,8 @@ def resolve_model_path(spec: str | Path) -> Path | None:
     path = Path(spec)
     if not path.exists():
         return None
-    if is_run_dir(path):
-        ckpt = latest_checkpoint(path)
+    if RunDir(path).is_run():
+        ckpt = RunDir(path).latest_checkpoint()
         if ckpt is None:
             raise UserError(f"{path}: run directory has no complete checkpoint yet")
         return ckpt
@@ -196,17 +175,14 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
-                    optimizer_state: dict | None, state: dict, keep: int = 0,
+def save_checkpoint(final: str | Path, model: torch.nn.Module, optimizer_state: dict | None, state: dict,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write RUN/checkpoints/step_XXXXXX whole or not at all, then point `latest` at it and prune
-    to the newest `keep` (0 keeps all). `state` must be JSON-serialisable. `weights`, when given,
-    is the model's already-gathered full state dict (FSDP)."""
-    ckdir = Path(run_dir) / CHECKPOINTS
-    ckdir.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
-    final = ckdir / name
-    tmp = ckdir / f".tmp-{name}-{os.getpid()}"
+    """Write a checkpoint directory at `final` whole or not at all (a temporary sibling, flushed,
+    then renamed). `state` must be JSON-serialisable. `weights`, when given, is the model's
+    already-gathered full state dict (FSDP). Where checkpoints live is the run directory's business."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -222,17 +198,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    latest_tmp = ckdir / f".{LATEST}.tmp"
-    latest_tmp.write_text(name + "\n")
-    with open(latest_tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    latest_tmp.replace(ckdir / LATEST)
-    fsync_dir(ckdir)
-    if keep > 0:
-        steps = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
-        for old in steps[:-keep]:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -8,7 +8,13 @@ A UserError becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
+import math
 import sys
+import time
+import warnings
+from pathlib import Path
 from typing import Callable
 
 from gptlab.errors import UserError
@@ -110,23 +116,22 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
                    help='print one JSON object {"model", "samples": [{"prompt", "text", "tokens"}]} instead of streaming text')
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import codecs
-    import json
-    import math
-    import time
-    import warnings
-    from pathlib import Path
+def _sample_options(args: argparse.Namespace) -> dict:
+    """The sampling flags, checked here so that a bad value is one line and exit status 2."""
+    opts = dict(
+        num_samples=_flag_value(args, "num_samples", int, lambda v: v >= 1, "an integer >= 1"),
+        max_new_tokens=_flag_value(args, "max_new_tokens", int, lambda v: v >= 1, "an integer >= 1"),
+        temperature=_flag_value(args, "temperature", float, lambda v: math.isfinite(v) and v >= 0,
+                                "a number >= 0 (0 is greedy)"),
+        top_k=_flag_value(args, "top_k", int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)"),
+        top_p=_flag_value(args, "top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    )
+    opts["seed"] = None if args.seed is None else _flag_value(
+        args, "seed", int, lambda v: 0 <= v < 2**63, "a non-negative integer")
+    return opts
 
-    num_samples = _flag_value(args, "num_samples", int, lambda v: v >= 1, "an integer >= 1")
-    max_new = _flag_value(args, "max_new_tokens", int, lambda v: v >= 1, "an integer >= 1")
-    temperature = _flag_value(args, "temperature", float, lambda v: math.isfinite(v) and v >= 0,
-                              "a number >= 0 (0 is greedy)")
-    top_k = _flag_value(args, "top_k", int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)")
-    top_p = _flag_value(args, "top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    seed = None
-    if args.seed is not None:
-        seed = _flag_value(args, "seed", int, lambda v: 0 <= v < 2**63, "a non-negative integer")
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     for name in args.prompt_file or []:
         try:
@@ -135,81 +140,61 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise UserError(f"{name}: no such prompt file") from None
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{name}: cannot read the prompt file ({e})") from None
-    unconditional = not prompts
-    if unconditional:
-        prompts = ["<|endoftext|>"]  # GPT-2's document separator: start a fresh document
+    return prompts
 
+
+def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from gptlab.checkpoint import load_model
-    from gptlab.generate import PromptWarning, generate, make_generator
+    from gptlab.generate import PromptWarning, make_generator, sample_text
     from gptlab.runtime import get_runtime
-    from gptlab.tokenizer import EOT, get_tokenizer
+    from gptlab.tokenizer import get_tokenizer
 
-    def status(msg: str) -> None:
-        print(f"gptlab sample: {msg}", file=sys.stderr, flush=True)
-
+    opts = _sample_options(args)
+    seed = opts.pop("seed")
+    prompts = _read_prompts(args)
+    shown = prompts or [""]  # no prompt: start a fresh document, shown as nothing
+    status = lambda msg: print(f"gptlab sample: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     rt = get_runtime(device=args.device, dtype=args.dtype, compile=False)
     model, where = load_model(args.model, rt.device)
     if rt.dtype != torch.float32:
         model.to(rt.dtype)  # inference only: weights and KV cache in the compute dtype
-    n_params = sum(p.numel() for p in model.parameters())
-    status(f"{where}: {n_params / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
+    status(f"{where}: {model.num_params() / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
     tok = get_tokenizer()
-    gen = make_generator(rt.device, seed)
     out = sys.stdout
-    total = len(prompts) * num_samples
-    results = []
-    n_tokens, t0 = 0, time.perf_counter()
+    stream = not args.json and len(shown) * opts["num_samples"] == 1
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can split a character
+
+    def on_token(pi: int, i: int, t: int) -> None:
+        if stream and t != tok.eot:
+            out.write(utf8.decode(tok.decode_bytes([t])))
+            out.flush()
+
+    def on_sample(pi: int, i: int, sample) -> None:
+        if args.json:
+            return
+        if stream:
+            out.write(utf8.decode(b"", final=True) + "\n")
+        else:
+            head = f"prompt {pi + 1}/{len(shown)}, " if len(shown) > 1 else ""
+            out.write(f"--- {head}sample {i + 1}/{opts['num_samples']} ---\n{shown[pi]}{sample.text}\n")
+        out.flush()
+
+    if stream:
+        out.write(shown[0])
+        out.flush()
+    t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("always", PromptWarning)
         warnings.showwarning = lambda message, *a, **k: status(f"warning: {message}")
-        for pi, prompt in enumerate(prompts):
-            ids = tok.encode(prompt) or [EOT]  # an empty prompt is unconditional too
-            shown_prompt = "" if unconditional else prompt
-            new: list[list[int]] = [[] for _ in range(num_samples)]
-            stream = not args.json and total == 1
-            if stream:
-                out.write(shown_prompt)
-                out.flush()
-                utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens can split a character
-            steps = generate(model, ids, num_samples=num_samples, max_new_tokens=max_new, temperature=temperature,
-                             top_k=top_k, top_p=top_p, generator=gen, stop_token=EOT)
-            finished = [False] * num_samples
-            done: list[dict | None] = [None] * num_samples  # in sample order for --json
-
-            def emit(i: int) -> None:
-                """A sample is complete: record it, and print it unless streaming or --json."""
-                finished[i] = True
-                text = tok.decode([t for t in new[i] if t != EOT])
-                done[i] = {"prompt": prompt, "text": text, "tokens": new[i]}
-                if not args.json and not stream:
-                    head = f"prompt {pi + 1}/{len(prompts)}, " if len(prompts) > 1 else ""
-                    out.write(f"--- {head}sample {i + 1}/{num_samples} ---\n{shown_prompt}{text}\n")
-                    out.flush()
-
-            for step in steps:
-                for i, t in enumerate(step):
-                    if t is None:
-                        continue
-                    new[i].append(t)
-                    n_tokens += 1
-                    if stream and t != EOT:
-                        out.write(utf8.decode(tok.decode_bytes([t])))
-                        out.flush()
-                    if t == EOT:
-                        emit(i)
-            for i in range(num_samples):
-                if not finished[i]:
-                    emit(i)
-            results.extend(done)
-            if stream:
-                out.write(utf8.decode(b"", final=True) + "\n")
-                out.flush()
-    secs = time.perf_counter() - t0
+        samples = sample_text(model, tok, prompts or ["<|endoftext|>"], generator=make_generator(rt.device, seed),
+                              on_token=on_token, on_sample=on_sample, **opts)
+    n_tokens, secs = sum(len(s.tokens) for s in samples), time.perf_counter() - t0
     status(f"{n_tokens} new tokens in {secs:.1f}s ({n_tokens / max(secs, 1e-9):.1f} tokens/s)")
     if args.json:
-        out.write(json.dumps({"model": args.model, "samples": results}) + "\n")
+        out.write(json.dumps({"model": args.model, "samples": [
+            {"prompt": s.prompt, "text": s.text, "tokens": s.tokens} for s in samples]}) + "\n")
         out.flush()
     return 0
 

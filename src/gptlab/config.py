@@ -140,16 +140,6 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    tmp.replace(path)
-
-
 def _f(default: Any, help: str, **meta: Any) -> Any:
     """A dataclass field whose help text becomes the flag's --help."""
     return field(default=default, metadata={"help": help, **meta})

@@ -8,7 +8,8 @@ leave the batch, so the remaining ones run on a smaller batch.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -218,3 +219,53 @@ def generate_ids(model: torch.nn.Module, prompt: Sequence[int], **kwargs) -> lis
             if t is not None:
                 out[i].append(t)
     return out
+
+
+# ----------------------------------------------------------------------------- text in, text out
+
+@dataclass
+class Sample:
+    prompt: str
+    text: str
+    """The new text, without the end-of-text token."""
+    tokens: list[int]
+    """The new token ids (ending with end-of-text if the sample stopped there)."""
+
+
+def sample_text(model: torch.nn.Module, tok, prompts: Sequence[str], *, num_samples: int = 1,
+                max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
+                generator: torch.Generator | None = None,
+                on_token: Callable[[int, int, int], None] | None = None,
+                on_sample: Callable[[int, int, Sample], None] | None = None) -> list[Sample]:
+    """Samples of each text prompt (num_samples of one prompt drawn together as one batch), in
+    prompt-then-sample order. An empty prompt starts a fresh document (<|endoftext|>).
+
+    on_token(prompt_i, sample_i, token) sees every new token as it is drawn (for streaming);
+    on_sample(prompt_i, sample_i, sample) sees each sample as soon as it is complete."""
+    results: list[Sample] = []
+    for pi, prompt in enumerate(prompts):
+        ids = tok.encode(prompt, allow_special=True) or [EOT_TOKEN]
+        new: list[list[int]] = [[] for _ in range(num_samples)]
+        done: list[Sample | None] = [None] * num_samples
+
+        def finish(i: int) -> None:
+            done[i] = Sample(prompt, tok.decode([t for t in new[i] if t != EOT_TOKEN]), new[i])
+            if on_sample is not None:
+                on_sample(pi, i, done[i])
+
+        for step in generate(model, ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                             stop_token=EOT_TOKEN):
+            for i, t in enumerate(step):
+                if t is None:
+                    continue
+                new[i].append(t)
+                if on_token is not None:
+                    on_token(pi, i, t)
+                if t == EOT_TOKEN:
+                    finish(i)
+        for i in range(num_samples):
+            if done[i] is None:
+                finish(i)
+        results.extend(done)
+    return results

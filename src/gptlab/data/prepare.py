@@ -33,6 +33,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from gptlab import tokenizer as tk
+from gptlab.atomic import write_json
+from gptlab.config import EOT_TOKEN, read_json
 from gptlab.data import shards as sh
 from gptlab.data.sources import Source
 from gptlab.errors import UserError
@@ -57,9 +60,7 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize documents (special-token text as plain text) into one stream, each document
     preceded by EOT. Returns tokens (sum(lengths),) uint16 and lengths (n,) int64, EOT included.
     Runs in worker processes; arrays pickle back as raw buffers, far cheaper than lists."""
-    from gptlab.tokenizer import get_encoding
-
-    enc = get_encoding()
+    enc = tk.get_encoding()
     pieces = []
     for text in texts:
         pieces.append(_encode(enc, text))
@@ -67,7 +68,7 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty(int(lengths.sum()), dtype=np.uint16)
     pos = 0
     for p in pieces:
-        out[pos] = sh.EOT
+        out[pos] = EOT_TOKEN
         out[pos + 1: pos + 1 + len(p)] = p  # ids < 50257 fit uint16
         pos += 1 + len(p)
     return out, lengths
@@ -135,9 +136,7 @@ def start_pool(workers: int) -> ProcessPoolExecutor | None:
     inherit it instead of rebuilding it, and before any thread exists in this process."""
     if workers <= 1:
         return None
-    from gptlab.tokenizer import get_encoding
-
-    get_encoding()
+    tk.get_encoding()
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
@@ -258,7 +257,7 @@ class _ShardWriter:
         self.shards.append({
             "file": fname, "split": self.split, "tokens": int(self.fill),
             # each document opens with EOT, and text never encodes to EOT: EOTs count documents
-            "documents": int(np.count_nonzero(tokens == sh.EOT)), "sha256": digest,
+            "documents": int(np.count_nonzero(tokens == EOT_TOKEN)), "sha256": digest,
         })
         self.stream_tokens += self.fill
         self.fill = 0
@@ -289,62 +288,26 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
             progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Tokenize source into shards under out_dir; continue an unfinished prepare there; do nothing
     to a finished one with the same parameters. Returns a summary (status: prepared, resumed or done)."""
-    from gptlab import tokenizer as tk
-
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(out_dir)
     name = name or source.name.replace("-", "_")
-    if not 1 <= shard_tokens < 2**31:
-        raise UserError(f"--shard-tokens must be between 1 and 2**31-1, got {shard_tokens}")
-    if val_fraction is not None and not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    for flag, v in (("--max-docs", max_docs), ("--tokens", tokens)):
-        if v is not None and v <= 0:
-            raise UserError(f"{flag} must be positive, got {v}")
-    if val_tokens is not None and val_tokens < 0:
-        raise UserError(f"--val-tokens must be non-negative, got {val_tokens}")
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise UserError(f"--name {name!r} is not a usable file name prefix")
     workers = available_cores() if workers is None else workers
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-
+    _check_args(name, shard_tokens, max_docs, tokens, val_fraction, val_tokens, workers)
     params = {
         "name": name,
         "source": source.describe(),
-        "tokenizer": {"name": tk.NAME, "eot": tk.EOT, "vocab_hashes": tk.vocab_hashes()},
+        "tokenizer": {"name": tk.NAME, "eot": EOT_TOKEN, "vocab_hashes": tk.vocab_hashes()},
         "prepare": {"shard_tokens": shard_tokens, "max_docs": max_docs, "tokens": tokens,
                     "val_fraction": val_fraction, "val_tokens": val_tokens},
     }
     params = json.loads(json.dumps(params))  # as it reads back from JSON, for comparisons
-
-    manifest_path, progress_path = out / sh.MANIFEST, out / sh.PROGRESS
-    if manifest_path.exists():
-        manifest = sh.read_manifest(out)
-        old = {k: manifest.get(k) for k in params}
-        if old != params:
-            raise UserError(f"{out} already holds a dataset prepared with {_describe_diff(old, params)}; "
-                            f"choose another --out or remove it")
-        progress_path.unlink(missing_ok=True)  # stale: the manifest is written before it is removed
+    progress_path = out / sh.PROGRESS
+    if (out / sh.MANIFEST).exists():
+        manifest = _finished(out, params)
         return {"status": "done", "directory": str(out), **_totals(manifest["shards"]),
                 "seconds": time.perf_counter() - t0}
-    state: dict[str, Any]
-    if progress_path.exists():
-        state = sh.read_json_file(progress_path)
-        if state.get("format") != sh.FORMAT or state.get("params") != params:
-            raise UserError(f"{out} holds an unfinished prepare with {_describe_diff(state.get('params') or {}, params)}; "
-                            f"rerun it with its own parameters, or choose another --out")
-        _check_written(out, state["shards"])
-        for stray in out.glob("*.tmp"):
-            stray.unlink()
-    else:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a directory")
-        if out.exists() and any(out.glob("*.bin")):
-            raise UserError(f"{out} already holds .bin files that no prepare of ours is writing; choose an empty --out")
-        state = {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, "params": params, "shards": [],
-                 "next_doc": 0, "skip_tokens": 0, "stream_tokens": 0}
+    state = _unfinished_state(out, params)
     resumed = bool(state["shards"]) or state["next_doc"] > 0
 
     # Counting first surfaces a bad source (a missing file, a failed download) before any work.
@@ -359,7 +322,7 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
 
     def save_progress(position: dict[str, Any]) -> None:
         state.update(position)
-        sh.write_json_file(progress_path, state)
+        write_json(progress_path, state, sort_keys=True)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -392,6 +355,54 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
     return {"status": "resumed" if resumed else "prepared", "directory": str(out), **_totals(state["shards"]),
             "documents": state["next_doc"], "tokenized_documents": tokenized, "resumed_from_doc": start_doc,
             "seconds": time.perf_counter() - t0}
+
+
+def _check_args(name: str, shard_tokens: int, max_docs: int | None, tokens: int | None,
+                val_fraction: float | None, val_tokens: int | None, workers: int) -> None:
+    if not 1 <= shard_tokens < 2**31:
+        raise UserError(f"--shard-tokens must be between 1 and 2**31-1, got {shard_tokens}")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    for flag, v in (("--max-docs", max_docs), ("--tokens", tokens)):
+        if v is not None and v <= 0:
+            raise UserError(f"{flag} must be positive, got {v}")
+    if val_tokens is not None and val_tokens < 0:
+        raise UserError(f"--val-tokens must be non-negative, got {val_tokens}")
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise UserError(f"--name {name!r} is not a usable file name prefix")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+
+
+def _finished(out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a finished prepare with these parameters (anything else is refused)."""
+    manifest = sh.read_manifest(out)
+    old = {k: manifest.get(k) for k in params}
+    if old != params:
+        raise UserError(f"{out} already holds a dataset prepared with {_describe_diff(old, params)}; "
+                        f"choose another --out or remove it")
+    (out / sh.PROGRESS).unlink(missing_ok=True)  # stale: the manifest is written before it is removed
+    return manifest
+
+
+def _unfinished_state(out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """The state of an unfinished prepare to continue, or a fresh one for an empty --out."""
+    progress_path = out / sh.PROGRESS
+    if progress_path.exists():
+        state = read_json(progress_path)
+        if state.get("format") != sh.FORMAT or state.get("params") != params:
+            raise UserError(f"{out} holds an unfinished prepare with {_describe_diff(state.get('params') or {}, params)}; "
+                            f"rerun it with its own parameters, or choose another --out")
+        _check_written(out, state["shards"])
+        for stray in out.glob("*.tmp"):
+            stray.unlink()
+        return state
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.glob("*.bin")):
+        raise UserError(f"{out} already holds .bin files that no prepare of ours is writing; choose an empty --out")
+    return {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, "params": params, "shards": [],
+            "next_doc": 0, "skip_tokens": 0, "stream_tokens": 0}
 
 
 def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,6 @@ This module does not import torch.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gptlab.atomic import fsync_dir
+from gptlab.atomic import fsync_dir, write_json
+from gptlab.config import EOT_TOKEN, read_json
 from gptlab.errors import UserError
 
 MAGIC = 20240520
@@ -35,7 +35,6 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4  # 1024
 TOKEN_DTYPE = np.dtype("<u2")
-EOT = 50256
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -62,14 +61,6 @@ def split_from_name(filename: str) -> str | None:
         if split in stem:
             return split
     return None
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _header(n_tokens: int) -> bytes:
@@ -138,31 +129,6 @@ def open_tokens(path: str | Path, n_tokens: int | None = None) -> np.ndarray:
 def read_tokens(path: str | Path) -> np.ndarray:
     """The shard's tokens in memory, (n,) uint16."""
     return np.array(open_tokens(path))
-
-
-# ------------------------------------------------------------------------------------ JSON files
-def read_json_file(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
-def write_json_file(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename); sorted keys so equal data gives equal bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- datasets
@@ -240,7 +206,7 @@ def open_dataset(directory: str | Path) -> Dataset:
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
-    m = read_json_file(path)
+    m = read_json(path)
     if m.get("format") != FORMAT:
         raise UserError(f"{path}: not a gptlab shard manifest (format {m.get('format')!r})")
     if m.get("format_version") != FORMAT_VERSION:
@@ -258,7 +224,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
-    write_json_file(Path(directory) / MANIFEST, manifest)
+    write_json(Path(directory) / MANIFEST, manifest, sort_keys=True)
 
 
 def split_totals(shards: list[dict[str, Any]] | list[Shard]) -> dict[str, dict[str, Any]]:
@@ -301,7 +267,7 @@ def _hash_and_count(path: Path, chunk_tokens: int = 1 << 22) -> Iterator[tuple[i
         while block := f.read(2 * chunk_tokens):
             h.update(block)
             # Documents are counted as the end-of-text tokens that open them.
-            eots += int(np.count_nonzero(np.frombuffer(block, dtype=TOKEN_DTYPE, count=len(block) // 2) == EOT))
+            eots += int(np.count_nonzero(np.frombuffer(block, dtype=TOKEN_DTYPE, count=len(block) // 2) == EOT_TOKEN))
             done += len(block)
             yield done, None, eots
     yield done, h.hexdigest(), eots

@@ -12,15 +12,14 @@ This module does not import torch; pyarrow and datasets are imported only when u
 from __future__ import annotations
 
 import glob
-import hashlib
 import itertools
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from gptlab.downloads import cache_dir as cache_dir_for
+from gptlab.downloads import fetch_cached
 from gptlab.errors import UserError
 
 SOURCES = ("shakespeare", "tinyshakespeare", "fineweb-edu", "fineweb", "files")
@@ -100,45 +99,6 @@ def shakespeare_source() -> Source:
 
 
 # ------------------------------------------------------------------------------ tinyshakespeare
-def default_cache_dir() -> Path:
-    env = os.environ.get("GPTLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gptlab"
-
-
-def download(url: str, dest: Path, sha256: str, timeout: float = 60.0) -> Path:
-    """Fetch url into dest once, checking its sha256; a file already there is checked, not fetched."""
-    if dest.exists():
-        got = _sha256_path(dest)
-        if got != sha256:
-            raise UserError(f"{dest}: cached file has sha256 {got}, expected {sha256}; delete it to download again")
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".part{os.getpid()}")
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            while block := r.read(1 << 20):
-                h.update(block)
-                f.write(block)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "reason", None) or e
-        raise UserError(f"cannot download {url}: {reason}") from None
-    if h.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"downloaded {url} has sha256 {h.hexdigest()}, expected {sha256}")
-    os.replace(tmp, dest)
-    return dest
-
-
-def _sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def split_at_blank_lines(text: str, target_chars: int) -> list[str]:
     """Cut text after a blank line ("\\n\\n") once a piece has target_chars; ''.join(result) == text."""
     pieces = []
@@ -156,12 +116,12 @@ def tinyshakespeare_source(cache_dir: str | Path | None = None, url: str | None 
     """Tiny Shakespeare, downloaded once into the cache. The URL can be overridden with the
     environment variable GPTLAB_TINYSHAKESPEARE_URL (a mirror, or a test server)."""
     url = url or os.environ.get("GPTLAB_TINYSHAKESPEARE_URL") or TINYSHAKESPEARE_URL
-    dest = Path(cache_dir or default_cache_dir()) / "tinyshakespeare" / "input.txt"
+    dest = cache_dir_for(cache_dir) / "tinyshakespeare" / "input.txt"
     pieces: list[list[str]] = []
 
     def load() -> list[str]:
         if not pieces:
-            text = read_text_file(download(url, dest, sha256))
+            text = read_text_file(fetch_cached(url, dest, sha256))
             pieces.append(split_at_blank_lines(text, TINYSHAKESPEARE_DOC_CHARS))
         return pieces[0]
 

@@ -1,0 +1,165 @@
+"""The ONLY code that knows a run directory's layout:
+
+    RUN/config.json              the full resolved configuration {"model": ..., "train": ...}
+    RUN/metrics.jsonl            one JSON object a line (metrics.py writes the records)
+    RUN/checkpoints/step_NNNNNN  checkpoint directories (checkpoint.py knows what is inside one)
+    RUN/checkpoints/latest       text file naming the newest good checkpoint
+    RUN/samples.txt              samples drawn during training
+    RUN/plots/*.png              charts (plot.py draws them)
+    RUN/.lock                    held (flock) by the one process writing the run
+
+A checkpoint directory appears whole (checkpoint.py writes it under a temporary name and renames
+it), so every step_* directory here is complete; `latest` is moved only after that.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from gptlab.atomic import fsync_dir, write_json
+from gptlab.config import read_json
+from gptlab.errors import UserError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+SAMPLES = "samples.txt"
+PLOTS = "plots"
+TENSORBOARD = "tensorboard"
+LOCK = ".lock"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+class RunDir:
+    """A run directory: where each of its files lives, and the lock on it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def samples_path(self) -> Path:
+        return self.path / SAMPLES
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / PLOTS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints_dir / f"{STEP_PREFIX}{step:06d}"
+
+    def temp_path(self, name: str) -> Path:
+        """A temporary sibling under checkpoints/ for writing `name` before it is renamed into place."""
+        return self.checkpoints_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
+
+    # ------------------------------------------------------------------ config
+    def create(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: exists and is not a directory; choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        saved = read_json(self.config_path)
+        if not isinstance(saved.get("train"), dict):
+            raise UserError(f"{self.config_path}: not a gptlab run config")
+        return saved
+
+    def write_config(self, model: dict[str, Any], train: dict[str, Any]) -> None:
+        write_json(self.config_path, {"model": model, "train": train})
+
+    # ------------------------------------------------------------------ checkpoints
+    def is_run(self) -> bool:
+        return self.checkpoints_dir.is_dir()
+
+    def checkpoints(self) -> list[Path]:
+        """Every complete checkpoint, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.glob(f"{STEP_PREFIX}*") if p.is_dir())
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint `latest` names (inside this run), else the newest one, else None."""
+        pointer = self.checkpoints_dir / LATEST
+        if pointer.is_file():
+            name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+            ckpt = self.checkpoints_dir / name
+            if name.startswith(STEP_PREFIX) and "/" not in name and ckpt.is_dir():
+                return ckpt
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def mark_latest(self, ckpt: Path) -> None:
+        """Point `latest` at ckpt, atomically and durably."""
+        tmp = self.checkpoints_dir / f".{LATEST}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(ckpt.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.checkpoints_dir / LATEST)
+        fsync_dir(self.checkpoints_dir)
+
+    def prune(self, keep: int) -> None:
+        """Keep the newest `keep` checkpoints (0 keeps all), and always the one `latest` names."""
+        if keep <= 0:
+            return
+        latest = self.latest_checkpoint()
+        for old in self.checkpoints()[:-keep]:
+            if old != latest:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the lock
+    def lock(self) -> None:
+        """Take the run's single-writer lock (flock: released by the OS when the process dies, so a
+        stale lock file never blocks). Another live process holding it is one clear error."""
+        self.create()
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise UserError(f"{self.path} is in use by process {holder}; wait for it to finish "
+                                f"or choose another --out") from None
+            raise UserError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def remove_stale_temps(self) -> None:
+        """Remove what a killed save left behind (.tmp-* under checkpoints/); call it holding the lock."""
+        if self.checkpoints_dir.is_dir():
+            for p in self.checkpoints_dir.glob(f"{TMP_PREFIX}*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
