@@ -231,6 +231,33 @@ def test_event_loop_is_not_blocked_by_decoding(model_dir):
         t.join()
 
 
+def test_a_client_that_leaves_frees_its_rows(model_dir):
+    bg = start(model_dir)
+    hidden = bg.engine.model.hidden
+
+    def slow_hidden(*a, **k):
+        time.sleep(0.1)
+        return hidden(*a, **k)
+
+    bg.engine.model.hidden = slow_hidden
+    with bg as url:
+        host, port = url[len("http://"):].split(":")
+        for stream in (False, True):
+            body = json.dumps({"prompt": "x", "max_tokens": 40, "stream": stream}).encode()
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                deadline = time.monotonic() + 10
+                while not bg.engine.active and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert bg.engine.active
+            # 40 steps would take 4 s; the rows go within about a second of the client leaving
+            t0 = time.monotonic()
+            while bg.engine.active and time.monotonic() - t0 < 3:
+                time.sleep(0.02)
+            assert not bg.engine.active, f"stream={stream}: still decoding for a client that left"
+
+
 # ----------------------------------------------------------------------------- streaming text
 def test_text_state_never_splits_characters_or_leaks_stop_prefixes():
     data = "a𝄞b漢é".encode()

@@ -297,6 +297,20 @@ async def _stream(req: CompletionRequest, choices: Choices, meta: dict):
         choices.cancel()  # a client that went away frees its rows at the next step
 
 
+async def _until_disconnect(request: Request, work, poll: float = 0.25):
+    """Await `work`, giving up (499, never sent) if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the connection", None, "client_closed_request")
+    finally:
+        task.cancel()
+
+
 def playground_html() -> str:
     return resources.files("gptlab").joinpath("static/playground.html").read_text(encoding="utf-8")
 
@@ -360,9 +374,9 @@ def build_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
             return StreamingResponse(_stream(req, choices, meta), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            return await _complete(req, choices, meta)
+            return await _until_disconnect(request, _complete(req, choices, meta))
         finally:
-            choices.cancel()
+            choices.cancel()  # finished, failed, or the client left: free the rows
 
     return app
 

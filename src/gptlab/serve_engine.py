@@ -236,12 +236,11 @@ class Engine:
         self._drop_cancelled()
         while True:
             with self.cv:
+                while self.pending and all(s.cancelled for s in self.pending[0]):
+                    self.pending.popleft()  # gone before it started: nothing to run or tell
                 if not self.pending or len(self.active) + len(self.pending[0]) > self.max_batch:
                     return
-                group = self.pending.popleft()
-            group = [s for s in group if not s.cancelled]
-            if not group:
-                continue
+                group = [s for s in self.pending.popleft() if not s.cancelled]
             self._admitting = group
             row = len(self.active)
             self.cache.prefill(row)
