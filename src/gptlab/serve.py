@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -104,7 +105,8 @@ def _prompts(body: dict, tok, cfg: ServeConfig, vocab: int) -> tuple[list[list[i
     if not isinstance(p, list) or not p:
         raise bad
     if len(p) > cfg.max_prompts:
-        raise ApiError(400, f"at most {cfg.max_prompts} prompts per request, got {len(p)}", "prompt", "too_many_prompts")
+        raise ApiError(400, f"at most {cfg.max_prompts} prompts per request, got {len(p)}", "prompt",
+                       "too_many_prompts")
     ids, texts = [], []
     for item in p:
         if isinstance(item, str):
@@ -129,7 +131,8 @@ def _sampling(body: dict, cfg: ServeConfig) -> tuple[SamplingParams, int]:
                        "max_tokens", "max_tokens_above_cap")
     temperature = float(_get(body, "temperature", (int, float), 1.0, "a number"))
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ApiError(400, f"'temperature' must be >= 0 (0 is greedy), got {temperature}", "temperature", "invalid_value")
+        raise ApiError(400, f"'temperature' must be >= 0 (0 is greedy), got {temperature}", "temperature",
+                       "invalid_value")
     top_p = float(_get(body, "top_p", (int, float), 1.0, "a number"))
     if not 0 < top_p <= 1:
         raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
@@ -186,11 +189,37 @@ def parse_completion(raw: bytes, tok, cfg: ServeConfig, seq_len: int, vocab: int
     return CompletionRequest(ids, texts, params, n, stream, echo, bool(opts.get("include_usage", False)))
 
 
+class Mailbox:
+    """Events from the worker thread to the event loop, handed over in bursts: one wake-up of the
+    loop per burst (about one per decode step) rather than one per token of every sequence."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: deque = deque()
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item) -> None:  # any thread
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the event loop
+        with self.lock:
+            items, self.items = self.items, deque()
+            self.scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Choices:
     """The sequences of one request (prompt-major: choice i*n + j) and the queue their events
     reach on the event loop."""
 
-    def __init__(self, req: CompletionRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, req: CompletionRequest, mailbox: Mailbox):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seqs: list[Sequence] = []
         self.groups: list[list[Sequence]] = []
@@ -203,7 +232,7 @@ class Choices:
                 params = req.params
                 if params.seed is not None:
                     params = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
-                sink = (lambda i: lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev)))(index)
+                sink = (lambda i: lambda ev: mailbox.post(self.queue, (i, ev)))(index)
                 group.append(Sequence(prompt, params, sink))
             self.groups.append(group)
             self.seqs.extend(group)
@@ -322,6 +351,7 @@ def build_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
     vocab = engine.model.config.vocab_size
     started = int(time.time())
     page = playground_html()
+    mailbox: Mailbox | None = None  # made on the first request, on the server's event loop
 
     def check_key(request: Request) -> None:
         if cfg.api_key:
@@ -361,11 +391,14 @@ def build_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        nonlocal mailbox
         check_key(request)
         raw = await _read_body(request, cfg.max_body_bytes)
         # parsing and tokenizing a large body takes a while: off the event loop too
         req = await asyncio.to_thread(parse_completion, raw, engine.tok, cfg, seq_len, vocab)
-        choices = Choices(req, asyncio.get_running_loop())
+        if mailbox is None:
+            mailbox = Mailbox(asyncio.get_running_loop())
+        choices = Choices(req, mailbox)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}
         for group in choices.groups:

@@ -161,8 +161,8 @@ class BatchCache:
         if self._row is not None:  # k, v: (1, H, T, hd) of one row from position 0
             r, T = self._row, k.size(2)
             self.k[layer, r:r + 1, :, :T] = k
-            self.clean[r] = max(self.clean[r], T)
             self.v[layer, r:r + 1, :, :T] = v
+            self.clean[r] = max(self.clean[r], T)
             return self.k[layer, r:r + 1, :, :T], self.v[layer, r:r + 1, :, :T]
         n, end = self._n, self.pos + 1  # k, v: (n, H, 1, hd), row r at position lengths[r]
         rows = torch.arange(n, device=self.device)
