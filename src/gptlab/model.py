@@ -47,11 +47,15 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         past = 0
+        # a cache of rows at different lengths (serve_engine.BatchCache) says which keys each row sees
+        row_mask = getattr(cache, "attn_mask", None)
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, H, past+T, hd)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if row_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=row_mask, dropout_p=dropout_p)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         elif T == 1:
             # one new token attends to every cached position
@@ -138,7 +142,9 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than the context ({self.config.seq_len})"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        pos = getattr(cache, "positions", None)  # (B, T) per-row positions of a ragged batch, if any
+        if pos is None:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
