@@ -22,6 +22,7 @@ import torch
 from gptlab import checkpoint as ckpt_mod
 from gptlab import dist
 from gptlab.config import (DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig, read_json, write_json)
+from gptlab.data.stream import is_remote
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.optim import SCHEDULES, lr_at, make_adamw, set_lr
@@ -228,7 +229,7 @@ def train(cfg: TrainConfig, resume: bool = False, resume_flags: dict[str, Any] |
             raise UserError(f"{run_dir} already holds a run with checkpoints; add --resume to continue it, "
                             f"or choose another --out")
     validate(cfg)
-    if not Path(cfg.data).exists():
+    if not is_remote(cfg.data) and not Path(cfg.data).exists():
         raise UserError(f"{cfg.data}: no such data directory; prepare one with `gptlab prepare shakespeare`")
 
     rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
@@ -259,7 +260,8 @@ def _train(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run_dir: Path, ckpt
             print(f"gptlab train: --batch-size auto chose {batch_size}", file=sys.stderr)
     accum = grad_accum_steps(cfg, T, env.world_size, batch_size)
     loader = TrainLoader(cfg.data, seq_len=T, batch_size=batch_size, grad_accum=accum,
-                         rank=env.rank, world_size=env.world_size, seed=cfg.seed)
+                         rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                         cache=cfg.data_cache, disk_budget=cfg.data_disk_budget)
     steps = total_steps(cfg, loader)
     warmup = warmup_for(cfg, steps)
 

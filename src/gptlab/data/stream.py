@@ -391,6 +391,7 @@ class ShardStream:
         self._error: UserError | None = None
         self.wait_seconds = 0.0  # time get() spent waiting for a shard: the prefetch's misses
         self.peak_reserved = self._reserved
+        self._closed = False
 
     def _lock(self, blocking: bool):
         f = open(self.dir / ".lock", "w")
@@ -435,6 +436,8 @@ class ShardStream:
     # ------------------------------------------------------------------------- train prefetch
     def start(self, plan: Iterator[tuple[int, int]]) -> None:
         """Fetch train shards in plan order: (use, train shard index) with increasing use ids."""
+        if self._closed:
+            raise UserError(f"{self.ds.where}: this data stream was closed (a newer loader took over {self.dir})")
         self._halt()
         self._plan = plan
         self._next = next(plan, None)
@@ -488,6 +491,8 @@ class ShardStream:
         """The local path of the shard of `use`, once fetched and verified; the shards of earlier
         uses are deleted first."""
         t0 = time.perf_counter()
+        if self._closed:
+            raise UserError(f"{self.ds.where}: this data stream was closed (a newer loader took over {self.dir})")
         with self._cv:
             for u in [u for u in self._uses if u < use]:
                 self._release(u)
@@ -536,9 +541,13 @@ class ShardStream:
 
     def close(self) -> None:
         """Stop fetching, delete the train shards (the val split stays for later), unlock."""
+        self._closed = True
         self._halt()
         if _OPEN.get(self.ds.where) is self:
             del _OPEN[self.ds.where]
+        key = self.dir.resolve()
+        if _BY_DIR.get(key) is self:
+            del _BY_DIR[key]
         if not self._lock_file.closed:
             self._lock_file.close()
 
@@ -547,6 +556,7 @@ class ShardStream:
 # Streams opened by train loaders, by source: evaluations in the same process read the val
 # split from them (iter_val_batches(cfg.data) during training) instead of fetching it again.
 _OPEN: dict[str, ShardStream] = {}
+_BY_DIR: dict[Path, ShardStream] = {}
 
 
 def open_stream(source: str, *, cache: str | Path | None, budget: int | str | None, rank: int = 0,
@@ -558,8 +568,12 @@ def open_stream(source: str, *, cache: str | Path | None, budget: int | str | No
         have = ", ".join(sorted({e.split for e in ds.entries})) or "none"
         raise UserError(f"{source}: no train split (splits present: {have})")
     total = parse_size(budget if budget is not None else DEFAULT_BUDGET)
-    stream = ShardStream(ds, cache_dir(cache, source) / f"rank{rank}", total // world_size, retry=retry, ahead=ahead)
-    _OPEN[source] = stream
+    directory = cache_dir(cache, source) / f"rank{rank}"
+    old = _BY_DIR.pop(directory.resolve(), None)
+    if old is not None:  # a newer loader of this process takes the directory over
+        old.close()
+    stream = ShardStream(ds, directory, total // world_size, retry=retry, ahead=ahead)
+    _OPEN[source] = _BY_DIR[directory.resolve()] = stream
     return stream
 
 
