@@ -332,3 +332,81 @@ def test_parse_size():
     for bad in ("x", "0", "-1G", "1Q"):
         with pytest.raises(UserError):
             st.parse_size(bad)
+
+
+# ------------------------------------------------------------------------------- training end to end
+def train_flags(data: str, out: Path, cache: Path, **kw) -> dict:
+    base = dict(model="tiny", n_layer=1, n_head=2, n_embd=32, seq_len=32, data=data, out=str(out),
+                data_cache=str(cache), data_disk_budget="64K", batch_size=4, total_batch_tokens=256,
+                max_steps=8, lr=1e-2, warmup_steps=3, eval_every=4, eval_tokens=512, sample_tokens=0,
+                checkpoint_every=0, device="cpu", seed=5)
+    base.update(kw)
+    return base
+
+
+def metrics(run: Path) -> dict[tuple[str, int], float]:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {(r["kind"], r["step"]): r["loss"] for r in recs if r["kind"] in ("train", "val")}
+
+
+@pytest.fixture
+def train_server(tmp_path, monkeypatch):
+    for k, v in CLI_ENV.items():
+        monkeypatch.setenv(k, v)
+    write_dataset(tmp_path / "www" / "tr", train_sizes=(3000, 2500, 4000, 1800), val_sizes=(1500,))
+    srv = ShardServer(tmp_path / "www")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.slow
+def test_train_from_url_resumes_exactly(train_server, tmp_path):
+    from gptlab.config import resolve_train_config
+    from gptlab.train import train
+
+    url = f"{train_server.url}/tr"
+    train(resolve_train_config(train_flags(url, tmp_path / "full", tmp_path / "c1")))
+    train(resolve_train_config(train_flags(url, tmp_path / "part", tmp_path / "c2", checkpoint_every=3)))
+    ckdir = tmp_path / "part" / "checkpoints"  # keep only step 3: the resume must refetch from there
+    for p in ckdir.glob("step_*"):
+        if p.name != "step_000003":
+            import shutil
+            shutil.rmtree(p)
+    (ckdir / "latest").write_text("step_000003\n")
+    train(resolve_train_config({"out": str(tmp_path / "part")}), resume=True, resume_flags={})
+    full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert ("val", 8) in full and len([k for k in full if k[0] == "train"]) == 8
+    assert full.keys() == part.keys()
+    for k in full:
+        assert abs(full[k] - part[k]) <= 1e-6, k
+    assert not list((tmp_path / "c2").rglob("*_train_*"))  # train shards deleted at the end
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_from_url_is_exact(train_server, tmp_path):
+    url = f"{train_server.url}/tr"
+    common = ["train", "--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+              "--data", url, "--data-cache", str(tmp_path / "c"), "--data-disk-budget", "40K",
+              "--batch-size", "4", "--total-batch-tokens", "256", "--max-steps", "40", "--lr", "3e-3",
+              "--warmup-steps", "3", "--eval-every", "0", "--sample-tokens", "0", "--checkpoint-every", "0",
+              "--device", "cpu", "--seed", "5"]
+    run_cli = lambda *a: subprocess.run([sys.executable, "-m", "gptlab", *a], capture_output=True,  # noqa: E731
+                                        text=True, timeout=300)
+    r = run_cli(*common, "--out", str(tmp_path / "full"))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *common, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.exists() and m.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    r = run_cli("train", "--out", str(run), "--resume")
+    assert r.returncode == 0, r.stderr
+    full, part = metrics(tmp_path / "full"), metrics(run)
+    assert full.keys() == part.keys() and all(abs(full[k] - part[k]) <= 1e-6 for k in full)

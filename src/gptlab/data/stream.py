@@ -141,6 +141,8 @@ def _describe(e: BaseException, timeout: float) -> str:
         return f"no data within {timeout:g} s"
     if isinstance(e, UserError):
         return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
     if isinstance(e, http.client.IncompleteRead):
         return f"connection closed early ({len(e.partial)} bytes read)"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -237,7 +239,7 @@ def _hub_listing(source: str, repo: str, rev: str | None, sub: str, endpoint: st
         except (OSError, UserError, ValueError):
             raise
         except Exception as e:  # huggingface_hub's and its HTTP client's errors: retried like ours
-            raise OSError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     return with_retries(f"{source}: listing files", once, retry)
 
 
