@@ -61,6 +61,23 @@ def run(data: str, out: Path, cache: Path, args) -> float:
     return tokens / (times[-1] - times[0])
 
 
+def paced(data: str, cache: Path, args, step_s: float, steps: int) -> tuple[float, float]:
+    """The loader alone, feeding a consumer that needs step_s seconds a batch (a stand-in for the
+    model that CPU load cannot slow down): (tokens/s, seconds spent waiting for shards)."""
+    from gptlab.data.loader import TrainLoader
+
+    ld = TrainLoader(data, seq_len=args.seq_len, batch_size=args.batch_size, cache=cache, disk_budget=args.budget)
+    ld.next_batch()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ld.next_batch()
+        time.sleep(step_s)
+    dt = time.perf_counter() - t0
+    wait = ld.wait_seconds
+    ld.close()
+    return steps * args.batch_size * args.seq_len / dt, wait
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
@@ -74,6 +91,7 @@ def main() -> None:
     ap.add_argument("--slow-rate", default="0", help="also a run at this rate (0: none)")
     ap.add_argument("--budget", default="64K", help="--data-disk-budget of the streamed runs")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--paced-steps", type=int, default=300)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gptlab-stream-bench-"))
     write_dataset(tmp / "www" / "ds", args.shards, args.shard_tokens)
@@ -89,8 +107,14 @@ def main() -> None:
             srv.rate = slow
             res["slow"].append(run(url, tmp / f"slow{i}", tmp / "cache", args))
         srv.rate = None
-    srv.stop()
     med = {k: statistics.median(v) for k, v in res.items() if v}
+    # paced: the consumer reads shard bytes at half the link's rate: the link is only 2x faster
+    step_s = 2 * args.batch_size * args.seq_len / (rate / 2)
+    n = args.paced_steps
+    paced_res = {"local": paced(str(tmp / "www" / "ds"), tmp / "cache", args, step_s, n)}
+    srv.rate = rate
+    paced_res["url"] = paced(url, tmp / "cache", args, step_s, n)
+    srv.stop()
     consume = 2 * med["local"]  # bytes/s of tokens training reads
     print(f"\n## Streaming shards vs a local directory (2-core CPU, shared, {time.strftime('%Y-%m-%d')})\n")
     print(f"`.venv/bin/python benchmarks/stream.py {' '.join(sys.argv[1:])}`: {args.n_layer} layers x "
@@ -102,6 +126,11 @@ def main() -> None:
     for k, v in med.items():
         print(f"| {k} | {links[k]} | {v:,.0f} | {', '.join(f'{x:,.0f}' for x in res[k])} | "
               f"{100 * v / med['local']:.1f}% |")
+    print(f"\nPaced loader (no model: a consumer sleeping {1e3 * step_s:.1f} ms a batch, so it reads "
+          f"{2 * args.batch_size * args.seq_len / step_s / 1e3:.1f} KB/s, half the link), {n} batches:\n")
+    print("| source | link | tok/s | waited for shards (s) | vs local |\n|---|---|---:|---:|---:|")
+    for k, (tps, wait) in paced_res.items():
+        print(f"| {k} | {links[k]} | {tps:,.0f} | {wait:.3f} | {100 * tps / paced_res['local'][0]:.1f}% |")
 
 
 if __name__ == "__main__":
