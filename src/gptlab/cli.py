@@ -66,6 +66,16 @@ def count(text: str) -> int:
     return int(value)
 
 
+def size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024): 500M, 2G, 1.5G."""
+    from gptlab.data.stream import parse_size
+
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def batch_size_arg(text: str):
     """A positive integer, or 'auto'."""
     if text == "auto":
@@ -295,18 +305,20 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     sub.required = True
     info = sub.add_parser("info", help="shards per split, tokens, documents, source",
                           description="shards per split, tokens, documents, source")
-    info.add_argument("dir", help="a prepared dataset directory (or llm.c-style shards)")
+    info.add_argument("dir", help="a prepared dataset directory (or llm.c-style shards), an http(s) URL of one, "
+                                  "or hf://datasets/OWNER/NAME[/DIR]")
     verify = sub.add_parser("verify", help="re-hash every shard against the manifest",
                             description="re-hash every shard against the manifest; exit 2 naming the first that differs")
-    verify.add_argument("dir", help="a prepared dataset directory")
+    verify.add_argument("dir", help="a prepared dataset directory, an http(s) URL of one, or hf://datasets/OWNER/NAME[/DIR] "
+                                    "(remote shards are read once and checked, not kept)")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from gptlab.data import shards
+    from gptlab.data import stream
 
     if args.data_command == "info":
-        s = shards.dataset_summary(args.dir)
+        s = stream.summary(args.dir)
         print(f"{s['directory']}: {_human(s['tokens'])} tokens ({s['tokens']:,}), "
               f"{_human(s['documents'])} documents")
         print(f"  source: {s['source']}")
@@ -314,7 +326,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(f"  tokenizer: {s['tokenizer']}")
         _print_splits(s["splits"])
         return 0
-    r = shards.verify_dataset(args.dir, progress=not args.no_progress)
+    r = stream.verify(args.dir, progress=not args.no_progress)
     if r["hashed"]:
         print(f"{args.dir}: OK, {r['shards']} shards match the manifest ({r['tokens']:,} tokens)")
     else:
@@ -397,7 +409,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     _config_flags(p, TrainConfig, types={"total_batch_tokens": count, "max_tokens": count,
                                          "eval_tokens": count, "batch_size": batch_size_arg,
-                                         "max_steps": positive_int})
+                                         "max_steps": positive_int, "data_disk_budget": size})
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -154,7 +154,12 @@ class TrainConfig:
     n_head: int | None = _f(None, "override the preset's number of heads")
     n_embd: int | None = _f(None, "override the preset's width")
     seq_len: int | None = _f(None, "context length T (default: the preset's)")
-    data: str = _f("data/shakespeare", "prepared dataset directory (from `gptlab prepare`)")
+    data: str = _f("data/shakespeare", "prepared dataset directory (from `gptlab prepare`), or streamed: an "
+                   "http(s) URL of one, or hf://datasets/OWNER/NAME[/DIR] (llm.c shards on the hub)")
+    data_cache: str | None = _f(None, "streamed --data: where shards wait while in use "
+                                      "(default: $GPTLAB_CACHE/data, else ~/.cache/gptlab/data)")
+    data_disk_budget: int | str = _f("10G", "streamed --data: most disk the cache may hold, val split included "
+                                            "(K/M/G suffixes; divided among ranks)")
     out: str = _f("runs/run", "run directory: config, metrics, checkpoints, plots, samples")
     init_from: str | None = _f(None, "start from pretrained weights: a hub id (gpt2), an HF or gptlab model directory")
     seed: int = _f(1337, "seed for initialisation, data order and dropout")

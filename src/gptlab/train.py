@@ -24,6 +24,7 @@ from gptlab import checkpoint as ckpt_mod
 from gptlab import dist, evaluate
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
 from gptlab.data.loader import TrainLoader, val_windows
+from gptlab.data.stream import is_remote
 from gptlab.errors import UserError
 from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar
@@ -280,7 +281,7 @@ def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, A
             raise UserError(f"{run.path} already holds a run with checkpoints; add --resume to continue it, "
                             f"or choose another --out")
     validate(cfg)
-    if not Path(cfg.data).exists():
+    if not is_remote(cfg.data) and not Path(cfg.data).exists():
         raise UserError(f"{cfg.data}: no such data directory; prepare one with `gptlab prepare shakespeare`")
     run.remove_stale_temps()  # what a killed save left behind; we hold the lock
     return cfg, ckpt
@@ -300,7 +301,8 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
         batch_size = find_batch_size(model.config, rt, cfg.total_batch_tokens, env)
     accum = grad_accum_steps(cfg, T, env.world_size, batch_size)
     loader = TrainLoader(cfg.data, seq_len=T, batch_size=batch_size, grad_accum=accum,
-                         rank=env.rank, world_size=env.world_size, seed=cfg.seed)
+                         rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                         cache=cfg.data_cache, disk_budget=cfg.data_disk_budget)
     steps = total_steps(cfg, loader)
     if env.is_main:
         run.create()

@@ -13,11 +13,21 @@ and G. Inside a step, rank r takes the contiguous part [r*B*A, (r+1)*B*A) and it
 the B positions from m*B on: 2 ranks x 1 micro-step see exactly what 1 rank x 2 micro-steps see.
 The loader state is therefore the step (and micro-step) count alone, and loads on any layout
 with the same G.
+
+Streamed data (`data` an http(s) URL or hf://, see gptlab.data.stream) cannot be shuffled across
+all shards with bounded disk, so it has its own order, shard by shard (_ShardOrder): epoch e
+visits the train shards in a seeded permutation of the shards, and inside each shard its windows
+in a seeded permutation of that shard's windows (both keyed by seed, e and the shard). The
+positions are the same global positions as above, so steps, ranks and micro-steps split them in
+the same way and the order is deterministic, the same for any world size and resumable from the
+step alone. A rank needs one shard at a time (two at a shard boundary inside a batch, read in
+turn), which is what bounds the disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,10 +35,12 @@ import numpy as np
 import torch
 
 from gptlab.data import shards as sh
+from gptlab.data import stream as st
 from gptlab.errors import UserError
 
 STATE_KIND = "gptlab.TrainLoader"
 STATE_VERSION = 1
+STREAM_ORDER = "shards-v1"  # the streamed data order's name in the loader state
 _M64 = (1 << 64) - 1
 
 
@@ -96,10 +108,7 @@ class _Windows:
         self._maps: dict[int, np.ndarray] = {}
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for s in self.shards:
-            h.update(f"{s.path.name}:{s.tokens};".encode())
-        return h.hexdigest()[:16]
+        return _fingerprint(self.shards)
 
     def _tokens(self, s: int) -> np.ndarray:
         m = self._maps.get(s)
@@ -120,7 +129,84 @@ class _Windows:
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
+def _fingerprint(shards: list[sh.Shard] | list[sh.Entry]) -> str:
+    h = hashlib.sha256()
+    for s in shards:
+        name = s.path.name if isinstance(s, sh.Shard) else s.file
+        h.update(f"{name}:{s.tokens};".encode())
+    return h.hexdigest()[:16]
+
+
+def _key(*parts: int) -> int:
+    k = 0x5EED
+    for p in parts:
+        k = _splitmix64(k ^ (p & _M64))
+    return k
+
+
+class _ShardOrder:
+    """The streamed data order (see the module docstring). A "use" is one shard's turn in one
+    epoch: use u = e * S + k is slot k of epoch e's shard permutation; it covers the global
+    positions [e*W + cum_e[k], e*W + cum_e[k+1])."""
+
+    def __init__(self, tokens: list[int], seq_len: int, seed: int) -> None:
+        self.T = seq_len
+        self.counts = np.array([max(0, (n - 1) // seq_len) for n in tokens], dtype=np.int64)  # (S,) windows
+        self.S, self.W, self.seed = len(tokens), int(self.counts.sum()), seed
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def layout(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order (S,) shard of each slot, cum (S+1,) first epoch position of each slot)."""
+        got = self._epochs.get(e)
+        if got is None:
+            if len(self._epochs) > 4:
+                self._epochs.clear()
+            order = Permutation(self.S, _key(self.seed, 1, e))(np.arange(self.S))
+            cum = np.concatenate([[0], np.cumsum(self.counts[order])])
+            got = self._epochs[e] = (order, cum)
+        return got
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(use, shard, token offset) of each global position, all (n,)."""
+        epochs, local = np.divmod(np.asarray(positions, dtype=np.int64), self.W)
+        use, shard, offset = (np.empty_like(local) for _ in range(3))
+        for e in np.unique(epochs).tolist():
+            sel = epochs == e
+            order, cum = self.layout(e)
+            slot = np.searchsorted(cum, local[sel], side="right") - 1
+            use[sel] = e * self.S + slot
+            shard[sel] = order[slot]
+            j = local[sel] - cum[slot]  # index inside the shard's turn
+            for s in np.unique(shard[sel]).tolist():
+                m = shard[sel] == s
+                w = Permutation(int(self.counts[s]), _key(self.seed, 2, e, s))(j[m])
+                offset[np.flatnonzero(sel)[m]] = w * self.T
+        return use, shard, offset
+
+    def plan(self, first: int, owned: tuple[int, int, int]) -> Iterator[tuple[int, int]]:
+        """(use, shard) of every turn holding a position >= first that a rank owns, in order, for
+        ever. owned = (G, o, P): the rank owns positions p with (p - o) mod G < P."""
+        G, o, P = owned
+        e = first // self.W
+        while True:
+            order, cum = self.layout(e)
+            for k in range(self.S):
+                a, b = max(e * self.W + int(cum[k]), first), e * self.W + int(cum[k + 1])
+                if a >= b:
+                    continue
+                step, rem = divmod(a - o, G)
+                p = a if rem < P else (step + 1) * G + o  # the rank's first position at or after a
+                if p < b:
+                    yield e * self.S + k, int(order[k])
+            e += 1
+
+
 def _split_shards(data_dir: str | Path, split: str) -> list[sh.Shard]:
+    if st.is_remote(data_dir) and split == "val":
+        shards = st.val_split(data_dir)
+        if not shards:
+            raise UserError(f"{data_dir}: no val split")
+        return shards
     ds = sh.open_dataset(data_dir)
     shards = ds.split(split)
     if not shards:
@@ -139,7 +225,11 @@ class TrainLoader:
     """Batches of the train split for one rank; see the module docstring for the order."""
 
     def __init__(self, data_dir, *, seq_len: int, batch_size: int, grad_accum: int = 1,
-                 rank: int = 0, world_size: int = 1, seed: int = 1337, split: str = "train") -> None:
+                 rank: int = 0, world_size: int = 1, seed: int = 1337, split: str = "train",
+                 cache: str | Path | None = None, disk_budget: int | str | None = None,
+                 ahead: int = st.DEFAULT_AHEAD, retry: st.Retry | None = None) -> None:
+        """data_dir: a dataset directory, an http(s) URL or hf://datasets/OWNER/NAME[/DIR]. For
+        the last two, shards are streamed through `cache` within `disk_budget` (see gptlab.data.stream)."""
         _check_positive(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, world_size=world_size)
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise UserError(f"rank must be in [0, {world_size}), got {rank!r}")
@@ -147,10 +237,15 @@ class TrainLoader:
         self.split = split
         self.seq_len, self.batch_size, self.grad_accum = seq_len, batch_size, grad_accum
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
-        self._windows = _Windows(_split_shards(data_dir, split), seq_len)
-        self.windows_per_epoch = self._windows.count
-        self.tokens_per_epoch = self.windows_per_epoch * seq_len
         self.global_batch = batch_size * grad_accum * world_size  # windows per optimizer step
+        self._stream: st.ShardStream | None = None
+        if st.is_remote(data_dir):
+            self._open_stream(cache, disk_budget, ahead, retry)
+        else:
+            self._windows = _Windows(_split_shards(data_dir, split), seq_len)
+            self.windows_per_epoch = self._windows.count
+            self._fp = self._windows.fingerprint()
+        self.tokens_per_epoch = self.windows_per_epoch * seq_len
         if self.windows_per_epoch < self.global_batch:
             raise UserError(
                 f"{data_dir}: the {split} split has {self.windows_per_epoch} windows of {seq_len + 1} tokens, "
@@ -160,6 +255,34 @@ class TrainLoader:
         self._micro = 0  # micro-steps of the current step already served
         self._perms: dict[int, Permutation] = {}
         self._cache: tuple[int, np.ndarray] = (0, np.zeros((0, 0), dtype=np.int64))
+
+    def _open_stream(self, cache, disk_budget, ahead: int, retry: st.Retry | None) -> None:
+        if self.split != "train":
+            raise UserError(f"{self.data_dir}: only the train split is streamed")
+        stream = st.open_stream(self.data_dir, cache=cache, budget=disk_budget, rank=self.rank,
+                                world_size=self.world_size, ahead=ahead, retry=retry)
+        self._stream = stream
+        self._finalizer = weakref.finalize(self, stream.close)  # stop fetching, delete the train shards
+        self._order = _ShardOrder([e.tokens for e in stream.train], self.seq_len, self.seed)
+        self.windows_per_epoch = self._order.W
+        self._fp = _fingerprint(stream.train)
+        self._current: tuple[int, np.ndarray] | None = None  # (use, tokens) of the shard being read
+        self._planned_from: tuple[int, int] | None = None
+
+    def close(self) -> None:
+        """Stop a streaming loader's fetching and delete its train shards (local loaders: nothing)."""
+        if self._stream is not None:
+            self._current = None
+            self._finalizer()
+
+    @property
+    def streaming(self) -> bool:
+        return self._stream is not None
+
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds next_batch spent waiting for streamed shards (0 for a local directory)."""
+        return self._stream.wait_seconds if self._stream is not None else 0.0
 
     @property
     def epoch(self) -> int:
@@ -187,7 +310,7 @@ class TrainLoader:
             ids[sel] = self._permutation(e)(local[sel])
         return ids
 
-    def positions(self, step: int, micro: int) -> np.ndarray:
+    def _positions(self, step: int, micro: int) -> np.ndarray:
         """The global positions of this rank's micro-batch `micro` of optimizer step `step`, (B,)."""
         base = step * self.global_batch + self.rank * self.batch_size * self.grad_accum + micro * self.batch_size
         return base + np.arange(self.batch_size, dtype=np.int64)
@@ -207,27 +330,54 @@ class TrainLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y (B, T) int64 on the CPU for this rank's next micro-step."""
-        ids = self._ids_for(self.step, self._micro)
+        step, micro = self.step, self._micro
         self._micro += 1
         if self._micro == self.grad_accum:
             self._micro = 0
             self.step += 1
-        return self._windows.gather(ids)
+        if self._stream is not None:
+            return self._stream_batch(step, micro)
+        return self._windows.gather(self._ids_for(step, micro))
+
+    def _stream_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._planned_from != (step, micro):
+            # (re)start the fetching from this position: at the first batch, or after load_state_dict
+            self._current = None
+            per_rank = self.batch_size * self.grad_accum
+            owned = (self.global_batch, self.rank * per_rank, per_rank)
+            self._stream.start(self._order.plan(int(self._positions(step, micro)[0]), owned))
+        nxt = (step + 1, 0) if micro + 1 == self.grad_accum else (step, micro + 1)
+        use, shard, offset = self._order.locate(self._positions(step, micro))
+        T = self.seq_len
+        buf = np.empty((len(use), T + 1), dtype=np.int64)  # (B, T+1)
+        for u in np.unique(use).tolist():  # in increasing order: the order the stream fetches
+            if self._current is None or self._current[0] != u:
+                self._current = None  # unmap the previous shard before the stream deletes it
+                s = int(shard[use == u][0])
+                path = self._stream.get(u)
+                self._current = (u, sh.open_tokens(path, self._stream.train[s].tokens).view(np.ndarray))
+            toks = self._current[1]
+            for r in np.flatnonzero(use == u).tolist():
+                buf[r] = toks[offset[r]: offset[r] + T + 1]
+        self._planned_from = nxt
+        t = torch.from_numpy(buf)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "kind": STATE_KIND, "version": STATE_VERSION, "split": self.split, "seq_len": self.seq_len,
             "seed": self.seed, "global_batch": self.global_batch, "step": self.step, "micro_step": self._micro,
             "epoch": self.epoch, "windows_per_epoch": self.windows_per_epoch,
-            "windows_consumed": self.step * self.global_batch, "dataset": self._windows.fingerprint(),
+            "windows_consumed": self.step * self.global_batch, "dataset": self._fp,
             "layout": self._layout(),  # [batch_size, grad_accum, world_size], checked only mid-step
-        }
+        } | ({"order": STREAM_ORDER} if self._stream is not None else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
             raise UserError("data loader state: not a TrainLoader state of this version")
         checks = (("split", self.split), ("seq_len", self.seq_len), ("seed", self.seed),
-                  ("windows_per_epoch", self.windows_per_epoch), ("dataset", self._windows.fingerprint()))
+                  ("windows_per_epoch", self.windows_per_epoch), ("dataset", self._fp),
+                  ("order", STREAM_ORDER if self._stream is not None else None))
         for key, mine in checks:
             if state.get(key) != mine:
                 what = "the dataset differs" if key in ("windows_per_epoch", "dataset") else f"{key} differs"

@@ -93,6 +93,28 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def shard_bytes(n_tokens: int) -> int:
+    """The size in bytes of a shard of n tokens."""
+    return HEADER_BYTES + 2 * n_tokens
+
+
+def parse_header(raw: bytes, size: int, where: str) -> int:
+    """Check a shard's first bytes (at least the header) against its size in bytes; return its
+    token count. `where` names the shard in errors (a path or a URL)."""
+    if len(raw) < HEADER_BYTES:
+        raise UserError(f"shard {where}: truncated ({size} bytes, shorter than the {HEADER_BYTES}-byte header)")
+    magic, version, n = (int(v) for v in np.frombuffer(raw, dtype="<i4", count=3))
+    if magic != MAGIC:
+        raise UserError(f"shard {where}: bad magic {magic} (expected {MAGIC}): not an llm.c token shard")
+    if version != VERSION:
+        raise UserError(f"shard {where}: unsupported version {version} (expected {VERSION}: GPT-2 uint16 tokens)")
+    want = shard_bytes(n)
+    if n < 0 or size != want:
+        raise UserError(f"shard {where}: truncated or damaged: header says {n} tokens ({want} bytes) "
+                        f"but the file has {size} bytes")
+    return n
+
+
 def read_header(path: str | Path) -> int:
     """Check a shard's header against its size; return its token count."""
     path = Path(path)
@@ -104,18 +126,7 @@ def read_header(path: str | Path) -> int:
         raise UserError(f"shard {path}: no such file") from None
     except OSError as e:
         raise UserError(f"shard {path}: cannot read: {e.strerror or e}") from None
-    if len(raw) < HEADER_BYTES:
-        raise UserError(f"shard {path}: truncated ({size} bytes, shorter than the {HEADER_BYTES}-byte header)")
-    magic, version, n = (int(v) for v in np.frombuffer(raw, dtype="<i4", count=3))
-    if magic != MAGIC:
-        raise UserError(f"shard {path}: bad magic {magic} (expected {MAGIC}): not an llm.c token shard")
-    if version != VERSION:
-        raise UserError(f"shard {path}: unsupported version {version} (expected {VERSION}: GPT-2 uint16 tokens)")
-    want = HEADER_BYTES + 2 * n
-    if n < 0 or size != want:
-        raise UserError(f"shard {path}: truncated or damaged: header says {n} tokens ({want} bytes) "
-                        f"but the file has {size} bytes")
-    return n
+    return parse_header(raw, size, str(path))
 
 
 def open_tokens(path: str | Path, n_tokens: int | None = None) -> np.ndarray:
@@ -160,14 +171,18 @@ class Dataset:
         return out
 
     def source_text(self) -> str:
-        if self.manifest is None:
-            return "unknown (llm.c-style shards without a manifest)"
-        src = dict(self.manifest.get("source", {}))
-        name = src.pop("name", "?")
-        # lists of files or texts are long: show how many
-        extras = ", ".join(f"{k}={len(v)}" if isinstance(v, list) else f"{k}={v}"
-                           for k, v in sorted(src.items()) if v is not None)
-        return f"{name} ({extras})" if extras else str(name)
+        return source_text(self.manifest)
+
+
+def source_text(manifest: dict[str, Any] | None) -> str:
+    if manifest is None:
+        return "unknown (llm.c-style shards without a manifest)"
+    src = dict(manifest.get("source", {}))
+    name = src.pop("name", "?")
+    # lists of files or texts are long: show how many
+    extras = ", ".join(f"{k}={len(v)}" if isinstance(v, list) else f"{k}={v}"
+                       for k, v in sorted(src.items()) if v is not None)
+    return f"{name} ({extras})" if extras else str(name)
 
 
 def open_dataset(directory: str | Path) -> Dataset:
@@ -206,21 +221,47 @@ def open_dataset(directory: str | Path) -> Dataset:
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
-    m = read_json(path)
+    return check_manifest(read_json(path), str(path))
+
+
+def check_manifest(m: Any, where: str) -> dict[str, Any]:
+    """Validate a manifest's JSON (read from a file or a URL named `where`); return it."""
+    if not isinstance(m, dict):
+        raise UserError(f"{where}: expected a JSON object")
     if m.get("format") != FORMAT:
-        raise UserError(f"{path}: not a gptlab shard manifest (format {m.get('format')!r})")
+        raise UserError(f"{where}: not a gptlab shard manifest (format {m.get('format')!r})")
     if m.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: unsupported manifest version {m.get('format_version')!r} (expected {FORMAT_VERSION})")
+        raise UserError(f"{where}: unsupported manifest version {m.get('format_version')!r} (expected {FORMAT_VERSION})")
     shards = m.get("shards")
     if not isinstance(shards, list):
-        raise UserError(f"{path}: no shard list")
+        raise UserError(f"{where}: no shard list")
     for i, e in enumerate(shards):
         ok = (isinstance(e, dict) and isinstance(e.get("file"), str) and e.get("split") in SPLITS
               and isinstance(e.get("tokens"), int) and isinstance(e.get("sha256"), str)
               and "/" not in e["file"] and "\\" not in e["file"] and e["file"] not in ("", ".", ".."))
         if not ok:
-            raise UserError(f"{path}: shard entry {i} is malformed")
+            raise UserError(f"{where}: shard entry {i} is malformed")
     return m
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One shard as a listing knows it before it is on disk (from a manifest or a file listing)."""
+
+    file: str
+    split: str
+    tokens: int
+    documents: int | None = None
+    sha256: str | None = None
+
+    @property
+    def size(self) -> int:
+        return shard_bytes(self.tokens)
+
+
+def manifest_entries(m: dict[str, Any]) -> list[Entry]:
+    """The shards a checked manifest lists, in its order."""
+    return [Entry(e["file"], e["split"], e["tokens"], e.get("documents"), e["sha256"]) for e in m["shards"]]
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> None:
@@ -243,16 +284,53 @@ def split_totals(shards: list[dict[str, Any]] | list[Shard]) -> dict[str, dict[s
 def dataset_summary(directory: str | Path) -> dict[str, Any]:
     """What `gptlab data info` prints, as data."""
     ds = open_dataset(directory)
+    return summarize(str(ds.directory), ds.shards, ds.manifest)
+
+
+def summarize(where: str, shards: list[Shard] | list[Entry], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """A dataset summary from its shards (on disk or listed) and its manifest (None without one)."""
     return {
-        "directory": str(ds.directory),
-        "manifest": ds.manifest is not None,
-        "source": ds.source_text(),
-        "tokenizer": (ds.manifest or {}).get("tokenizer", {}).get("name"),
-        "splits": split_totals(ds.shards),
-        "tokens": sum(s.tokens for s in ds.shards),
-        "documents": (None if any(s.documents is None for s in ds.shards)
-                      else sum(s.documents for s in ds.shards)),
+        "directory": where,
+        "manifest": manifest is not None,
+        "source": source_text(manifest),
+        "tokenizer": (manifest or {}).get("tokenizer", {}).get("name"),
+        "splits": split_totals(shards),
+        "tokens": sum(s.tokens for s in shards),
+        "documents": (None if any(s.documents is None for s in shards)
+                      else sum(s.documents for s in shards)),
     }
+
+
+class Digest:
+    """sha256 and end-of-text count of a shard's bytes fed in blocks of any size (for downloads)."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.seen = 0
+        self.eots = 0
+        self._odd = b""  # a token split across two blocks
+
+    def update(self, block: bytes) -> None:
+        self.sha.update(block)
+        body = block
+        if self.seen < HEADER_BYTES:
+            body = block[HEADER_BYTES - self.seen:]
+        self.seen += len(block)
+        body = self._odd + body
+        even = len(body) - len(body) % 2
+        self._odd = body[even:]
+        self.eots += int(np.count_nonzero(np.frombuffer(body, dtype=TOKEN_DTYPE, count=even // 2) == EOT_TOKEN))
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+def check_digest(name: str, entry: Entry | Shard, digest: str, eots: int | None) -> None:
+    """UserError when a shard's sha256 or document count differs from its manifest entry."""
+    if entry.sha256 is not None and digest != entry.sha256:
+        raise UserError(f"shard {name}: sha256 {digest} does not match the manifest's {entry.sha256}")
+    if eots is not None and entry.documents is not None and eots != entry.documents:
+        raise UserError(f"shard {name}: holds {eots} documents but the manifest says {entry.documents}")
 
 
 def _hash_and_count(path: Path, chunk_tokens: int = 1 << 22) -> Iterator[tuple[int, str | None, int]]:
@@ -289,9 +367,6 @@ def verify_dataset(directory: str | Path, progress: bool = True) -> dict[str, An
             for done, digest, eots in _hash_and_count(s.path):
                 bar.update(done - last)
                 last = done
-            if digest != s.sha256:
-                raise UserError(f"shard {s.path.name}: sha256 {digest} does not match the manifest's {s.sha256}")
-            if s.documents is not None and eots != s.documents:
-                raise UserError(f"shard {s.path.name}: holds {eots} documents but the manifest says {s.documents}")
+            check_digest(s.path.name, s, digest, eots)
     return {"directory": str(ds.directory), "shards": len(ds.shards), "hashed": True,
             "tokens": sum(s.tokens for s in ds.shards)}
