@@ -415,6 +415,7 @@ def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module,
 
 
 def _dcp_load(flat: dict, ckpt: Path, no_dist: bool) -> None:
+    SafeReader(str(ckpt)).read_metadata()  # a bad index is one clear error here, not one per rank inside DCP
     try:
         dcp.load(flat, storage_reader=SafeReader(str(ckpt)), no_dist=no_dist)
     except UserError:
