@@ -3,6 +3,7 @@
 Model directory: config.json (the ModelConfig) + model.safetensors (the raw model's weights, no
 `_orig_mod.` or `module.` prefixes, the tied head stored once as transformer.wte.weight).
 Checkpoint: a model directory + optimizer.pt (tensors only) + state.json, written whole or not at all.
+Sharded checkpoint (FSDP runs): config.json + state.json + one DCP shard per rank + DCP's index (below).
 Where checkpoints live inside a run, and which is `latest`, is rundir.py's.
 Nothing is ever unpickled from a file.
 """

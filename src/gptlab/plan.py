@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from gptlab.config import ModelConfig
+from gptlab.config import PRESETS, ModelConfig, TrainConfig, read_json
 from gptlab.errors import UserError
 
 GIB = 1 << 30
@@ -91,7 +92,7 @@ class MemoryPlan:
         return None if self.gpu_memory is None else self.total() + RESERVE <= self.gpu_memory
 
     def largest_batch(self) -> int:
-        """The largest micro-batch that fits --gpu-memory (0: not even one sequence)."""
+        """The largest power-of-two micro-batch that fits --gpu-memory (0: not even one sequence)."""
         assert self.gpu_memory is not None
         best, b = 0, 1
         while b <= 4096:
@@ -118,8 +119,8 @@ class MemoryPlan:
         ]
         if self.gpu_memory is not None:
             verdict = "fits" if self.fits() else "does NOT fit"
-            lines.append(f"  {verdict} in {_gib(self.gpu_memory)} (with {_gib(RESERVE)} kept for the CUDA context); "
-                         f"largest micro-batch that fits: {self.largest_batch()}")
+            lines.append(f"  {verdict} in {self.gpu_memory / GIB:.2f} GiB (total + {RESERVE / GIB:.0f} GiB for the CUDA "
+                         f"context); the largest power-of-two micro-batch that fits: {self.largest_batch()}")
         return "\n".join(line.rstrip() for line in lines)
 
 
@@ -161,3 +162,40 @@ def plan_for(model: ModelConfig, *, world_size: int, fsdp: bool, dtype: str, bat
     else:
         plan.batch_size = int(batch_size)
     return plan
+
+
+_HUB_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+
+
+def model_for_plan(cfg: TrainConfig) -> ModelConfig:
+    """The model a run would train: the preset (with overrides), or the shape of --init-from when it
+    names a GPT-2 hub id, a gptlab model directory or a Hugging Face directory (no weights are read)."""
+    if not cfg.init_from:
+        return cfg.model_config()
+    name = cfg.init_from.split("/")[-1] if cfg.init_from.startswith("openai-community/") else cfg.init_from
+    if name in _HUB_PRESETS:
+        base = PRESETS[_HUB_PRESETS[name]].to_dict()
+    else:
+        found = [p for p in (Path(cfg.init_from), Path(cfg.init_from) / "model") if (p / "config.json").is_file()]
+        if not found:
+            raise UserError(f"--init-from {cfg.init_from}: the plan needs its shape; give a local model directory "
+                            f"or a gpt2* hub id")
+        raw = read_json(found[0] / "config.json")
+        if "n_positions" in raw:  # a Hugging Face GPT-2 config
+            base = {"n_layer": raw["n_layer"], "n_head": raw["n_head"], "n_embd": raw["n_embd"],
+                    "seq_len": raw["n_positions"], "vocab_size": raw["vocab_size"]}
+        else:
+            base = ModelConfig.from_dict(raw).to_dict()
+    if cfg.seq_len is not None:
+        base["seq_len"] = cfg.seq_len
+    return ModelConfig(**base)
+
+
+def plan_from_train_config(cfg: TrainConfig, world_size: int) -> MemoryPlan:
+    """The plan for `gptlab train` with these settings on `world_size` ranks. The plan is per GPU:
+    dtype auto means bf16 and compile defaults on, unless --device cpu (fp32, uncompiled)."""
+    on_cpu = (cfg.device or "").startswith("cpu")
+    dtype = "fp32" if (cfg.dtype == "auto" and on_cpu) else cfg.dtype
+    compiled = cfg.compile if cfg.compile is not None else not on_cpu
+    return plan_for(model_for_plan(cfg), world_size=world_size, fsdp=cfg.fsdp, dtype=dtype,
+                    batch_size=cfg.batch_size, compiled=compiled, gpu_memory=cfg.gpu_memory)
