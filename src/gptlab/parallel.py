@@ -220,11 +220,12 @@ def load_optimizer(placed: Placed, optimizer: torch.optim.Optimizer, full_state:
 # ----------------------------------------------------------------------------- FSDP without a full model per rank
 
 def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: int,
-                  full_state: Callable[[], dict[str, torch.Tensor]] | None = None) -> Placed:
+                  full_state: Callable[[], dict[str, torch.Tensor]] | None = None, init: bool = True) -> Placed:
     """FSDP2 built on the meta device: the model is sharded before it has any storage, then each
     rank allocates only its own shards on its device and fills them in place, either with the
     eager initialisation replayed (full_state None) or with weights that rank 0 alone reads
-    (full_state() is called on rank 0 only) and sends out shard by shard."""
+    (full_state() is called on rank 0 only) and sends out shard by shard. init=False leaves the
+    shards uninitialised, for a caller that loads every value next (a sharded checkpoint)."""
     if not env.is_distributed:
         raise UserError("--fsdp shards over several processes: launch with torchrun or --nproc N")
     with torch.device("meta"):
@@ -232,7 +233,8 @@ def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: 
     shard_model(model, rt)
     model.to_empty(device=rt.device)
     if full_state is None:
-        init_shards_like_eager(model, seed)
+        if init:
+            init_shards_like_eager(model, seed)
     else:
         sd = full_state() if env.is_main else {}
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -217,11 +217,12 @@ def _place_fsdp(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, ckpt: Path | N
     """FSDP on the meta device (parallel.place_sharded). Full weights, where a run starts from some
     (--init-from, or a single-file checkpoint), are read by rank 0 alone and sent shard by shard;
     a sharded checkpoint is read by every rank in _restore."""
-    full_state = None
+    full_state, init = None, True
     if ckpt is not None:
         model_cfg = ckpt_mod.read_model_config(ckpt)
         if not ckpt_mod.is_sharded_checkpoint(ckpt):
             full_state = lambda: ckpt_mod.load_model_dir(ckpt).state_dict()  # noqa: E731
+        init = False  # every value comes from the checkpoint
     elif cfg.init_from:
         pretrained = [build_model(cfg) if env.is_main else None]
         shape = [pretrained[0].config.to_dict() if env.is_main else None]
@@ -231,7 +232,7 @@ def _place_fsdp(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, ckpt: Path | N
         full_state = lambda: pretrained.pop().state_dict()  # noqa: E731
     else:
         model_cfg = cfg.model_config()
-    return place_sharded(model_cfg, rt, env, cfg.seed, full_state)
+    return place_sharded(model_cfg, rt, env, cfg.seed, full_state, init)
 
 
 # ----------------------------------------------------------------------------- the loop
