@@ -138,7 +138,7 @@ def test_fsdp_equals_ddp_and_switches_on_resume(data_dir, one_rank, tmp_path):
                  "--max-steps", "10", "--fsdp")
     assert r.returncode == 0, r.stderr
     assert_same_curve(one_rank, run)
-    # the FSDP checkpoint is the ordinary format: resume it with DDP
+    # the FSDP checkpoint is sharded (DCP): DDP resumes it, resharded
     rewind_to_step_5(run)
     r = torchrun(2, "train", "--out", str(run), "--resume", "--no-fsdp")
     assert r.returncode == 0, r.stderr

@@ -3,6 +3,7 @@
 Model directory: config.json (the ModelConfig) + model.safetensors (the raw model's weights, no
 `_orig_mod.` or `module.` prefixes, the tied head stored once as transformer.wte.weight).
 Checkpoint: a model directory + optimizer.pt (tensors only) + state.json, written whole or not at all.
+Sharded checkpoint (FSDP runs): config.json + state.json + one DCP shard per rank + DCP's index (below).
 Where checkpoints live inside a run, and which is `latest`, is rundir.py's.
 Nothing is ever unpickled from a file.
 """
@@ -10,10 +11,19 @@ Nothing is ever unpickled from a file.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError (no s)
 from safetensors.torch import load_file, save_file
 
@@ -23,7 +33,7 @@ from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.weights import clean_state_dict, load_weights, model_state_dict, raw_model
 from gptlab import hf
-from gptlab.rundir import RunDir
+from gptlab.rundir import TMP_PREFIX, RunDir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -74,6 +84,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such model directory")
+    if is_sharded_checkpoint(path):  # an FSDP run's checkpoint: consolidated here, on the CPU
+        return load_sharded_model(path).to(device)
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise UserError(f"{path}: not a model directory (no {name})")
@@ -100,7 +112,7 @@ def resolve_model_path(spec: str | Path) -> Path | None:
         if ckpt is None:
             raise UserError(f"{path}: run directory has no complete checkpoint yet")
         return ckpt
-    if is_model_dir(path):
+    if is_model_dir(path) or is_sharded_checkpoint(path):
         return path
     if (path / "model").is_dir() and is_model_dir(path / "model"):
         return path / "model"
@@ -223,3 +235,203 @@ def load_checkpoint_weights(ckpt: str | Path, model: torch.nn.Module) -> None:
     except (SafetensorsError, OSError, ValueError) as e:
         raise UserError(f"{ckpt / WEIGHTS}: unreadable weights ({e})") from None
     load_weights(raw_model(model), sd, source=str(ckpt / WEIGHTS))
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints (FSDP)
+#
+# A sharded checkpoint is a directory like the single-file one, except for the tensors:
+#   config.json            the ModelConfig (rank 0)
+#   state.json             step, loader, RNG, ... and the optimizer's param groups (rank 0)
+#   __R_0.distcp           rank R's shard of the weights and AdamW moments (torch.distributed.checkpoint)
+#   .metadata              DCP's index of every shard (global shapes, offsets, files)
+# Every rank writes its own shard, from a background thread (async_save) after a copy to host memory,
+# so training goes on meanwhile. The directory is written under a temporary name and renamed once
+# the last shard and the index are on disk; `latest` and pruning follow, as for single files.
+# Loading reshards to any world size, with or without FSDP; without a process group it reads the
+# full tensors on the CPU (consolidation, for export/sample/eval).
+
+DCP_METADATA = ".metadata"
+SHARDED_FORMAT = "dcp"
+_TIED_KEY = "lm_head.weight"  # the token embedding again: saved once, as transformer.wte.weight
+_OPT_PREFIX = "optim/"
+
+# what a DCP .metadata pickle may name: its own dataclasses, torch sizes/dtypes, plain containers
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any class of that module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"WriteItemType", "LoadItemType"},
+    "torch": {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+              "uint8", "bool", "strided", "contiguous_format", "preserve_format", "channels_last"},
+    "torch.serialization": {"_get_layout"},  # a layout from its name
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "tuple", "list", "dict", "getattr"},
+    "datetime": {"datetime", "timedelta", "timezone"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's index and nothing else: any other global in the file is refused."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _METADATA_GLOBALS.get(module, set())
+        if (allowed is None and module.startswith("torch.distributed.checkpoint")) or (allowed and name in allowed):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, with its index read by the restricted unpickler above."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / DCP_METADATA
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise UserError(f"{path}: not a readable checkpoint index ({e})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / DCP_METADATA).is_file() and (path / CONFIG).is_file()
+
+
+def _sharded_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, list]:
+    """The flat dict DCP reads and writes: model.<name> (DTensors under FSDP, plain tensors
+    otherwise) and optim/<name>/<moment>; plus the optimizer's param groups (JSON, not DCP)."""
+    flat = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k != _TIED_KEY}
+    groups: list = []
+    if optimizer is not None:
+        osd = get_optimizer_state_dict(model, optimizer)
+        for name, pstate in osd["state"].items():
+            for moment, value in pstate.items():
+                flat[f"{_OPT_PREFIX}{name}/{moment}"] = value
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return flat, groups
+
+
+class ShardedSaver:
+    """Writes sharded checkpoints of one run; at most one save is in flight. Every rank calls
+    save() (collective); rank 0 also writes the JSON files and publishes the finished directory."""
+
+    def __init__(self, run: RunDir, keep: int, rank: int, use_async: bool = True):
+        self.run, self.keep, self.rank, self.use_async = run, keep, rank, use_async
+        self.pending: tuple[Any, Path, Path] | None = None  # (future, temp dir, final dir)
+        self.group = None
+        if tdist.is_available() and tdist.is_initialized():
+            # the background writer's own gloo group: its collectives never interleave with training's
+            self.group = tdist.new_group(backend="gloo")
+
+    def save(self, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             state: dict, wait: bool = False) -> Path:
+        self.wait()  # the previous save is complete (and published) before the next starts
+        tmp = self._temp_dir(final)
+        flat, groups = _sharded_tensors(model, optimizer)
+        if self.rank == 0:
+            write_json(tmp / CONFIG, raw_model(model).config.to_dict())
+            write_json(tmp / STATE, {**state, "format": SHARDED_FORMAT, "optimizer": {"param_groups": groups}})
+        writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
+        if self.use_async:
+            # stages a host copy of every shard now (so the next steps may change the weights),
+            # then writes it from a thread
+            fut = dcp.async_save(flat, storage_writer=writer, process_group=self.group)
+        else:
+            dcp.save(flat, storage_writer=writer, process_group=self.group)
+            fut = None
+        self.pending = (fut, tmp, final)
+        if wait or fut is None:
+            self.wait()
+        return final
+
+    def poll(self) -> Path | None:
+        """Publish a finished background save (no collective); the path when one was published."""
+        if self.pending is not None and (self.pending[0] is None or self.pending[0].done()):
+            return self.wait()
+        return None
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight is written, then publish it (rank 0)."""
+        if self.pending is None:
+            return None
+        fut, tmp, final = self.pending
+        self.pending = None
+        try:
+            if fut is not None:
+                fut.result()
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.rank == 0:
+            replace_dir(tmp, final)
+            self.run.mark_latest(final)
+            self.run.prune(self.keep)
+        return final
+
+    def _temp_dir(self, final: Path) -> Path:
+        """One temporary directory for every rank: rank 0 names and creates it, then tells the others."""
+        name = [f"{TMP_PREFIX}{final.name}-{os.getpid()}"]
+        if self.rank == 0:
+            tmp = final.parent / name[0]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        if self.group is not None:
+            tdist.broadcast_object_list(name, src=0, group=self.group)  # also: the directory exists now
+        return final.parent / name[0]
+
+
+def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer | None = None, state: dict | None = None) -> None:
+    """Read a sharded checkpoint into a placed model (and optimizer): each rank reads the pieces
+    of its own shards, whatever world size and sharding wrote them. Collective when a process
+    group exists; otherwise a single-process read of full tensors."""
+    ckpt = Path(ckpt)
+    flat, _ = _sharded_tensors(model, optimizer)
+    _dcp_load(flat, ckpt, no_dist=not (tdist.is_available() and tdist.is_initialized()))
+    set_model_state_dict(model, {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")},
+                         options=StateDictOptions(strict=False))  # the tied head is the embedding
+    if optimizer is None:
+        return
+    if state is None:
+        state = read_json(ckpt / STATE)
+    osd: dict = {"state": {}, "param_groups": []}
+    for key, value in flat.items():
+        if key.startswith(_OPT_PREFIX):
+            name, moment = key[len(_OPT_PREFIX):].rsplit("/", 1)
+            osd["state"].setdefault(name, {})[moment] = value
+    for g in state["optimizer"]["param_groups"]:
+        osd["param_groups"].append({k: (tuple(v) if k == "betas" else v) for k, v in g.items()})
+    # the saving device's implementation choices must not override this device's
+    keep = [{k: g.get(k) for k in ("fused", "foreach", "capturable")} for g in optimizer.param_groups]
+    set_optimizer_state_dict(model, optimizer, osd)
+    for g, kept in zip(optimizer.param_groups, keep):
+        g.update(kept)
+
+
+def _dcp_load(flat: dict, ckpt: Path, no_dist: bool) -> None:
+    SafeReader(str(ckpt)).read_metadata()  # a bad index is one clear error here, not one per rank inside DCP
+    try:
+        dcp.load(flat, storage_reader=SafeReader(str(ckpt)), no_dist=no_dist)
+    except UserError:
+        raise
+    except Exception as e:  # DCP wraps each rank's failure (CheckpointException, AssertionError, ...)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{ckpt}: cannot read the sharded checkpoint ({first})") from None
+
+
+def load_sharded_model(ckpt: str | Path) -> GPT:
+    """Consolidate a sharded checkpoint into a plain GPT on the CPU, without a process group."""
+    ckpt = Path(ckpt)
+    model = GPT(read_model_config(ckpt))
+    flat = {f"model.{k}": v for k, v in model.state_dict().items() if k != _TIED_KEY}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP says it assumes a single process: that is the point
+        _dcp_load(flat, ckpt, no_dist=True)
+    return model

@@ -418,6 +418,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.config import TrainConfig, resolve_train_config
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if flags.get("dry_run"):
+        return _print_plan(args, flags)
     if flags.get("nproc") is not None:
         from gptlab import dist
 
@@ -440,6 +442,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_by is not None:
         return 143 if result.stopped_by == "SIGTERM" else 130
     return 0
+
+
+def _print_plan(args: argparse.Namespace, flags: dict) -> int:
+    """`gptlab plan` / `train --dry-run`: the memory per GPU of the run these flags describe."""
+    import os
+
+    from gptlab.config import resolve_train_config
+    from gptlab.plan import plan_from_train_config
+
+    if args.resume:
+        from gptlab.rundir import RunDir
+        from gptlab.train import resume_config
+
+        if flags.get("out") is None:
+            raise UserError("--resume needs --out RUN, the run directory to continue")
+        cfg = resume_config(RunDir(flags["out"]), {k: v for k, v in flags.items() if k != "dry_run"})
+    else:
+        cfg = resolve_train_config(flags, args.config)
+    if flags.get("nproc") is not None:
+        from gptlab import dist
+
+        world = dist.resolve_nproc(flags["nproc"])
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(plan_from_train_config(cfg, world).render())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    args.dry_run = True
+    return cmd_train(args)
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
@@ -496,6 +530,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into GPT-2 token shards", add_prepare_args, cmd_prepare),
     "data": ("inspect or verify a prepared dataset", add_data_args, cmd_data),
     "train": ("train a GPT-2 (CPU, one GPU, or many through torchrun)", add_train_args, cmd_train),
+    "plan": ("print the memory per GPU a training run needs (the flags of train)", add_train_args, cmd_plan),
     "eval": ("HellaSwag and validation loss of a model", add_eval_args, cmd_eval),
     "sample": ("sample text from a model", add_sample_args, cmd_sample),
     "export": ("write a model as a Hugging Face GPT-2 directory", add_export_args, cmd_export),

@@ -198,6 +198,8 @@ class TrainConfig:
     nproc: str | None = _f(None, "start torchrun with N processes, or 'auto' for one per visible GPU")
     fsdp: bool = _f(False, "shard parameters, gradients and optimizer state with FSDP2 (large models)")
     dist_timeout: float = _f(600.0, "seconds before a collective gives up when a rank is lost")
+    dry_run: bool = _f(False, "print the memory plan per GPU (as `gptlab plan`) and exit without training")
+    gpu_memory: str | None = _f(None, "memory of one GPU for the plan's fits check, e.g. 80GB or 24GiB")
 
     def model_config(self) -> ModelConfig:
         return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head,

@@ -13,11 +13,12 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from gptlab import dist
 from gptlab.config import ModelConfig
@@ -214,3 +215,84 @@ def load_optimizer(placed: Placed, optimizer: torch.optim.Optimizer, full_state:
     set_optimizer_state_dict(placed.model, optimizer, full_state, options=_full_state_options())
     for g, kept in zip(optimizer.param_groups, keep):
         g.update(kept)
+
+
+# ----------------------------------------------------------------------------- FSDP without a full model per rank
+
+def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: int,
+                  full_state: Callable[[], dict[str, torch.Tensor]] | None = None, init: bool = True) -> Placed:
+    """FSDP2 built on the meta device: the model is sharded before it has any storage, then each
+    rank allocates only its own shards on its device and fills them in place, either with the
+    eager initialisation replayed (full_state None) or with weights that rank 0 alone reads
+    (full_state() is called on rank 0 only) and sends out shard by shard. init=False leaves the
+    shards uninitialised, for a caller that loads every value next (a sharded checkpoint)."""
+    if not env.is_distributed:
+        raise UserError("--fsdp shards over several processes: launch with torchrun or --nproc N")
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    shard_model(model, rt)
+    model.to_empty(device=rt.device)
+    if full_state is None:
+        if init:
+            init_shards_like_eager(model, seed)
+    else:
+        sd = full_state() if env.is_main else {}
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    forward: torch.nn.Module = compile_model(model) if rt.compile else model
+    return Placed(model=model, forward=forward, fsdp=True, compiled=forward is not model and rt.compile)
+
+
+_INIT_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+
+
+def _cpu_twin(m: torch.nn.Module) -> torch.nn.Module:
+    """A full-size CPU module of the same kind and shape, built by its own constructor (so it
+    draws from the global RNG exactly as the original's construction did)."""
+    if isinstance(m, torch.nn.Linear):
+        twin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    elif isinstance(m, torch.nn.Embedding):
+        twin = torch.nn.Embedding(m.num_embeddings, m.embedding_dim)
+    else:
+        twin = torch.nn.LayerNorm(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine)
+    if getattr(m, "residual_scale", False):
+        twin.residual_scale = True
+    return twin
+
+
+def init_shards_like_eager(model: GPT, seed: int) -> None:
+    """Fill a materialised (sharded) GPT with exactly the values `torch.manual_seed(seed); GPT(cfg)`
+    gives on the CPU: the global RNG is replayed in the eager order, one full tensor at a time
+    (at most one parameter's worth of memory), and each rank keeps its own rows of it.
+    Eager order: every module's constructor draws (registration order), then GPT.apply(_init_weights)
+    draws again (children before parents); only the second draw's values remain."""
+    torch.manual_seed(seed)
+    for m in model.modules():  # 1: constructors' draws, values thrown away
+        if isinstance(m, _INIT_TYPES):
+            _cpu_twin(m)
+
+    def reinit(m: torch.nn.Module) -> None:  # 2: _init_weights' draws, values kept
+        if not isinstance(m, _INIT_TYPES):
+            return
+        with torch.random.fork_rng(devices=[]):
+            twin = _cpu_twin(m)  # its own constructor's draws must not count here
+        model._init_weights(twin)
+        with torch.no_grad():
+            for name, full in twin.named_parameters(recurse=False):
+                _copy_my_rows(getattr(m, name), full)
+
+    model.apply(reinit)
+
+
+def _copy_my_rows(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full tensor into a parameter (FSDP2 shards dim 0 like torch.chunk)."""
+    if not hasattr(param, "to_local"):
+        param.copy_(full)
+        return
+    local = param.to_local()
+    mesh = param.device_mesh
+    rank, n = mesh.get_local_rank(), mesh.size()
+    chunks = full.chunk(n, dim=0)
+    if rank < len(chunks):
+        local.copy_(chunks[rank])
+    else:
+        assert local.numel() == 0, "a rank past the last chunk holds no rows"

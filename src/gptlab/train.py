@@ -30,7 +30,8 @@ from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar
 from gptlab.model import GPT
 from gptlab.optim import SCHEDULES, lr_at, make_adamw, set_lr
-from gptlab.parallel import Placed, find_batch_size, gather_state, load_optimizer, place, train_step
+from gptlab.parallel import (Placed, find_batch_size, gather_state, load_optimizer, place, place_sharded,
+                             train_step)
 from gptlab.plot import plot_run
 from gptlab.rundir import RunDir
 from gptlab.runtime import Runtime, get_runtime
@@ -213,6 +214,28 @@ def build_model(cfg: TrainConfig) -> GPT:
     return model
 
 
+def _place_fsdp(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, ckpt: Path | None) -> Placed:
+    """FSDP on the meta device (parallel.place_sharded). Full weights, where a run starts from some
+    (--init-from, or a single-file checkpoint), are read by rank 0 alone and sent shard by shard;
+    a sharded checkpoint is read by every rank in _restore."""
+    full_state, init = None, True
+    if ckpt is not None:
+        model_cfg = ckpt_mod.read_model_config(ckpt)
+        if not ckpt_mod.is_sharded_checkpoint(ckpt):
+            full_state = lambda: ckpt_mod.load_model_dir(ckpt).state_dict()  # noqa: E731
+        init = False  # every value comes from the checkpoint
+    elif cfg.init_from:
+        pretrained = [build_model(cfg) if env.is_main else None]
+        shape = [pretrained[0].config.to_dict() if env.is_main else None]
+        if env.is_distributed:  # (without, place_sharded says FSDP needs several processes)
+            torch.distributed.broadcast_object_list(shape, src=0)  # the pretrained shape, to every rank
+        model_cfg = ModelConfig.from_dict(shape[0])
+        full_state = lambda: pretrained.pop().state_dict()  # noqa: E731
+    else:
+        model_cfg = cfg.model_config()
+    return place_sharded(model_cfg, rt, env, cfg.seed, full_state, init)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -236,6 +259,7 @@ class Session:
     logger: MetricsLogger | None = None
     hellaswag_path: Path | None = None
     saved: Path | None = None
+    saver: ckpt_mod.ShardedSaver | None = None
 
     @property
     def model(self) -> GPT:
@@ -289,9 +313,14 @@ def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, A
 
 def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: Path | None) -> Session:
     """Build (or restore) the model, the data, the optimizer and the logger."""
-    if ckpt is not None:
+    placed = None
+    if cfg.fsdp:
+        placed = _place_fsdp(cfg, rt, env, ckpt)  # no full model on any rank
+        model = placed.model
+    elif ckpt is not None:
         model = GPT(ckpt_mod.read_model_config(ckpt))
-        ckpt_mod.load_checkpoint_weights(ckpt, model)
+        if not ckpt_mod.is_sharded_checkpoint(ckpt):  # sharded weights are read once placed (_restore)
+            ckpt_mod.load_checkpoint_weights(ckpt, model)
     else:
         model = build_model(cfg)
     T = model.config.seq_len
@@ -309,7 +338,8 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
         run.write_config(model.config.to_dict(), cfg.to_dict())
     dist.barrier()
     n_params = model.num_params()
-    placed = place(model, rt, env, fsdp=cfg.fsdp)
+    if placed is None:
+        placed = place(model, rt, env)
     optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.eps, device_type=rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
@@ -332,7 +362,9 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
 def _restore(s: Session, ckpt: Path) -> None:
     """Optimizer, data position, step, loss scale and RNG states from a checkpoint."""
     state, opt_tensors = ckpt_mod.load_checkpoint_state(ckpt)
-    if opt_tensors is not None and "optimizer" in state:
+    if ckpt_mod.is_sharded_checkpoint(ckpt):  # weights and optimizer, resharded to this world size
+        ckpt_mod.load_sharded_checkpoint(ckpt, s.placed.model, s.optimizer, state)
+    elif opt_tensors is not None and "optimizer" in state:
         load_optimizer(s.placed, s.optimizer, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
     s.loader.load_state_dict(state["loader"])
     s.step, s.tokens = int(state["step"]), int(state["tokens"])
@@ -372,6 +404,8 @@ def _loop(s: Session) -> TrainResult:
         try:
             while s.step < s.steps:
                 last_loss = _step(s, fixed, bar)
+                if s.saver is not None:
+                    s.saver.poll()  # publish a background save that has finished
                 if cfg.overfit_batch and last_loss < 0.05:
                     s.say(f"step {s.step}: overfit loss {last_loss:.4f} is near zero: the model can learn")
                     break
@@ -380,7 +414,7 @@ def _loop(s: Session) -> TrainResult:
                     val_loss = _evaluate(s)
                 stop_now = _agree_to_stop(stop.signal is not None, s.env)
                 if (cfg.checkpoint_every > 0 and s.step % cfg.checkpoint_every == 0) or last or stop_now:
-                    s.saved = _save(s)
+                    s.saved = _save(s, wait=last or stop_now)
                 if stop_now:
                     stopped_by = stop.signal or "a signal on another rank"
                     s.say(f"stopped by {stopped_by} at step {s.step}; checkpoint saved to {s.saved}. "
@@ -392,6 +426,8 @@ def _loop(s: Session) -> TrainResult:
                 s.logger.close()
     if cfg.overfit_batch and s.saved is None:
         s.saved = _save(s)
+    if s.saver is not None:
+        s.saver.wait()
     if s.env.is_main and stopped_by is None:
         try:
             plot_run(s.run.path)
@@ -436,9 +472,9 @@ def _step(s: Session, fixed: list | None, bar) -> float:
     return out.loss
 
 
-def _save(s: Session) -> Path | None:
-    """A checkpoint of this step (collective: every rank takes part, rank 0 writes)."""
-    weights, opt_state = gather_state(s.placed, s.optimizer)
+def _save(s: Session, wait: bool = True) -> Path | None:
+    """A checkpoint of this step (collective: every rank takes part, rank 0 writes; under FSDP every
+    rank writes its shard, in the background unless `wait`)."""
     state = {
         "step": s.step,
         "tokens": s.tokens,
@@ -454,6 +490,11 @@ def _save(s: Session) -> Path | None:
         rngs = [None] * s.env.world_size
         torch.distributed.all_gather_object(rngs, local)
     state["rng"] = rngs
+    if s.placed.fsdp:
+        if s.saver is None:
+            s.saver = ckpt_mod.ShardedSaver(s.run, s.cfg.keep_checkpoints, s.env.rank)
+        return s.saver.save(s.run.checkpoint_path(s.step), s.model, s.optimizer, state, wait=wait)
+    weights, opt_state = gather_state(s.placed, s.optimizer)
     path = None
     if s.env.is_main:
         path = ckpt_mod.save_checkpoint(s.run.checkpoint_path(s.step), s.model, opt_state, state, weights=weights)
