@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gptlab.config import resolve_train_config  # noqa: E402
+from gptlab.config import EOT_TOKEN, resolve_train_config  # noqa: E402
 from gptlab.data import shards as sh  # noqa: E402
 from gptlab.data.stream import parse_size  # noqa: E402
 from gptlab.train import train  # noqa: E402
@@ -43,7 +43,7 @@ def write_dataset(d: Path, n_train: int, shard_tokens: int) -> None:
         toks = rng.integers(0, 50257, shard_tokens).astype(np.uint16)
         name = sh.shard_name("bench", split, i)
         entries.append({"file": name, "split": split, "tokens": shard_tokens, "sha256": sh.write_shard(d / name, toks),
-                        "documents": int((toks == sh.EOT).sum())})
+                        "documents": int((toks == EOT_TOKEN).sum())})
     sh.write_manifest(d, {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION,
                           "source": {"name": "random"}, "shards": entries})
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from gptlab.config import EOT_TOKEN
 from gptlab.data import shards as sh
 from gptlab.data import stream as st
 from gptlab.data.loader import TrainLoader, iter_val_batches, val_windows
@@ -38,7 +39,7 @@ def write_dataset(d: Path, train_sizes=TRAIN_SIZES, val_sizes=(300,), manifest=T
             name = sh.shard_name("r", split, i)
             digest = sh.write_shard(d / name, toks)
             entries.append({"file": name, "split": split, "tokens": n, "sha256": digest,
-                            "documents": int((toks == sh.EOT).sum())})
+                            "documents": int((toks == EOT_TOKEN).sum())})
             i += 1
     if manifest:
         sh.write_manifest(d, {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION,
