@@ -53,6 +53,9 @@ bench: setup
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/hellaswag.py --preset tiny --limit 200
+	$(BIN)/python benchmarks/stream.py
+	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/plan_memory.py
 
 clean:
 	rm -rf $(VENV) runs data/shakespeare
