@@ -250,3 +250,39 @@ def test_errors(tmp_path, data):
     victim.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="bad magic"):
         TrainLoader(bad, seq_len=T, batch_size=2)
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_error(tmp_path):
+    """Ids >= 50257 used to reach the embedding (an IndexError deep in training): now the shard is
+    refused when the loader opens it, naming the position and the id."""
+    d = make_dataset(tmp_path / "d")
+    bad = sh.read_tokens(d / sh.shard_name("t", "train", 1)).copy()
+    bad[123] = 60000
+    sh.write_shard(d / sh.shard_name("t", "train", 1), bad)
+    loader = TrainLoader(d, seq_len=T, batch_size=4)
+    with pytest.raises(UserError, match="token 123 is id 60000, outside GPT-2's vocabulary"):
+        for _ in range(100):
+            loader.next_batch()
+    with pytest.raises(UserError, match="outside GPT-2's vocabulary"):
+        sh.check_vocab(np.array([0, 50257], dtype=np.uint16), "x")
+    sh.check_vocab(np.array([0, 50256], dtype=np.uint16), "x")  # the end-of-text id is a token
+
+
+def test_corrupted_shard_content_is_caught_when_opened(tmp_path):
+    """A flipped byte in a prepared shard (same size, valid header) is caught by the manifest's
+    sha256 when training opens it, not only by `gptlab data verify`."""
+    from gptlab.data.prepare import prepare
+    from gptlab.data.sources import files_source
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(40)))
+    prepare(files_source([str(corpus)]), tmp_path / "ds", shard_tokens=1000, workers=1, progress=False)
+    TrainLoader(tmp_path / "ds", seq_len=T, batch_size=4).next_batch()  # intact: fine
+    train = sorted((tmp_path / "ds").glob("*_train_*.bin"))[0]
+    raw = bytearray(train.read_bytes())
+    raw[-2] ^= 0x01  # a token id changes, still inside the vocabulary
+    train.write_bytes(bytes(raw))
+    loader = TrainLoader(tmp_path / "ds", seq_len=T, batch_size=4)
+    with pytest.raises(UserError, match="does not match the manifest's sha256"):
+        for _ in range(200):
+            loader.next_batch()

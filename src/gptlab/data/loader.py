@@ -114,7 +114,7 @@ class _Windows:
         m = self._maps.get(s)
         if m is None:
             # a plain ndarray view: slicing an np.memmap object costs several times more
-            m = self._maps[s] = sh.open_tokens(self.shards[s].path, self.shards[s].tokens).view(np.ndarray)
+            m = self._maps[s] = sh.open_checked(self.shards[s]).view(np.ndarray)
         return m
 
     def gather(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,7 +355,9 @@ class TrainLoader:
                 self._current = None  # unmap the previous shard before the stream deletes it
                 s = int(shard[use == u][0])
                 path = self._stream.get(u)
-                self._current = (u, sh.open_tokens(path, self._stream.train[s].tokens).view(np.ndarray))
+                toks = sh.open_tokens(path, self._stream.train[s].tokens)  # verified when it was fetched
+                sh.check_vocab(toks, str(path))
+                self._current = (u, toks.view(np.ndarray))
             toks = self._current[1]
             for r in np.flatnonzero(use == u).tolist():
                 buf[r] = toks[offset[r]: offset[r] + T + 1]
