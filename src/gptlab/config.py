@@ -124,9 +124,13 @@ def preset_for_shape(cfg: ModelConfig) -> str | None:
     return None
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+def read_json(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """A JSON object from a file; max_bytes refuses a file too large to be what it claims."""
     path = Path(path)
     try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes, too large for this file "
+                            f"(at most {max_bytes:,} expected)")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
@@ -193,6 +197,8 @@ class TrainConfig:
     nproc: str | None = _f(None, "start torchrun with N processes, or 'auto' for one per visible GPU")
     fsdp: bool = _f(False, "shard parameters, gradients and optimizer state with FSDP2 (large models)")
     dist_timeout: float = _f(600.0, "seconds before a collective gives up when a rank is lost")
+    skip_nonfinite: int = _f(0, "skip up to N steps whose loss or gradient norm is NaN/inf (no update), "
+                                "then stop; 0 stops at the first")
 
     def model_config(self) -> ModelConfig:
         return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head,
