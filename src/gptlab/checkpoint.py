@@ -77,8 +77,8 @@ def read_model_config(path: str | Path) -> ModelConfig:
     if (path / WEIGHTS).is_file():
         stored = _stored_numel(path / WEIGHTS)
         if stored != cfg.num_params():
-            raise UserError(f"{path / CONFIG}: describes a model of {cfg.num_params():,} parameters, but "
-                            f"{WEIGHTS} holds {stored:,} values; the files do not belong together")
+            raise UserError(f"{path / WEIGHTS}: weights do not match the config ({CONFIG} describes a model of "
+                            f"{cfg.num_params():,} parameters, the weights hold {stored:,} values)")
     return cfg
 
 

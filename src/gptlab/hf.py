@@ -171,8 +171,8 @@ def load_hf_dir(path: str | Path) -> GPT:
     sd = hf_to_gptlab_state_dict(sd, cfg, source)
     stored = sum(v.numel() for v in sd.values())  # the model is allocated only if it fits them
     if stored != cfg.num_params():
-        raise UserError(f"{path / HF_CONFIG}: describes a model of {cfg.num_params():,} parameters, but "
-                        f"{source} holds {stored:,} values; the files do not belong together")
+        raise UserError(f"{source}: weights do not match the config ({HF_CONFIG} describes a model of "
+                        f"{cfg.num_params():,} parameters, the weights hold {stored:,} values)")
     model = GPT(cfg)
     load_weights(model, sd, source=source)
     model.eval()
