@@ -134,3 +134,23 @@ def test_metrics_of_a_new_run_start_a_new_file(tmp_path):
     log.log({"step": 1, "kind": "train", "loss": float("nan")})  # NaN is written as null
     log.close()
     assert _records(run.metrics_path) == [{"step": 1, "kind": "train", "loss": None}]
+
+
+def test_full_disk_writing_the_config_is_one_error_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from gptlab import atomic
+    from gptlab.atomic import DiskFullError
+
+    run = RunDir(tmp_path)
+    run.write_config({"n_layer": 1}, {"lr": 1.0})
+    before = run.config_path.read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.json, "dump", full)
+    with pytest.raises(DiskFullError, match=f"no space left on the disk mounted at .* while writing {run.config_path}.tmp"):
+        run.write_config({"n_layer": 2}, {"lr": 2.0})
+    assert run.config_path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
