@@ -71,8 +71,8 @@ def test_sample_long_prompt_warns_on_stderr(gptlab_cli, gptlab_model_dir):
     r = gptlab_cli("sample", gptlab_model_dir, "--prompt", " word" * 100, "--max-new-tokens", "3",
                    "--temperature", "0", "--json")
     assert r.returncode == 0, r.stderr
-    assert "warning: the prompt has 100 tokens, more than the context of 64" in r.stderr
-    assert len(json.loads(r.stdout)["samples"][0]["tokens"]) == 1  # room for one new token
+    assert "warning: the prompt has 100 tokens, more than the context of 64; keeping its last 62" in r.stderr
+    assert len(json.loads(r.stdout)["samples"][0]["tokens"]) == 3  # cropped to leave --max-new-tokens
 
 
 def test_sample_from_the_hub_cache(gptlab_cli, tmp_path, make_gptlab):

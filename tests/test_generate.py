@@ -163,21 +163,24 @@ def test_stops_at_end_of_text_by_default(make_gptlab):
     assert out == [[50256], [50256]]
 
 
-def test_long_prompt_is_cropped_and_generation_stops_at_the_context(make_gptlab):
+def test_long_prompt_is_cropped_to_leave_max_new_tokens(make_gptlab):
     model = make_gptlab(seed=7, seq_len=32)
     prompt = list(range(1000, 1040))  # 40 tokens > context 32
-    with pytest.warns(PromptWarning) as record:
+    with pytest.warns(PromptWarning, match="more than the context of 32; keeping its last 28 so that 5 new"):
         out = generate_ids(model, prompt, max_new_tokens=5, temperature=0, stop_token=None)
-    messages = [str(w.message) for w in record]
-    assert any("keeping its last 32" in m for m in messages)
-    assert any("only 1 new token fit" in m for m in messages)
-    assert out == [greedy_by_recompute(model, prompt[-32:], 1)]
-    with pytest.warns(PromptWarning, match="only 3 new tokens fit"):
+    assert out == [greedy_by_recompute(model, prompt[-28:], 5)]  # the 5 asked for, not 1
+    # a prompt that fits the context but leaves too little room is cropped the same way
+    with pytest.warns(PromptWarning, match="the prompt has 30 tokens; keeping its last 28"):
         out = generate_ids(model, prompt[:30], max_new_tokens=5, temperature=0, stop_token=None)
-    assert out == [greedy_by_recompute(model, prompt[:30], 3)]
+    assert out == [greedy_by_recompute(model, prompt[2:30], 5)]
+    # more new tokens than the context holds: one prompt token, then the context fills up
+    with pytest.warns(PromptWarning) as record:
+        out = generate_ids(model, prompt, max_new_tokens=40, temperature=0, stop_token=None)
+    assert any("only 32 new tokens fit" in str(w.message) for w in record)
+    assert out == [greedy_by_recompute(model, prompt[-1:], 32)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a prompt that fits gives no warning
-        generate_ids(model, prompt[:20], max_new_tokens=5, temperature=0)
+        generate_ids(model, prompt[:28], max_new_tokens=5, temperature=0)
 
 
 def test_yields_step_by_step(make_gptlab):

@@ -1,12 +1,15 @@
 """RunDir: the one owner of a run directory's paths, its `latest` pointer and its lock."""
 
+import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from gptlab import rundir as rundir_module
 from gptlab.errors import UserError
+from gptlab.metrics import MetricsLogger
 from gptlab.rundir import RunDir
 
 
@@ -71,3 +74,83 @@ def test_out_naming_a_file_is_one_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="not a directory"):
         RunDir(tmp_path / "f").lock()
+
+
+def test_every_kind_of_leftover_is_removed(tmp_path):
+    run = RunDir(tmp_path)
+    run.checkpoint_path(1).mkdir(parents=True)
+    (run.checkpoints_dir / "latest").write_text("step_000001\n")
+    leftovers = [run.checkpoints_dir / ".tmp-step_000002-999", run.checkpoints_dir / ".step_000001.old-999",
+                 run.checkpoints_dir / ".tmp-deleting-step_000000-999"]
+    for p in leftovers:
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"x" * 100)
+    (run.checkpoints_dir / ".latest.tmp").write_text("step_000002")
+    (tmp_path / "config.json.tmp").write_text("{")
+    (tmp_path / "metrics.jsonl.tmp").write_text("{")
+    run.remove_stale_temps()
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["latest", "step_000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_prune_never_leaves_a_partial_checkpoint(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    for s in (1, 2, 3):
+        run.checkpoint_path(s).mkdir(parents=True)
+        (run.checkpoint_path(s) / "model.safetensors").write_bytes(b"x")
+    deleted = []
+    # a kill in the middle of deleting: the directory being deleted already has its temporary name
+    monkeypatch.setattr(rundir_module.shutil, "rmtree", lambda p, ignore_errors=False: deleted.append(p))
+    run.prune(2)
+    assert [p.name for p in run.checkpoints()] == ["step_000002", "step_000003"]
+    assert deleted and deleted[0].name.startswith(".tmp-deleting-step_000001")
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_torn_line_and_redone_steps_are_dropped_on_resume(tmp_path):
+    run = RunDir(tmp_path)
+    log = MetricsLogger(run)
+    for step in (1, 2, 3):
+        log.log({"step": step, "kind": "train", "loss": 1.0 / step})
+    log.log({"step": 2, "kind": "val", "loss": 0.7})
+    log.close()
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 4, "kind": "train", "lo')  # torn by a kill
+    log = MetricsLogger(run, resume=True, resume_step=2)  # the checkpoint was at step 2
+    log.log({"step": 3, "kind": "train", "loss": 0.3})
+    log.close()
+    assert [(r["step"], r["kind"]) for r in _records(run.metrics_path)] == [
+        (1, "train"), (2, "train"), (2, "val"), (3, "train")]
+    assert _records(run.metrics_path)[-1]["loss"] == 0.3
+
+
+def test_metrics_of_a_new_run_start_a_new_file(tmp_path):
+    run = RunDir(tmp_path)
+    run.metrics_path.write_text('{"step": 9, "kind": "train"}\n')
+    log = MetricsLogger(run)
+    log.log({"step": 1, "kind": "train", "loss": float("nan")})  # NaN is written as null
+    log.close()
+    assert _records(run.metrics_path) == [{"step": 1, "kind": "train", "loss": None}]
+
+
+def test_full_disk_writing_the_config_is_one_error_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from gptlab import atomic
+    from gptlab.atomic import DiskFullError
+
+    run = RunDir(tmp_path)
+    run.write_config({"n_layer": 1}, {"lr": 1.0})
+    before = run.config_path.read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.json, "dump", full)
+    with pytest.raises(DiskFullError, match=f"no space left on the disk mounted at .* while writing {run.config_path}.tmp"):
+        run.write_config({"n_layer": 2}, {"lr": 2.0})
+    assert run.config_path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

@@ -220,3 +220,168 @@ def test_init_from_pretrained_model_dir(data_dir, tmp_path):
     assert torch.allclose(tuned.transformer.wpe.weight, pre.transformer.wpe.weight[:32], atol=1e-6)
     with pytest.raises(UserError, match="longer than the pretrained context"):
         train(resolve_train_config({**cfg, "out": str(tmp_path / "ft2"), "seq_len": 128}))
+
+
+# ----------------------------------------------------------------------------- faults (issue 17)
+
+def _nan_on_calls(monkeypatch, bad_calls: set[int]):
+    """GPT.forward returns a NaN loss on the listed training calls (1-based, with targets): with
+    batch_size 8 (one micro-batch per step) call n is step n."""
+    from gptlab.model import GPT
+
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, cache=None, **kw):
+        logits, loss = real_forward(self, idx, targets, cache, **kw)
+        if loss is not None and torch.is_grad_enabled():  # training steps, not the save check
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_skip_nonfinite_skips_then_stops_naming_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "skip"
+    _nan_on_calls(monkeypatch, {3, 5})
+    train(resolve_train_config(flags(data_dir, run, max_steps=6, checkpoint_every=2, skip_nonfinite=2, batch_size=8)))
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r.get("skipped")] == [3, 5]
+    assert all(r["loss"] is None for r in recs if r.get("skipped"))
+    assert json.loads((RunDir(run).latest_checkpoint() / "state.json").read_text())["nonfinite_skipped"] == 2
+    # a third bad step is one too many: stopped, with the checkpoint of step 4 named as good
+    run2 = tmp_path / "stop"
+    _nan_on_calls(monkeypatch, {3, 5, 6})
+    with pytest.raises(UserError, match=r"loss is nan at step 6: training stopped after skipping 2 "
+                                        r"\(--skip-nonfinite 2\).*last good checkpoint is .*step_000004"):
+        train(resolve_train_config(flags(data_dir, run2, max_steps=6, checkpoint_every=2, skip_nonfinite=2, batch_size=8)))
+    assert [p.name for p in RunDir(run2).checkpoints()] == ["step_000002", "step_000004"]
+
+
+def test_skipped_step_leaves_weights_unchanged(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    _nan_on_calls(monkeypatch, {2})
+    train(resolve_train_config(flags(data_dir, run, max_steps=2, checkpoint_every=1, skip_nonfinite=1,
+                                     keep_checkpoints=0, batch_size=8)))
+    one = ck.load_model(run / "checkpoints" / "step_000001")[0].state_dict()
+    two = ck.load_model(run / "checkpoints" / "step_000002")[0].state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_non_finite_gradient_norm_is_caught_before_the_update(data_dir, tmp_path, monkeypatch):
+    from gptlab import parallel
+
+    monkeypatch.setattr(parallel, "grad_norm", lambda model, clip: float("inf"))
+    with pytest.raises(UserError, match="gradient norm is inf .* at step 1: training stopped"):
+        train(resolve_train_config(flags(data_dir, tmp_path / "g", max_steps=3, checkpoint_every=1)))
+    assert RunDir(tmp_path / "g").checkpoints() == []
+
+
+def test_checkpoint_is_not_written_when_its_weights_give_nan(data_dir, tmp_path, monkeypatch):
+    """A finite step whose update poisons the weights: the save's forward check refuses them, so
+    the last good checkpoint (not these weights) is what `latest` and the message name."""
+    from gptlab import guards
+
+    run = tmp_path / "p"
+    real = guards.next_batch_loss
+    seen = {"n": 0}
+
+    def check(placed, rt, loader):
+        seen["n"] += 1
+        return float("nan") if seen["n"] == 3 else real(placed, rt, loader)
+
+    monkeypatch.setattr(guards, "next_batch_loss", check)
+    with pytest.raises(UserError, match="step 3: not checkpointed.*last good checkpoint is .*step_000002"):
+        train(resolve_train_config(flags(data_dir, run, max_steps=3, checkpoint_every=1, keep_checkpoints=0)))
+    assert [p.name for p in RunDir(run).checkpoints()] == ["step_000001", "step_000002"]
+    assert RunDir(run).latest_checkpoint().name == "step_000002"
+
+
+def test_new_run_in_a_directory_without_checkpoints_starts_a_new_log(data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(resolve_train_config(flags(data_dir, run, max_steps=3)))
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+    train(resolve_train_config(flags(data_dir, run, max_steps=2)))
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_drops_redone_steps_and_a_torn_line_from_the_log(data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(resolve_train_config(flags(data_dir, run, max_steps=6, checkpoint_every=3, keep_checkpoints=0)))
+    full = losses(run)
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_000006")
+    (run / "checkpoints" / "latest").write_text("step_000003\n")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "kind": "tr')  # a write torn by a kill
+    train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={})
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in recs] == [(s, "train") for s in range(1, 7)]
+    assert losses(run) == full
+
+
+def test_resume_below_the_current_step_is_one_error(data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(resolve_train_config(flags(data_dir, run, max_steps=4)))
+    before = (run / "config.json").read_text()
+    with pytest.raises(UserError, match="is at step 4, past the 2 steps asked for"):
+        train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 2})
+    assert (run / "config.json").read_text() == before  # the refused flags were not recorded
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(data_dir, tmp_path):
+    run = tmp_path / "r"
+    train(resolve_train_config(flags(data_dir, run, max_steps=2)))
+    opt = RunDir(run).latest_checkpoint() / "optimizer.pt"
+    opt.write_bytes(b"")
+    with pytest.raises(UserError, match="optimizer.pt: empty"):
+        train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 3})
+    opt.unlink()
+    with pytest.raises(UserError, match="no optimizer state .* not continue the run exactly"):
+        train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 3})
+
+
+def test_data_path_is_stored_absolute_and_compared_by_content(data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(data_dir.parent)
+    run = tmp_path / "r"
+    train(resolve_train_config(flags(data_dir, run, max_steps=2, data=data_dir.name)))
+    assert json.loads((run / "config.json").read_text())["train"]["data"] == str(data_dir)
+    monkeypatch.chdir(tmp_path)  # another directory: the stored path still works
+    train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 3})
+    # the same directory spelled another way is the same data
+    other = tmp_path / "link"
+    other.symlink_to(data_dir)
+    train(resolve_train_config({"out": str(run)}), resume=True,
+          resume_flags={"max_steps": 4, "data": str(other)})
+    # same shard names and sizes, other tokens: refused by the content fingerprint
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["data"] = str(copy)
+    (run / "config.json").write_text(json.dumps(config))
+    write_shard(copy / "toy_train_000001.bin", markov_tokens(200_000, 3))
+    with pytest.raises(UserError, match="holds other data than this run was trained on"):
+        train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={"max_steps": 5})
+
+
+def test_init_from_refuses_a_shape_flag_it_would_ignore(data_dir, tmp_path):
+    from gptlab.config import ModelConfig
+    from gptlab.model import GPT
+
+    ck.save_model(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, seq_len=64)), tmp_path / "pre")
+    cfg = flags(data_dir, tmp_path / "ft", max_steps=1, init_from=str(tmp_path / "pre"), n_layer=3)
+    with pytest.raises(UserError, match="--n-layer 3: --init-from .* has n_layer 1"):
+        train(resolve_train_config(cfg))
+
+
+def test_out_naming_a_file_is_one_line(data_dir, tmp_path):
+    (tmp_path / "f").write_text("x")
+    r = run_gptlab("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "f"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not a directory" in r.stderr, r.stderr

@@ -3,12 +3,74 @@ or not at all. No torch here (data preparation uses it)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from gptlab.errors import UserError
+
+# errno values that mean "the disk (or the user's quota on it) is full"
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(UserError):
+    """A write failed because the disk holding `path` is full: one line naming that disk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.mount = mount_point(self.path)
+        free = _free_bytes(self.mount)
+        shown = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+        super().__init__(f"no space left on the disk mounted at {self.mount} (free: {shown}) "
+                         f"while writing {self.path}")
+
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError for a full disk, also when a library wrapped it (its cause, or its message)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in FULL_DISK:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text:
+            return True
+        e, seen = (e.__cause__ or e.__context__), seen + 1
+    return False
+
+
+@contextmanager
+def disk_full_guard(path: str | Path) -> Iterator[None]:
+    """Turn a full-disk failure of the writes inside into DiskFullError naming `path`'s disk."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFullError(path) from None
+        raise
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -46,11 +108,15 @@ def write_json(path: str | Path, data: Any, sort_keys: bool = False) -> None:
     """Write JSON whole or not at all (temporary file, fsync, rename). sort_keys: equal data, equal bytes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=sort_keys)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with disk_full_guard(tmp), open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=sort_keys)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written temporary file would only take space
+        raise
     os.replace(tmp, path)
 
 

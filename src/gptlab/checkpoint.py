@@ -10,6 +10,7 @@ Nothing is ever unpickled from a file.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -25,9 +26,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError (no s)
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gptlab.atomic import replace_dir, write_json
+from gptlab.atomic import disk_full_guard, replace_dir, write_json
 from gptlab.config import ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
@@ -39,6 +41,7 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
+CONFIG_MAX_BYTES = 1 << 20  # a model config is a few hundred bytes; anything near this is not one
 
 
 def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
@@ -76,7 +79,33 @@ def is_model_dir(path: str | Path) -> bool:
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    return ModelConfig.from_dict(read_json(Path(path) / CONFIG))
+    """The ModelConfig of a model directory, checked against its weights file before anything of
+    that size is allocated: a crafted config cannot ask for a model its weights do not hold."""
+    path = Path(path)
+    cfg = ModelConfig.from_dict(read_json(path / CONFIG, max_bytes=CONFIG_MAX_BYTES))
+    if (path / WEIGHTS).is_file():
+        stored = _stored_numel(path / WEIGHTS)
+        if stored != cfg.num_params():
+            raise UserError(f"{path / WEIGHTS}: weights do not match the config ({CONFIG} describes a model of "
+                            f"{cfg.num_params():,} parameters, the weights hold {stored:,} values)")
+    return cfg
+
+
+def _stored_numel(weights: Path) -> int:
+    """Values in a safetensors file, from its header alone (nothing is loaded)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise UserError(f"{weights}: unreadable weights ({e})") from None
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """One line if any weight is NaN or infinite: such a model can only produce NaN."""
+    bad = [n for n, p in raw_model(model).named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"{source}: non-finite weights (NaN or inf) in {len(bad)} tensor(s), first {bad[0]}; "
+                        f"this model is unusable: use an earlier checkpoint")
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
@@ -94,8 +123,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
         sd = load_file(str(path / WEIGHTS), device="cpu")
     except (SafetensorsError, OSError, ValueError) as e:
         raise UserError(f"{path / WEIGHTS}: unreadable weights ({e})") from None
+    hf.note_dtypes(sd, str(path / WEIGHTS))
     model = GPT(cfg)
     load_weights(model, sd, source=str(path / WEIGHTS))
+    check_finite(model, str(path / WEIGHTS))
     return model.to(device)
 
 
@@ -142,6 +173,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> tuple[GP
             where = f"hub:{spec}"
         else:
             raise UserError(f"{spec}: no such model directory, and not a Hugging Face hub id")
+        check_finite(model, where)
         model = model.to(device)
     model.eval()
     return model, where
@@ -191,41 +223,66 @@ def save_checkpoint(final: str | Path, model: torch.nn.Module, optimizer_state: 
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint directory at `final` whole or not at all (a temporary sibling, flushed,
     then renamed). `state` must be JSON-serialisable. `weights`, when given, is the model's
-    already-gathered full state dict (FSDP). Where checkpoints live is the run directory's business."""
+    already-gathered full state dict (FSDP). Where checkpoints live is the run directory's business.
+    A full disk is one DiskFullError naming it; the temporary directory is removed either way."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        _write_model_files(model, tmp, weights)
-        state = dict(state)
-        if optimizer_state is not None:
-            tensors, meta = optimizer_to_files(optimizer_state)
-            torch.save(tensors, tmp / OPTIMIZER)
-            state["optimizer"] = meta
-        write_json(tmp / STATE, state)
-        replace_dir(tmp, final)
+        with disk_full_guard(final):
+            tmp.mkdir()
+            _write_model_files(model, tmp, weights)
+            state = dict(state)
+            if optimizer_state is not None:
+                tensors, meta = optimizer_to_files(optimizer_state)
+                # the names and shapes, so a resume can tell a truncated or swapped optimizer.pt
+                meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
+                with open(tmp / OPTIMIZER, "wb") as f:  # a file object: a failed write is an OSError
+                    torch.save(tensors, f)
+                state["optimizer"] = meta
+            write_json(tmp / STATE, state)
+            replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def load_checkpoint_state(ckpt: str | Path) -> tuple[dict, dict[str, torch.Tensor] | None]:
-    """state.json and the optimizer tensors of a checkpoint (weights_only: nothing unpickled)."""
+def load_checkpoint_state(ckpt: str | Path, param_shapes: dict[str, tuple[int, ...]] | None = None,
+                          ) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """state.json and the optimizer tensors of a checkpoint (weights_only: nothing unpickled),
+    every value checked before it is used. With param_shapes (parameter name -> shape), the
+    optimizer state is required and must fit those parameters: a resume is exact or refused."""
     ckpt = Path(ckpt)
     state = read_json(ckpt / STATE)
+    check_state(state, ckpt / STATE, RESUME_KEYS if param_shapes is not None else ("step",))
     tensors = None
-    if (ckpt / OPTIMIZER).is_file():
+    opt_path = ckpt / OPTIMIZER
+    if opt_path.is_file():
+        if opt_path.stat().st_size == 0:
+            raise UserError(f"{opt_path}: empty; the optimizer state of this checkpoint is lost")
         try:
-            tensors = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
+            tensors = torch.load(opt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # refused (needs pickle) or corrupt
-            raise UserError(f"{ckpt / OPTIMIZER}: cannot be loaded safely ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{opt_path}: cannot be loaded safely ({str(e).splitlines()[0]})") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise UserError(f"{ckpt / OPTIMIZER}: expected a dict of tensors")
+            raise UserError(f"{opt_path}: expected a dict of tensors")
+    if param_shapes is not None:
+        if tensors is None or "optimizer" not in state:
+            missing = OPTIMIZER if tensors is None else f"the optimizer entry of {STATE}"
+            raise UserError(f"{ckpt}: no optimizer state ({missing} is missing); a resume would restart AdamW "
+                            f"and not continue the run exactly. Start a new run with --init-from {ckpt} instead")
+        check_optimizer(tensors, state["optimizer"], param_shapes, opt_path)
     return state, tensors
+
+
+def checkpoint_step(ckpt: str | Path) -> int:
+    """The step a checkpoint was saved at (state.json, checked)."""
+    state = read_json(Path(ckpt) / STATE)
+    check_state(state, Path(ckpt) / STATE)
+    return state["step"]
 
 
 def load_checkpoint_weights(ckpt: str | Path, model: torch.nn.Module) -> None:
@@ -235,6 +292,108 @@ def load_checkpoint_weights(ckpt: str | Path, model: torch.nn.Module) -> None:
     except (SafetensorsError, OSError, ValueError) as e:
         raise UserError(f"{ckpt / WEIGHTS}: unreadable weights ({e})") from None
     load_weights(raw_model(model), sd, source=str(ckpt / WEIGHTS))
+    check_finite(model, str(ckpt / WEIGHTS))
+
+
+# ----------------------------------------------------------------------------- checks on loaded state
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _bytes_list(v: Any, n: int | None = None) -> bool:
+    return (isinstance(v, list) and (n is None or len(v) == n)
+            and all(_is_int(b) and 0 <= b < 256 for b in v))
+
+
+def _rng_ok(r: Any) -> bool:
+    """One rank's RNG states as train.rng_state writes them."""
+    if not isinstance(r, dict) or not _bytes_list(r.get("torch"), torch.get_rng_state().numel()):
+        return False
+    py = r.get("python")
+    if not (isinstance(py, list) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], list)
+            and len(py[1]) == 625 and all(_is_int(x) and 0 <= x < 2**32 for x in py[1])
+            and (py[2] is None or _is_num(py[2]))):
+        return False
+    return all(_bytes_list(c) for c in r.get("cuda", []))
+
+
+RESUME_KEYS = ("step", "tokens", "loader")  # what a resume cannot do without
+
+
+def check_state(state: dict, path: Path, required: tuple[str, ...] = ("step",)) -> None:
+    """Every value a resume reads from state.json, checked: one line naming the first bad one."""
+    def bad(key: str, want: str) -> UserError:
+        shown = repr(state.get(key))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return UserError(f"{path}: {key} must be {want}, got {shown}")
+
+    for key in required:
+        if key not in state:
+            raise UserError(f"{path}: no {key!r}; not the state of a training checkpoint")
+    for key in ("step", "tokens"):
+        if key in state and (not _is_int(state[key]) or state[key] < 0):
+            raise bad(key, "a non-negative integer")
+    if "loader" in state and not isinstance(state["loader"], dict):
+        raise bad("loader", "an object (the data loader's position)")
+    if "world_size" in state and (not _is_int(state["world_size"]) or state["world_size"] < 1):
+        raise bad("world_size", "a positive integer")
+    if state.get("grad_scaler") is not None and not isinstance(state["grad_scaler"], dict):
+        raise bad("grad_scaler", "an object or null")
+    if not isinstance(state.get("rng", []), list) or not all(_rng_ok(r) for r in state.get("rng", [])):
+        raise bad("rng", "a list of RNG states, one per rank")
+    if "nonfinite_skipped" in state and (not _is_int(state["nonfinite_skipped"]) or state["nonfinite_skipped"] < 0):
+        raise bad("nonfinite_skipped", "a non-negative integer")
+    if "optimizer" in state:
+        _check_optimizer_meta(state["optimizer"], path)
+
+
+def _check_optimizer_meta(meta: Any, path: Path) -> None:
+    groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise UserError(f"{path}: optimizer.param_groups must be a non-empty list of objects")
+    for g in groups:
+        for key in ("lr", "eps", "weight_decay"):
+            if key in g and not (_is_num(g[key]) and g[key] >= 0):
+                raise UserError(f"{path}: optimizer {key} must be a finite number >= 0, got {g[key]!r}")
+        betas = g.get("betas", [0.9, 0.95])
+        if not (isinstance(betas, list) and len(betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in betas)):
+            raise UserError(f"{path}: optimizer betas must be two numbers in [0, 1), got {betas!r}")
+        if not isinstance(g.get("params"), list):
+            raise UserError(f"{path}: optimizer param_groups need their list of params")
+    if not isinstance(meta.get("plain_state", {}), dict):
+        raise UserError(f"{path}: optimizer.plain_state must be an object")
+
+
+def check_optimizer(tensors: dict[str, torch.Tensor], meta: dict, param_shapes: dict[str, tuple[int, ...]],
+                    path: Path) -> None:
+    """The optimizer tensors fit the model: AdamW's moments have their parameter's shape, every
+    parameter in the param groups is a model parameter, and (for checkpoints that record them)
+    the file holds exactly the tensors written."""
+    listed = meta.get("tensors")
+    if isinstance(listed, dict):
+        got = {k: list(v.shape) for k, v in tensors.items()}
+        if got != listed:
+            diff = sorted(set(listed) ^ set(got)) or [k for k in listed if listed[k] != got.get(k)]
+            raise UserError(f"{path}: holds other tensors than the checkpoint recorded (first difference: "
+                            f"{diff[0]}); the file is damaged or from another checkpoint")
+    for g in meta["param_groups"]:
+        for name in g["params"]:
+            if name not in param_shapes:
+                raise UserError(f"{path}: optimizer state for {name!r}, which the model does not have")
+    for key, value in tensors.items():
+        name, _, kind = key.rpartition("/")
+        if name not in param_shapes:
+            raise UserError(f"{path}: optimizer tensor {key!r} belongs to no parameter of the model")
+        if kind in ("exp_avg", "exp_avg_sq") and tuple(value.shape) != tuple(param_shapes[name]):
+            raise UserError(f"{path}: {key} has shape {tuple(value.shape)}, the parameter has "
+                            f"{tuple(param_shapes[name])}")
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise UserError(f"{path}: {key} is not a finite floating-point tensor")
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints (FSDP)

@@ -567,6 +567,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from gptlab.atomic import FULL_DISK, DiskFullError
+
+        if e.errno not in FULL_DISK:
+            raise
+        print(f"gptlab {args.command}: error: {DiskFullError(e.filename or '.')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130

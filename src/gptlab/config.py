@@ -124,9 +124,13 @@ def preset_for_shape(cfg: ModelConfig) -> str | None:
     return None
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+def read_json(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """A JSON object from a file; max_bytes refuses a file too large to be what it claims."""
     path = Path(path)
     try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes, too large for this file "
+                            f"(at most {max_bytes:,} expected)")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
@@ -200,6 +204,8 @@ class TrainConfig:
     dist_timeout: float = _f(600.0, "seconds before a collective gives up when a rank is lost")
     dry_run: bool = _f(False, "print the memory plan per GPU (as `gptlab plan`) and exit without training")
     gpu_memory: str | None = _f(None, "memory of one GPU for the plan's fits check, e.g. 80GB or 24GiB")
+    skip_nonfinite: int = _f(0, "skip up to N steps whose loss or gradient norm is NaN/inf (no update), "
+                                "then stop; 0 stops at the first")
 
     def model_config(self) -> ModelConfig:
         return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head,

@@ -130,19 +130,23 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
 
 
 def fit_prompt(prompt: Sequence[int], seq_len: int, max_new_tokens: int) -> tuple[list[int], int]:
-    """Crop a prompt to the context (keeping its end) and say how many new tokens fit.
+    """Crop a prompt (keeping its end) so that max_new_tokens still fit in the context, and say
+    how many new tokens fit.
 
-    The last new token is never fed back, so a prompt of seq_len tokens still gets one."""
+    The last new token is never fed back, so prompt + new tokens may reach seq_len + 1: a prompt
+    keeps at most seq_len - max_new_tokens + 1 tokens, and at least one."""
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise UserError("the prompt is empty; give at least one token (e.g. <|endoftext|>)")
-    if len(prompt) > seq_len:
+    keep = max(1, seq_len - max_new_tokens + 1)
+    if len(prompt) > keep:
+        over = f", more than the context of {seq_len}" if len(prompt) > seq_len else ""
         warnings.warn(
-            f"the prompt has {len(prompt)} tokens, more than the context of {seq_len}; "
-            f"keeping its last {seq_len}",
+            f"the prompt has {len(prompt)} tokens{over}; keeping its last {keep} so that "
+            f"{min(max_new_tokens, seq_len)} new tokens fit in the context of {seq_len}",
             PromptWarning, stacklevel=3,
         )
-        prompt = prompt[-seq_len:]
+        prompt = prompt[-keep:]
     room = seq_len - len(prompt) + 1
     if max_new_tokens > room:
         warnings.warn(

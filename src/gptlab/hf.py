@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +32,18 @@ GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 _PRODUCER = "gptlab"  # safetensors metadata of our exports: what export_hf may overwrite
+CONFIG_MAX_BYTES = 1 << 20  # a GPT-2 config.json is about 1 KB
+
+
+def note_dtypes(sd: dict[str, torch.Tensor], source: str, say=None) -> None:
+    """Say (one line on stderr) when weights are not stored as float32: they are converted to the
+    model's float32, which is exact for fp16/bf16 but means integer tensors are not weights at all."""
+    kinds = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values() if v.dtype != torch.float32})
+    if not kinds:
+        return
+    ints = [k for k in kinds if not getattr(torch, k).is_floating_point]
+    what = "converted to float32" + (" (integer tensors as weights: is this the right file?)" if ints else "")
+    (say or (lambda m: print(m, file=sys.stderr)))(f"gptlab: note: {source} stores {', '.join(kinds)} weights; {what}")
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -152,9 +165,14 @@ def load_hf_dir(path: str | Path) -> GPT:
     path = Path(path)
     if not (path / HF_CONFIG).is_file():
         raise UserError(f"{path}: not a model directory (no {HF_CONFIG})")
-    cfg = _model_config_from_hf(path, read_json(path / HF_CONFIG))
+    cfg = _model_config_from_hf(path, read_json(path / HF_CONFIG, max_bytes=CONFIG_MAX_BYTES))
     sd, source = _read_hf_weights(path)
+    note_dtypes(sd, source)
     sd = hf_to_gptlab_state_dict(sd, cfg, source)
+    stored = sum(v.numel() for v in sd.values())  # the model is allocated only if it fits them
+    if stored != cfg.num_params():
+        raise UserError(f"{source}: weights do not match the config ({HF_CONFIG} describes a model of "
+                        f"{cfg.num_params():,} parameters, the weights hold {stored:,} values)")
     model = GPT(cfg)
     load_weights(model, sd, source=source)
     model.eval()

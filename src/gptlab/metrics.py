@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from gptlab.atomic import disk_full_guard, fsync_dir
 from gptlab.errors import UserError
 from gptlab.rundir import RunDir
 
@@ -21,12 +24,47 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _record_step(line: str) -> int | None:
+    """The step of one metrics line, or None if the line is not a whole, valid record."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    step = rec.get("step") if isinstance(rec, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def repair_metrics(path: Path, keep_through: int) -> int:
+    """Make `path` hold exactly the records of steps <= keep_through, whole lines only: a line
+    torn by a kill is dropped, and so are records of steps a resume will redo (they are logged
+    again). Rewritten atomically; returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    # split leaves "" after a final newline; any other last piece is a torn line
+    kept = [ln for ln in lines if ln.strip() and (s := _record_step(ln)) is not None and s <= keep_through]
+    dropped = sum(1 for ln in lines if ln.strip()) - len(kept)
+    if dropped == 0 and (not lines or lines[-1] == ""):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    with disk_full_guard(tmp), open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return dropped
+
+
 class MetricsLogger:
-    """Appends records to RUN/metrics.jsonl and mirrors scalars to TensorBoard / W&B."""
+    """Appends records to RUN/metrics.jsonl and mirrors scalars to TensorBoard / W&B.
+
+    One valid record per (step, kind), however often the run is killed and resumed: a new run
+    starts a new file; a resume from step S first drops a torn last line and every record after S."""
 
     def __init__(self, run: RunDir, *, enabled: bool = True, tensorboard: bool = False,
                  wandb: bool = False, wandb_project: str = "gptlab", config: dict | None = None,
-                 resume: bool = False):
+                 resume: bool = False, resume_step: int | None = None):
         self.enabled = enabled
         self.path = run.metrics_path
         self._file = None
@@ -34,7 +72,9 @@ class MetricsLogger:
         self._wandb = None
         if not enabled:
             return
-        self._file = open(self.path, "a", encoding="utf-8")
+        if resume and resume_step is not None:
+            repair_metrics(self.path, resume_step)
+        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -53,8 +93,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = _clean(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with disk_full_guard(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         step, kind = record.get("step", 0), record.get("kind", "train")
         scalars = {}
         for k, v in record.items():

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gptlab.atomic import fsync_dir, write_json
+from gptlab.atomic import disk_full_guard, fsync_dir, write_json
 from gptlab.config import read_json
 from gptlab.errors import UserError
 
@@ -118,7 +118,7 @@ class RunDir:
     def mark_latest(self, ckpt: Path) -> None:
         """Point `latest` at ckpt, atomically and durably."""
         tmp = self.checkpoints_dir / f".{LATEST}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with disk_full_guard(tmp), open(tmp, "w", encoding="utf-8") as f:
             f.write(ckpt.name + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -126,13 +126,17 @@ class RunDir:
         fsync_dir(self.checkpoints_dir)
 
     def prune(self, keep: int) -> None:
-        """Keep the newest `keep` checkpoints (0 keeps all), and always the one `latest` names."""
+        """Keep the newest `keep` checkpoints (0 keeps all), and always the one `latest` names.
+        A checkpoint is renamed to a temporary name before it is deleted, so a kill halfway
+        through never leaves a partial step_* directory that looks complete."""
         if keep <= 0:
             return
         latest = self.latest_checkpoint()
         for old in self.checkpoints()[:-keep]:
             if old != latest:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = self.temp_path(f"deleting-{old.name}")
+                old.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     # ------------------------------------------------------------------ the lock
     def lock(self) -> None:
@@ -154,10 +158,26 @@ class RunDir:
         self._lock_fd = fd
 
     def remove_stale_temps(self) -> None:
-        """Remove what a killed save left behind (.tmp-* under checkpoints/); call it holding the lock."""
+        """Remove what a killed writer left behind; call it holding the lock. Under checkpoints/:
+        unfinished saves (.tmp-*), replaced checkpoints not yet deleted (.step_*.old-*), an
+        unfinished `latest` (.latest.tmp); in the run directory: unfinished JSON files (*.tmp)."""
+        leftovers: list[Path] = []
         if self.checkpoints_dir.is_dir():
-            for p in self.checkpoints_dir.glob(f"{TMP_PREFIX}*"):
+            for pattern in (f"{TMP_PREFIX}*", f".{STEP_PREFIX}*.old-*", f".{LATEST}.tmp"):
+                leftovers += self.checkpoints_dir.glob(pattern)
+        if self.path.is_dir():
+            leftovers += [p for p in self.path.glob("*.tmp") if p.is_file()]
+        for p in leftovers:
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def start_fresh_logs(self) -> None:
+        """A new run in this directory (no checkpoint to continue) starts its own metrics and
+        samples instead of appending to what an earlier run left."""
+        for p in (self.metrics_path, self.samples_path):
+            p.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -8,6 +8,7 @@ data position, RNG states, schedule and step count.
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
@@ -21,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gptlab import checkpoint as ckpt_mod
-from gptlab import dist, evaluate
+from gptlab import dist, evaluate, guards
+from gptlab.atomic import DiskFullError
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
 from gptlab.data.loader import TrainLoader, val_windows
 from gptlab.data.stream import is_remote
@@ -152,6 +154,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_tokens > 0, "--eval-tokens must be positive"),
         (cfg.sample_tokens >= 0, "--sample-tokens must be >= 0"),
         (cfg.num_samples > 0, "--num-samples must be positive"),
+        (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -179,7 +182,7 @@ def resume_config(run: RunDir, flags: dict[str, Any]) -> TrainConfig:
     for name, value in flags.items():
         if value is None or name in ("out",):
             continue
-        if getattr(base, name) == value:
+        if getattr(base, name) == value or (name == "data" and guards.same_path(base.data, value)):
             continue
         if name in MODEL_FIELDS:
             raise UserError(f"--{name.replace('_', '-')} would change the model of a run being resumed "
@@ -202,6 +205,10 @@ def build_model(cfg: TrainConfig) -> GPT:
         return GPT(cfg.model_config())
     pretrained, _ = ckpt_mod.load_model(cfg.init_from, device="cpu")
     pre = pretrained.config
+    for name in ("n_layer", "n_head", "n_embd"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(pre, name):
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: --init-from {cfg.init_from} has "
+                            f"{name} {getattr(pre, name)}, and the pretrained model decides the shape; drop the flag")
     seq = cfg.seq_len if cfg.seq_len is not None else pre.seq_len
     if seq > pre.seq_len:
         raise UserError(f"--seq-len {seq} is longer than the pretrained context {pre.seq_len}")
@@ -260,6 +267,9 @@ class Session:
     hellaswag_path: Path | None = None
     saved: Path | None = None
     saver: ckpt_mod.ShardedSaver | None = None
+    skipped: int = 0
+    """Steps whose update a non-finite loss or gradient norm kept out (--skip-nonfinite)."""
+    data_fp: str | None = None
 
     @property
     def model(self) -> GPT:
@@ -279,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, resume_flags: dict[str, Any] |
     if env.is_main:
         run.lock()  # one writer per run directory, until this process ends
     try:
-        cfg, ckpt = _resolve_run(cfg, run, resume, resume_flags or {})
+        cfg, ckpt = _resolve_run(cfg, run, resume, resume_flags or {}, env.is_main)
         rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
         env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
         if env.is_distributed and rt.device.type == "cuda":
@@ -292,7 +302,8 @@ def train(cfg: TrainConfig, resume: bool = False, resume_flags: dict[str, Any] |
         run.unlock()
 
 
-def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, Any]) -> tuple[TrainConfig, Path | None]:
+def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, Any],
+                 is_main: bool = True) -> tuple[TrainConfig, Path | None]:
     """The configuration to train with and the checkpoint to start from (None: a new run)."""
     if resume:
         cfg = resume_config(run, flags)
@@ -307,7 +318,11 @@ def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, A
     validate(cfg)
     if not is_remote(cfg.data) and not Path(cfg.data).exists():
         raise UserError(f"{cfg.data}: no such data directory; prepare one with `gptlab prepare shakespeare`")
-    run.remove_stale_temps()  # what a killed save left behind; we hold the lock
+    cfg.data = os.path.abspath(cfg.data)  # config.json must work from any directory
+    if is_main:  # we hold the lock
+        run.remove_stale_temps()  # what a killed save left behind
+        if ckpt is None:
+            run.start_fresh_logs()  # not appended to a log of deleted checkpoints
     return cfg, ckpt
 
 
@@ -333,6 +348,9 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
                          rank=env.rank, world_size=env.world_size, seed=cfg.seed,
                          cache=cfg.data_cache, disk_budget=cfg.data_disk_budget)
     steps = total_steps(cfg, loader)
+    if ckpt is not None and ckpt_mod.checkpoint_step(ckpt) > steps:  # before config.json is rewritten
+        raise UserError(f"{ckpt} is at step {ckpt_mod.checkpoint_step(ckpt)}, past the {steps} steps asked for "
+                        f"(--max-steps, --max-tokens or --epochs); ask for more steps to continue the run")
     if env.is_main:
         run.create()
         run.write_config(model.config.to_dict(), cfg.to_dict())
@@ -344,7 +362,7 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
                            eps=cfg.eps, device_type=rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
     s = Session(cfg, rt, env, run, placed, optimizer, scaler, loader, batch_size, accum, steps,
-                warmup_for(cfg, steps))
+                warmup_for(cfg, steps), data_fp=guards.data_fingerprint(cfg.data))
     if ckpt is not None:
         _restore(s, ckpt)
     else:
@@ -353,6 +371,7 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
     if env.is_main:
         s.logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
                                  wandb_project=cfg.wandb_project, resume=ckpt is not None,
+                                 resume_step=s.step if ckpt is not None else None,
                                  config={"model": model.config.to_dict(), "train": cfg.to_dict()})
         _announce(s, n_params, ckpt)
     s.hellaswag_path = _find_hellaswag(s) if cfg.hellaswag else None
@@ -361,13 +380,19 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
 
 def _restore(s: Session, ckpt: Path) -> None:
     """Optimizer, data position, step, loss scale and RNG states from a checkpoint."""
-    state, opt_tensors = ckpt_mod.load_checkpoint_state(ckpt)
-    if ckpt_mod.is_sharded_checkpoint(ckpt):  # weights and optimizer, resharded to this world size
+    sharded = ckpt_mod.is_sharded_checkpoint(ckpt)
+    shapes = None if sharded else {n: tuple(p.shape) for n, p in s.model.named_parameters()}
+    state, opt_tensors = ckpt_mod.load_checkpoint_state(ckpt, param_shapes=shapes)  # checked, or refused
+    if state.get("data_fingerprint", s.data_fp) != s.data_fp:
+        raise UserError(f"{s.cfg.data} holds other data than this run was trained on (content fingerprint "
+                        f"{s.data_fp}, saved {state['data_fingerprint']}); resume with the original data")
+    if sharded:  # weights and optimizer, resharded to this world size
         ckpt_mod.load_sharded_checkpoint(ckpt, s.placed.model, s.optimizer, state)
-    elif opt_tensors is not None and "optimizer" in state:
+    else:
         load_optimizer(s.placed, s.optimizer, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
     s.loader.load_state_dict(state["loader"])
-    s.step, s.tokens = int(state["step"]), int(state["tokens"])
+    s.step, s.tokens = state["step"], state["tokens"]
+    s.skipped = state.get("nonfinite_skipped", 0)
     if s.scaler is not None and state.get("grad_scaler"):
         s.scaler.load_state_dict(state["grad_scaler"])
     # RNG states are per rank; a resume on another world size reseeds the extra ranks
@@ -447,11 +472,10 @@ def _step(s: Session, fixed: list | None, bar) -> float:
     s.placed.forward.train()
     batches = fixed if fixed is not None else (s.loader.next_batch() for _ in range(s.accum))
     out = train_step(s.placed, s.rt, batches, s.accum, s.optimizer, s.scaler, cfg.grad_clip)
-    if not math.isfinite(out.loss):
-        good = s.saved or s.run.latest_checkpoint()
-        where = f"; the last good checkpoint is {good}" if good else ""
-        raise UserError(f"loss is {out.loss} at step {s.step + 1}: training stopped "
-                        f"(try a lower --lr or --dtype fp32){where}")
+    if not out.applied:  # a non-finite loss or norm: no update was applied; skip it or stop
+        s.skipped, note = guards.nonfinite_step(s.step + 1, out.loss, out.grad_norm, s.skipped,
+                                                cfg.skip_nonfinite, s.saved or s.run.latest_checkpoint())
+        s.say(note)
     s.rt.synchronize()
     s.step += 1
     s.tokens += cfg.total_batch_tokens
@@ -463,7 +487,7 @@ def _step(s: Session, fixed: list | None, bar) -> float:
     if s.logger is not None:
         s.logger.log({"step": s.step, "kind": "train", "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
                       "tokens": s.tokens, "tok_per_s": tok_s, "mfu": mfu, "time": time.time(),
-                      "epoch": s.loader.epoch})
+                      "epoch": s.loader.epoch, **({} if out.applied else {"skipped": True})})
         post = {"loss": f"{out.loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
@@ -474,10 +498,23 @@ def _step(s: Session, fixed: list | None, bar) -> float:
 
 def _save(s: Session, wait: bool = True) -> Path | None:
     """A checkpoint of this step (collective: every rank takes part, rank 0 writes; under FSDP every
-    rank writes its shard, in the background unless `wait`)."""
+    rank writes its shard, in the background unless `wait`), only if its weights give a finite loss
+    on the next batch: a checkpoint kept as good never holds weights that an exploding update made.
+    Returns the newest good checkpoint."""
+    loss = guards.next_batch_loss(s.placed, s.rt, s.loader)
+    if not math.isfinite(loss):
+        good = s.saved or s.run.latest_checkpoint()
+        msg = (f"step {s.step}: not checkpointed, its weights give a loss of {loss} on the next batch; "
+               f"the last good checkpoint is {good}")
+        if s.step == s.steps or s.cfg.overfit_batch:
+            raise UserError(msg)  # no later step will be saved
+        s.say(msg)
+        return s.saved
     state = {
         "step": s.step,
         "tokens": s.tokens,
+        "nonfinite_skipped": s.skipped,
+        "data_fingerprint": s.data_fp,
         "loader": s.loader.state_dict(),
         "grad_scaler": s.scaler.state_dict() if s.scaler is not None else None,
         "config": {"model": s.model.config.to_dict(), "train": s.cfg.to_dict()},
@@ -497,7 +534,13 @@ def _save(s: Session, wait: bool = True) -> Path | None:
     weights, opt_state = gather_state(s.placed, s.optimizer)
     path = None
     if s.env.is_main:
-        path = ckpt_mod.save_checkpoint(s.run.checkpoint_path(s.step), s.model, opt_state, state, weights=weights)
+        try:
+            path = ckpt_mod.save_checkpoint(s.run.checkpoint_path(s.step), s.model, opt_state, state,
+                                            weights=weights)
+        except DiskFullError as e:
+            good = s.saved or s.run.latest_checkpoint()
+            raise UserError(f"{e}; step {s.step} was not checkpointed, the last checkpoint {good} is intact. "
+                            f"Free some space, then continue with: gptlab train --out {s.run.path} --resume") from None
         s.run.mark_latest(path)
         s.run.prune(s.cfg.keep_checkpoints)
     dist.barrier()

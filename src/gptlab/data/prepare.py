@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from gptlab import tokenizer as tk
-from gptlab.atomic import write_json
+from gptlab.atomic import disk_full_guard, write_json
 from gptlab.config import EOT_TOKEN, read_json
 from gptlab.data import shards as sh
 from gptlab.data.sources import Source
@@ -334,8 +334,9 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
     try:
         # Workers fork before the progress bar's thread exists, and inherit the built encoding.
         pool = start_pool(workers)
-        tokenized = _run(source, out, name, shard_tokens, plan, state, save_progress, pool, workers,
-                         n_docs, max_docs, tokens, progress)
+        with disk_full_guard(out):  # a full disk: one line naming it; the complete shards stay
+            tokenized = _run(source, out, name, shard_tokens, plan, state, save_progress, pool, workers,
+                             n_docs, max_docs, tokens, progress)
     except BaseException:
         if not state["shards"] and not resumed:
             # Failed before its first shard (say, the hub could not be reached): nothing to
