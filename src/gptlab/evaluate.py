@@ -497,33 +497,27 @@ def evaluate_hellaswag(
     order = sorted(range(len(rendered)), key=lambda i: (max(len(r) for r, _ in cropped_rows[i]), i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rank, world = _rank_world()
-    # (items, counted): a batch that only keeps this rank in step with a sharded model is not counted
-    plan, n_chunks = [(b, True) for b in batches[rank::world]], None
-    if _sharded(net):
-        plan, n_chunks = _fsdp_plan(batches, cropped_rows, rank, world)
+    plan, n_chunks = _batch_plan(batches, cropped_rows, rank, world, _sharded(net))  # (items run, items counted)
 
     # counts: items, completion acc, completion acc_norm, harness acc, harness acc_norm, cropped
     totals = [0] * 6
     ctx = autocast if autocast is not None else contextlib.nullcontext
-    bar = tqdm(total=sum(len(b) for b, counted in plan if counted), desc="hellaswag", unit="item", file=sys.stderr,
+    bar = tqdm(total=sum(len(c) for _, c in plan), desc="hellaswag", unit="item", file=sys.stderr,
                disable=not (show_progress and rank == 0), dynamic_ncols=True)
     try:
         with _eval_mode(net), torch.no_grad():
             for batch, counted in plan:
-                rows = [r for i in batch for r in cropped_rows[i]]
                 with ctx():
-                    sums, counts = score_rows(net, rows, device, n_chunks)
-                if not counted:
-                    continue
+                    sums, counts = score_rows(net, [r for i in batch for r in cropped_rows[i]], device, n_chunks)
                 sums_l, counts_l = sums.tolist(), counts.tolist()
-                for j, i in enumerate(batch):
+                for j, i in enumerate(counted):
                     it = rendered[i]
                     preds = _predictions(sums_l[8 * j:8 * j + 8], counts_l[8 * j:8 * j + 8], it.harness_chars)
                     totals[0] += 1
                     for k, p in enumerate(preds):
                         totals[1 + k] += int(p == it.label)
                     totals[5] += int(cropped_flags[i])
-                bar.update(len(batch))
+                bar.update(len(counted))
     finally:
         bar.close()
 
@@ -553,12 +547,15 @@ def _sharded(net: torch.nn.Module) -> bool:
     return isinstance(net, FSDPModule)
 
 
-def _fsdp_plan(batches: list[list[int]], cropped_rows, rank: int, world: int):
-    """This rank's (items, counted) batches, padded to ceil(len(batches) / world), and the number
-    of output-layer calls per batch that holds the largest one's scored tokens in 2048-row pieces."""
-    mine = [(b, True) for b in batches[rank::world]]
+def _batch_plan(batches: list[list[int]], cropped_rows, rank: int, world: int, sharded: bool):
+    """This rank's batches as (items run, items counted), and the output-layer calls per batch (None:
+    as many as needed). Sharded: padded to ceil(len(batches) / world) with uncounted repeats, and
+    as many calls per batch as the largest one's scored tokens need in 2048-row pieces."""
+    mine = [(b, b) for b in batches[rank::world]]
+    if not sharded:
+        return mine, None
     rounds = -(-len(batches) // world)
-    mine += [(batches[0], False)] * (rounds - len(mine))
+    mine += [(batches[0], [])] * (rounds - len(mine))
     scored = max(sum(n for i in b for _, n in cropped_rows[i]) for b in batches)
     return mine, max(1, -(-scored // 2048))
 
