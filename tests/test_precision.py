@@ -351,3 +351,39 @@ def test_cli_train_with_a_broken_backend_trains_evaluates_and_samples(data_dir, 
     assert len(warnings) == 1 and "no_such_backend" in warnings[0]
     assert sorted(records(run, "train")) == [1, 2] and records(run, "val")
     assert "=== step 2 ===" in (run / "samples.txt").read_text()
+
+
+def test_kv_cache_follows_the_fsdp_compute_dtype():
+    """FSDP with bf16 parameters on a 1-process gloo group: after a training step the parameters are
+    fp32 shards, but attention computes in bf16. A cache in the parameters' dtype breaks sampling
+    (this reproduces defect e); the trainer's cache dtype is the compute dtype."""
+    import socket
+    from types import SimpleNamespace
+
+    import torch.distributed as tdist
+
+    from gptlab.generate import generate_ids
+    from gptlab.parallel import Placed, shard_model
+    from gptlab.train import _cache_dtype
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        rt = get_runtime("cpu", "bf16", False)
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, seq_len=16, vocab_size=64))
+        shard_model(model, rt)
+        placed = Placed(model=model, forward=model, fsdp=True)
+        x = torch.randint(0, 64, (2, 16))
+        train_step(placed, rt, [(x, x)], 1, torch.optim.AdamW(model.parameters()))
+        assert next(model.parameters()).dtype == torch.float32
+        with pytest.raises(RuntimeError, match="same dtype"):
+            generate_ids(model, [1, 2, 3], max_new_tokens=4, seed=0)
+        dtype = _cache_dtype(SimpleNamespace(rt=rt, placed=placed))
+        assert dtype == torch.bfloat16
+        out = generate_ids(model, [1, 2, 3], max_new_tokens=4, seed=0, cache_dtype=dtype)
+        assert len(out[0]) == 4
+    finally:
+        tdist.destroy_process_group()
