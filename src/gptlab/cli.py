@@ -523,6 +523,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_server(cfg, status=lambda msg: print(f"gptlab serve: {msg}", file=sys.stderr, flush=True))
     return 0
 # ===================================================================== end serve
+# ===================================================================== bench
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    from gptlab.bench import BenchConfig
+
+    p.description = ("Measure training throughput of a preset on this device: tokens/s, MFU and peak memory, "
+                     "through the training step itself, on random tokens.")
+    _config_flags(p, BenchConfig, types={"batch_size": batch_size_arg, "steps": positive_int,
+                                         "warmup": nonneg_int, "seq_len": positive_int})
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gptlab import dist
+    from gptlab.bench import bench_fields, config_from_flags, format_table, run_bench
+
+    flags = {f.name: getattr(args, f.name) for f in bench_fields()}
+    if flags.get("nproc") is not None:
+        n = dist.resolve_nproc(flags["nproc"])
+        if dist.needs_launch(n):
+            dist.self_launch(n, args.argv)  # does not return
+        flags["nproc"] = None
+    cfg = config_from_flags(flags)
+    res = run_bench(cfg)
+    if res is not None:
+        print(json.dumps(res) if cfg.json else format_table(res), flush=True)
+    return 0
+# ===================================================================== end bench
 
 
 # name -> (help, add_arguments, handler)
@@ -536,6 +562,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "export": ("write a model as a Hugging Face GPT-2 directory", add_export_args, cmd_export),
     "plot": ("draw a run's metrics as PNG charts", add_plot_args, cmd_plot),
     "serve": ("serve a model over an OpenAI-compatible API, with a playground page", add_serve_args, cmd_serve),
+    "bench": ("measure training tokens/s, MFU and peak memory on this device", add_bench_args, cmd_bench),
 }
 
 

@@ -186,6 +186,7 @@ class TrainConfig:
     device: str | None = _f(None, "cpu, cuda, cuda:N or mps (default: the best available)")
     dtype: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where native, fp16 on older GPUs, fp32 on CPU)")
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
+    compile_backend: str = _f("inductor", "torch.compile backend; if compiling fails, one warning and training goes on uncompiled")
     eval_every: int = _f(250, "evaluate (val loss, HellaSwag, samples) every N steps; 0 turns it off")
     eval_tokens: int = _f(10_485_760, "validation tokens per evaluation")
     hellaswag: bool = _f(False, "also run HellaSwag at each evaluation (needs a file or a cached copy)")

@@ -347,18 +347,21 @@ def _context_len(model: torch.nn.Module) -> int | None:
 
 
 def _token_logprobs(model, idx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-                    tgt: torch.Tensor) -> torch.Tensor:
+                    tgt: torch.Tensor, n_chunks: int | None = None) -> torch.Tensor:
     """log p(tgt[k] | idx[rows[k], :pos[k] + 1]) for each scored position k -> (K,) float32.
 
     For a gptlab GPT only the scored positions go through the output layer (50304 x C): that
     layer is most of a small model's cost, and context positions need no logits. Any other module
-    with the GPT call signature gets a full forward."""
+    with the GPT call signature gets a full forward. n_chunks: exactly this many output-layer calls
+    (some may be empty), for a sharded model where every call is a collective (see below)."""
     from gptlab.model import GPT
 
     if isinstance(model, GPT):
         h = model.hidden(idx)[rows, pos]  # (K, C)
         out = []
-        for hk, tk in zip(h.split(2048), tgt.split(2048)):  # bounds the (K, V) logits in memory
+        pieces = (zip(h.tensor_split(n_chunks), tgt.tensor_split(n_chunks)) if n_chunks
+                  else zip(h.split(2048), tgt.split(2048)))  # bounds the (K, V) logits in memory
+        for hk, tk in pieces:
             logits = model.logits(hk).float()
             out.append(logits.log_softmax(-1).gather(1, tk[:, None]).squeeze(1))
         return torch.cat(out)
@@ -375,7 +378,7 @@ def _crop(row: tuple[int, ...], T: int | None) -> tuple[tuple[int, ...], bool]:
 
 
 def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]],
-               device) -> tuple[torch.Tensor, torch.Tensor]:
+               device, n_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-likelihood of each row's continuation and its token count, in one forward pass.
 
     rows: (ids, n_cont) with ids = context + continuation, already cropped to the model's context + 1.
@@ -395,7 +398,7 @@ def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]]
     dev = torch.device(device)
     rows_t = torch.tensor(r_idx, dtype=torch.long, device=dev)
     lp = _token_logprobs(model, idx.to(dev), rows_t, torch.tensor(p_idx, dtype=torch.long, device=dev),
-                         torch.tensor(tgt, dtype=torch.long, device=dev))  # (K,)
+                         torch.tensor(tgt, dtype=torch.long, device=dev), n_chunks)  # (K,)
     counts = torch.tensor([n for _, n in rows], dtype=torch.long)
     # sum per row through a zero-padded (R, max n_cont) table: a fixed-order sum, where
     # index_add_ would accumulate with atomics on a GPU and could differ from run to run
@@ -494,28 +497,27 @@ def evaluate_hellaswag(
     order = sorted(range(len(rendered)), key=lambda i: (max(len(r) for r, _ in cropped_rows[i]), i))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rank, world = _rank_world()
-    mine = batches[rank::world]
+    plan, n_chunks = _batch_plan(batches, cropped_rows, rank, world, _sharded(net))  # (items run, items counted)
 
     # counts: items, completion acc, completion acc_norm, harness acc, harness acc_norm, cropped
     totals = [0] * 6
     ctx = autocast if autocast is not None else contextlib.nullcontext
-    bar = tqdm(total=sum(len(b) for b in mine), desc="hellaswag", unit="item", file=sys.stderr,
+    bar = tqdm(total=sum(len(c) for _, c in plan), desc="hellaswag", unit="item", file=sys.stderr,
                disable=not (show_progress and rank == 0), dynamic_ncols=True)
     try:
         with _eval_mode(net), torch.no_grad():
-            for batch in mine:
-                rows = [r for i in batch for r in cropped_rows[i]]
+            for batch, counted in plan:
                 with ctx():
-                    sums, counts = score_rows(net, rows, device)
+                    sums, counts = score_rows(net, [r for i in batch for r in cropped_rows[i]], device, n_chunks)
                 sums_l, counts_l = sums.tolist(), counts.tolist()
-                for j, i in enumerate(batch):
+                for j, i in enumerate(counted):
                     it = rendered[i]
                     preds = _predictions(sums_l[8 * j:8 * j + 8], counts_l[8 * j:8 * j + 8], it.harness_chars)
                     totals[0] += 1
                     for k, p in enumerate(preds):
                         totals[1 + k] += int(p == it.label)
                     totals[5] += int(cropped_flags[i])
-                bar.update(len(batch))
+                bar.update(len(counted))
     finally:
         bar.close()
 
@@ -529,6 +531,33 @@ def evaluate_hellaswag(
         "harness": {"acc": totals[3] / n, "acc_norm": totals[4] / n, "n": n},
         "cropped": totals[5],
     }
+
+
+# ----------------------------------------------------------------------------- HellaSwag on a sharded model
+# Under FSDP every forward call (hidden, and each logits call) gathers parameters from all ranks:
+# a collective, so every rank must make the same calls. The ranks run the same number of batches
+# (a rank with fewer runs the first batch again without counting it) and split the output layer into
+# the same number of calls. Which items a rank counts is unchanged, so the result is the 1-rank one.
+
+def _sharded(net: torch.nn.Module) -> bool:
+    if not dist.is_initialized():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
+
+
+def _batch_plan(batches: list[list[int]], cropped_rows, rank: int, world: int, sharded: bool):
+    """This rank's batches as (items run, items counted), and the output-layer calls per batch (None:
+    as many as needed). Sharded: padded to ceil(len(batches) / world) with uncounted repeats, and
+    as many calls per batch as the largest one's scored tokens need in 2048-row pieces."""
+    mine = [(b, b) for b in batches[rank::world]]
+    if not sharded:
+        return mine, None
+    rounds = -(-len(batches) // world)
+    mine += [(batches[0], [])] * (rounds - len(mine))
+    scored = max(sum(n for i in b for _, n in cropped_rows[i]) for b in batches)
+    return mine, max(1, -(-scored // 2048))
 
 
 # ----------------------------------------------------------------------------- validation loss

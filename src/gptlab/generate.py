@@ -43,10 +43,14 @@ class KVCache:
         self.pos = 0
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None) -> "KVCache":
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None,
+                  dtype: torch.dtype | None = None) -> "KVCache":
+        """dtype: the dtype attention computes in, when it is not the parameters' (FSDP casting
+        fp32 parameters to bf16, say); keys and values are stored in it."""
         cfg = model.config
         p = next(model.parameters())
-        return cls(cfg.n_layer, batch_size, cfg.n_head, cfg.head_dim, max_len or cfg.seq_len, p.device, p.dtype)
+        return cls(cfg.n_layer, batch_size, cfg.n_head, cfg.head_dim, max_len or cfg.seq_len, p.device,
+                   dtype or p.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, _, T, _ = k.shape  # (B, H, T, hd)
@@ -161,13 +165,14 @@ def fit_prompt(prompt: Sequence[int], seq_len: int, max_new_tokens: int) -> tupl
 def generate(model: torch.nn.Module, prompt: Sequence[int], *, num_samples: int = 1,
              max_new_tokens: int = 100, temperature: float = 1.0, top_k: int | None = 50,
              top_p: float = 1.0, generator: torch.Generator | None = None, seed: int | None = None,
-             stop_token: int | None = EOT_TOKEN) -> Iterator[list[int | None]]:
+             stop_token: int | None = EOT_TOKEN, cache_dtype: torch.dtype | None = None,
+             ) -> Iterator[list[int | None]]:
     """Sample num_samples continuations of one prompt (token ids), together as one batch.
 
     Yields once per step a list of num_samples entries: the new token of each sample, or None for
     a sample that already ended. A sample ends with the step that yields stop_token (None: never),
     every sample at max_new_tokens or at the context length. Reproducible with `seed` (or a
-    `generator` on the model's device).
+    `generator` on the model's device). cache_dtype: see KVCache.for_model.
     """
     if num_samples < 1:
         raise UserError(f"num-samples must be at least 1, got {num_samples}")
@@ -181,7 +186,7 @@ def generate(model: torch.nn.Module, prompt: Sequence[int], *, num_samples: int 
         generator = make_generator(device, seed)
     B = num_samples
     # the last new token is never fed back: prompt + n_new - 1 positions are cached
-    cache = KVCache.for_model(model, B, max_len=len(prompt) + n_new - 1)
+    cache = KVCache.for_model(model, B, max_len=len(prompt) + n_new - 1, dtype=cache_dtype)
     was_training = model.training
     model.eval()
     try:

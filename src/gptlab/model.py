@@ -196,12 +196,31 @@ class GPT(nn.Module):
 
 class FusedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of (x @ W.T) over the real vocabulary, with the gradients for x and W
-    computed in the same pass, CHUNK rows at a time. Same arithmetic as lm_head + cross_entropy,
+    computed in the same pass, a chunk of rows at a time. Same arithmetic as lm_head + cross_entropy,
     but no (N, V) logits, log-softmax or gradient tensor is ever materialised: each chunk's
-    logits are used while they are still in cache. Matmuls run in the autocast dtype if one is
-    active; the softmax and the accumulated weight gradient are fp32."""
+    logits are used while they are still in cache (CPU) or in one large kernel (CUDA).
 
-    CHUNK_ELEMENTS = 1 << 22  # rows per chunk x padded vocab, about 16 MB of fp32 logits
+    Precision: matmuls run in the autocast dtype if one is active, with fp32 outputs on CUDA; the
+    softmax, the loss and the accumulated gradients are fp32. The per-logit gradient is kept
+    unnormalised, (softmax - onehot) in [-1, 1], when it is cast to the matmul dtype: divided by
+    the token count first (65,536 tokens, say), it would underflow fp16. The 1/n and the incoming
+    gradient (a loss scale under fp16) are applied in fp32, in backward."""
+
+    CHUNK_ELEMENTS = 1 << 22  # CPU: rows per chunk x padded vocab, about 16 MB of fp32 logits
+    CUDA_CHUNK_BYTES = 1 << 30  # CUDA: at most this much chunk memory (and 1/8 of what is free)
+
+    @staticmethod
+    def chunk_rows(device: torch.device, padded_vocab: int, n_rows: int, free_bytes: int | None = None) -> int:
+        """Rows per chunk: cache-sized on a CPU; on CUDA a few large chunks (a multiple of 64 rows)
+        within CUDA_CHUNK_BYTES and an eighth of the free memory. A chunk holds about 10 bytes per
+        logit: its fp32 logits, the matmul-dtype copy and the gradient."""
+        if device.type != "cuda":
+            return max(1, min(n_rows, FusedHeadLoss.CHUNK_ELEMENTS // padded_vocab))
+        if free_bytes is None:
+            free_bytes = torch.cuda.mem_get_info(device)[0]
+        budget = min(FusedHeadLoss.CUDA_CHUNK_BYTES, free_bytes // 8)
+        rows = budget // (10 * padded_vocab) // 64 * 64
+        return max(64, min(rows, n_rows))
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -216,13 +235,14 @@ class FusedHeadLoss(torch.autograd.Function):
             valid = targets != ignore_index
             n_valid = valid.sum().clamp(min=1).to(torch.float32)
             safe_t = torch.where(valid, targets, torch.zeros_like(targets))
+            # both gradients are accumulated unnormalised (sum over tokens); backward divides by n
             grad_x = torch.empty(N, C, dtype=torch.float32, device=x.device)
             grad_w = torch.zeros(Vp, C, dtype=torch.float32, device=x.device)
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
-            rows = max(1, FusedHeadLoss.CHUNK_ELEMENTS // Vp)
+            rows = FusedHeadLoss.chunk_rows(x.device, Vp, N)
             for a in range(0, N, rows):
                 b = min(a + rows, N)
-                logits = (xs[a:b] @ w.t()).float()  # (c, Vp)
+                logits = _mm_fp32(xs[a:b], w.t())  # (c, Vp) fp32
                 if Vp > vocab_size:
                     logits[:, vocab_size:] = float("-inf")
                 lse = torch.logsumexp(logits, dim=1)  # (c,)
@@ -230,19 +250,29 @@ class FusedHeadLoss(torch.autograd.Function):
                 ar = torch.arange(b - a, device=x.device)
                 m = valid[a:b].float()
                 loss += ((lse - logits[ar, t]) * m).sum()
-                # d(mean loss)/d(logits) = (softmax - onehot) * valid / n_valid, in place over the logits
+                # d(summed loss)/d(logits) = (softmax - onehot) * valid, in place over the logits
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()
                 probs[ar, t] -= 1.0
-                probs.mul_((m / n_valid).unsqueeze(1))
-                g = probs.to(mm_dtype)
-                grad_x[a:b] = (g @ w).float()
-                grad_w.addmm_(g.t().float() if mm_dtype != torch.float32 else g.t(), xs[a:b].float())
-        ctx.save_for_backward(grad_x, grad_w)
+                probs.mul_(m.unsqueeze(1))
+                g = probs.to(mm_dtype)  # (c, Vp), entries in [-1, 1]
+                grad_x[a:b] = _mm_fp32(g, w)
+                grad_w += _mm_fp32(g.t(), xs[a:b])  # (Vp, C)
+        ctx.save_for_backward(grad_x, grad_w, n_valid)
         ctx.dtypes = (x.dtype, weight.dtype)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x, grad_w = ctx.saved_tensors
+        grad_x, grad_w, n_valid = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        return (grad_x * grad_out).to(x_dtype), (grad_w * grad_out).to(w_dtype), None, None, None
+        # the incoming gradient (a loss scale under fp16) and 1/n meet the sums in fp32, then cast
+        scale = grad_out.float() / n_valid
+        return (grad_x * scale).to(x_dtype), (grad_w * scale).to(w_dtype), None, None, None
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32. On CUDA a half-precision product accumulates and is written in fp32
+    (out_dtype), never rounded to fp16/bf16 on the way; elsewhere the product is upcast."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()

@@ -37,9 +37,11 @@ class Placed:
     fsdp: bool = False
     ddp: bool = False
     compiled: bool = False
+    guard: "CompileFallback | None" = None
+    """The compiled model's fallback to eager mode (None when not compiled)."""
 
 
-def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False) -> Placed:
+def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compile_backend: str = "inductor") -> Placed:
     """Move the model to the runtime's device, then shard (FSDP) or replicate (DDP) it, compiled
     when the runtime says so. FSDP shards whole blocks, so it is placed before compiling."""
     if fsdp and not env.is_distributed:
@@ -47,23 +49,65 @@ def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False) -> Pla
     model.to(rt.device)
     if fsdp:
         shard_model(model, rt)
-    forward: torch.nn.Module = compile_model(model) if rt.compile else model
+    forward: torch.nn.Module = compile_model(model, compile_backend) if rt.compile else model
+    guard = forward if isinstance(forward, CompileFallback) else None
     ddp = env.is_distributed and not fsdp
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         forward = DDP(forward, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return Placed(model=model, forward=forward, fsdp=fsdp, ddp=ddp, compiled=forward is not model and rt.compile)
+    return Placed(model=model, forward=forward, fsdp=fsdp, ddp=ddp, compiled=guard is not None, guard=guard)
 
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """torch.compile, or the model itself with one warning line when compiling is impossible here."""
+    """torch.compile behind a CompileFallback, or the model itself with one warning line when
+    compiling is impossible here (an unknown backend, say)."""
     try:
-        return torch.compile(model, backend=backend)
-    except Exception as e:  # an unknown backend, no compiler: train uncompiled rather than not at all
-        print(f"gptlab: warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-              "continuing uncompiled", file=sys.stderr)
+        return CompileFallback(model, torch.compile(model, backend=backend))
+    except Exception as e:  # train uncompiled rather than not at all
+        _compile_warning(e)
         return model
+
+
+def _compile_warning(e: BaseException) -> None:
+    cause = e.__cause__ if e.__cause__ is not None else e  # dynamo wraps the backend's own error
+    first = (str(cause).strip().splitlines() or [""])[0][:160]
+    print(f"gptlab: warning: torch.compile failed ({type(e).__name__}: {first}); continuing uncompiled",
+          file=sys.stderr, flush=True)
+
+
+class CompileFallback(torch.nn.Module):
+    """The compiled model until it fails: compiling happens at the first call (and the backward
+    graph at the first backward), so a missing Triton or C compiler, an unsupported op or a broken
+    backend shows up there. Then one warning line, and the module itself from then on. train_step
+    marks it `verified` after its first complete step; after that, errors are not caught."""
+
+    def __init__(self, module: torch.nn.Module, compiled: Callable):
+        super().__init__()
+        self.module = module  # the name checkpoint.raw_model unwraps
+        self._compiled = [compiled]  # in a list: not a submodule, so no second copy of the weights
+        self.verified = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self._compiled)
+
+    def fall_back(self, e: BaseException) -> None:
+        if self._compiled:
+            _compile_warning(e)
+            self._compiled.clear()
+
+    def forward(self, *args, **kwargs):
+        if self._compiled and self.verified:
+            return self._compiled[0](*args, **kwargs)
+        if self._compiled:
+            try:
+                return self._compiled[0](*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:
+                self.fall_back(e)
+        return self.module(*args, **kwargs)
 
 
 def shard_model(model: GPT, rt: Runtime) -> None:
@@ -104,12 +148,7 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
     for micro, (x, y) in enumerate(batches):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with _sync_context(placed, last=micro == accum - 1):
-            with rt.autocast():
-                # uncompiled, the output layer's loss is fused and chunked (model.FusedHeadLoss)
-                _, loss = placed.forward(x, y, return_logits=placed.compiled)
-            loss = loss / accum
-            loss_sum += loss.detach()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += _guarded_forward_backward(placed, rt, x, y, accum, scaler)
     dist.all_reduce_mean(loss_sum)
     loss_val = float(loss_sum.item())
     if optimizer is None:
@@ -130,6 +169,37 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_val, norm)
+
+
+def _forward_backward(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
+                      scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    compiled = placed.compiled and (placed.guard is None or placed.guard.active)
+    with rt.autocast():
+        # uncompiled, the output layer's loss is fused and chunked (model.FusedHeadLoss)
+        _, loss = placed.forward(x, y, return_logits=compiled)
+    loss = loss / accum
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach()
+
+
+def _guarded_forward_backward(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
+                              scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """One micro-batch. The first one through a compiled model is guarded: if compiling its forward
+    or its backward fails, the gradients are dropped and the micro-batch runs again uncompiled."""
+    guard = placed.guard
+    if guard is None or guard.verified or not guard.active:
+        return _forward_backward(placed, rt, x, y, accum, scaler)
+    try:
+        loss = _forward_backward(placed, rt, x, y, accum, scaler)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        guard.fall_back(e)
+        placed.model.zero_grad(set_to_none=True)
+        loss = _forward_backward(placed, rt, x, y, accum, scaler)
+    guard.verified = True
+    placed.compiled = guard.active
+    return loss
 
 
 def _sync_context(placed: Placed, last: bool):
@@ -153,45 +223,53 @@ def grad_norm(model: torch.nn.Module, clip: float) -> float:
     return float(norm)
 
 
-def find_batch_size(model_cfg: ModelConfig, rt: Runtime, total_batch_tokens: int, env: dist.DistEnv) -> int:
-    """The largest micro-batch that divides this rank's share of the global batch and fits in memory
-    (GPU), keeping the global batch by adjusting accumulation. Memory is not the limit on a CPU,
-    where it takes the largest divisor up to 16. The probe runs the same train_step as training."""
-    T = model_cfg.seq_len
+def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: dist.DistEnv,
+                    probe: bool | None = None) -> int:
+    """The largest micro-batch that divides this rank's share of the global batch and fits in memory,
+    keeping the global batch by adjusting accumulation. The probe (on CUDA; `probe` overrides) runs
+    train_step on the placed model itself: compiled, fused loss, DDP- or FSDP-wrapped, exactly what
+    training runs, with AdamW's moments reserved. Memory is not the limit on a CPU, where it takes the
+    largest divisor up to 16. Not even one sequence fitting is an error, not a silent 1."""
+    T = placed.model.config.seq_len
     seqs = total_batch_tokens // (T * env.world_size)
     divisors = [b for b in range(seqs, 0, -1) if seqs % b == 0]
-    if rt.device.type != "cuda":
+    if probe is None:
+        probe = rt.device.type == "cuda"
+    if not probe:
         return next(b for b in divisors if b <= 16)
-    placed = Placed(model=GPT(model_cfg).to(rt.device), forward=None)  # type: ignore[arg-type]
-    placed.forward = placed.model
-    n_params = sum(p.numel() for p in placed.model.parameters())
-    # AdamW keeps two fp32 moments per parameter; reserve them while probing
-    reserve = torch.empty(2 * n_params, dtype=torch.float32, device=rt.device)
-    chosen = 1
+    for b in [d for d in divisors if d <= 1024]:
+        if _fits(placed, rt, env, b):
+            return b
+    raise UserError(f"--batch-size auto: not even one sequence of {T} tokens fits in {rt.device} memory "
+                    f"with this model; try a shorter --seq-len, --fsdp or a smaller model")
+
+
+def _reserve(placed: Placed, rt: Runtime) -> torch.Tensor:
+    """AdamW's two fp32 moments for this rank's parameters (its shards under FSDP)."""
+    n = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in placed.model.parameters())
+    return torch.empty(2 * n, dtype=torch.float32, device=rt.device)
+
+
+def _fits(placed: Placed, rt: Runtime, env: dist.DistEnv, b: int) -> bool:
+    """Does a forward and backward of b sequences fit, on every rank?"""
+    T, V = placed.model.config.seq_len, placed.model.config.vocab_size
+    ok = torch.ones(1, device=rt.device)
     try:
-        for b in [d for d in divisors if d <= 1024]:
-            ok = torch.ones(1, device=rt.device)
-            try:
-                x = torch.randint(0, model_cfg.vocab_size, (b, T), device=rt.device)
-                train_step(placed, rt, [(x, x)], accum=1)
-                rt.synchronize()
-            except torch.OutOfMemoryError:
-                ok.zero_()
-            placed.model.zero_grad(set_to_none=True)
-            x = None
-            torch.cuda.empty_cache()
-            if env.is_distributed:
-                # every rank must choose the same size: the minimum of the flags
-                ok = ok.neg()
-                dist.all_reduce_max(ok)
-                ok = ok.neg()
-            if ok.item() > 0:
-                chosen = b
-                break
-    finally:
-        del reserve, placed
+        reserve = _reserve(placed, rt)  # inside the try: the reserve alone may not fit
+        x = torch.randint(0, V, (b, T), device=rt.device)
+        train_step(placed, rt, [(x, x)], accum=1)
+        rt.synchronize()
+        del reserve, x
+    except torch.OutOfMemoryError:
+        ok.zero_()
+    placed.model.zero_grad(set_to_none=True)
+    if rt.device.type == "cuda":
         torch.cuda.empty_cache()
-    return chosen
+    if env.is_distributed:
+        ok = ok.neg()  # every rank must choose the same size: the minimum of the flags
+        dist.all_reduce_max(ok)
+        ok = ok.neg()
+    return bool(ok.item() > 0)
 
 
 # ----------------------------------------------------------------------------- full state of a placed model
@@ -215,12 +293,14 @@ def load_optimizer(placed: Placed, optimizer: torch.optim.Optimizer, full_state:
     set_optimizer_state_dict(placed.model, optimizer, full_state, options=_full_state_options())
     for g, kept in zip(optimizer.param_groups, keep):
         g.update(kept)
+    state_to_param_device(optimizer)
 
 
 # ----------------------------------------------------------------------------- FSDP without a full model per rank
 
 def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: int,
-                  full_state: Callable[[], dict[str, torch.Tensor]] | None = None, init: bool = True) -> Placed:
+                  full_state: Callable[[], dict[str, torch.Tensor]] | None = None, init: bool = True,
+                  compile_backend: str = "inductor") -> Placed:
     """FSDP2 built on the meta device: the model is sharded before it has any storage, then each
     rank allocates only its own shards on its device and fills them in place, either with the
     eager initialisation replayed (full_state None) or with weights that rank 0 alone reads
@@ -238,8 +318,9 @@ def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: 
     else:
         sd = full_state() if env.is_main else {}
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    forward: torch.nn.Module = compile_model(model) if rt.compile else model
-    return Placed(model=model, forward=forward, fsdp=True, compiled=forward is not model and rt.compile)
+    forward: torch.nn.Module = compile_model(model, compile_backend) if rt.compile else model
+    guard = forward if isinstance(forward, CompileFallback) else None
+    return Placed(model=model, forward=forward, fsdp=True, compiled=guard is not None, guard=guard)
 
 
 _INIT_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
@@ -296,3 +377,16 @@ def _copy_my_rows(param: torch.Tensor, full: torch.Tensor) -> None:
         local.copy_(chunks[rank])
     else:
         assert local.numel() == 0, "a rank past the last chunk holds no rows"
+
+
+def state_to_param_device(optimizer: torch.optim.Optimizer) -> None:
+    """Every state tensor on its parameter's device. torch placed `step` by the saved run's flags:
+    on the CPU for a run that was not fused, where a fused (or capturable) AdamW needs it on the
+    parameters' device. Other optimizers keep `step` on the CPU, as torch wants it."""
+    for group in optimizer.param_groups:
+        step_on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and (k != "step" or step_on_device) and v.device != p.device:
+                    st[k] = v.to(p.device)

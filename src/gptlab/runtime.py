@@ -8,6 +8,7 @@ emulated and about 300x slower than fp32, so CPUs get fp32.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,62 @@ from gptlab.errors import UserError
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) by device name, for MFU.
-_GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12,
-    "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
+# Dense peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, per dtype, for MFU. "fp32" is the
+# plain CUDA-core rate, "tf32" the tensor-core rate fp32 matmuls get with TF32 on (Ampere and
+# later); V100 and T4 have no TF32 and no bf16 (None: that dtype has no native peak). Each row is
+# matched against torch.cuda.get_device_name() as whole words, first match wins, so L4/L40/L40S,
+# A10/A10G/A100 and the H100 SXM/PCIe/NVL variants are told apart.
+GPU_PEAKS: list[tuple[str, str, dict[str, float | None]]] = [
+    # (pattern, canonical name, peaks in TFLOP/s)
+    (r"\bH100\b.*\bNVL\b", "H100 NVL", dict(bf16=835, fp16=835, tf32=418, fp32=60)),
+    (r"\bH100\b.*\bPCIE\b", "H100 PCIe", dict(bf16=756, fp16=756, tf32=378, fp32=51.2)),
+    (r"\bH100\b", "H100 SXM", dict(bf16=989, fp16=989, tf32=494.7, fp32=66.9)),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL", dict(bf16=835, fp16=835, tf32=418, fp32=60)),
+    (r"\bGH200\b", "GH200", dict(bf16=989, fp16=989, tf32=494.7, fp32=66.9)),
+    (r"\bH200\b", "H200 SXM", dict(bf16=989, fp16=989, tf32=494.7, fp32=66.9)),
+    (r"\bA100\b", "A100", dict(bf16=312, fp16=312, tf32=156, fp32=19.5)),
+    (r"\bA10\b", "A10", dict(bf16=125, fp16=125, tf32=62.5, fp32=31.2)),
+    (r"\bA40\b", "A40", dict(bf16=149.7, fp16=149.7, tf32=74.8, fp32=37.4)),
+    (r"\bA6000\b", "RTX A6000", dict(bf16=154.8, fp16=154.8, tf32=77.4, fp32=38.7)),
+    (r"\bL40S\b", "L40S", dict(bf16=362, fp16=362, tf32=183, fp32=91.6)),
+    (r"\bL40\b", "L40", dict(bf16=181, fp16=181, tf32=90.5, fp32=90.5)),
+    (r"\bL4\b", "L4", dict(bf16=121, fp16=121, tf32=60, fp32=30.3)),
+    (r"\bRTX 4090\b", "RTX 4090", dict(bf16=165.2, fp16=165.2, tf32=82.6, fp32=82.6)),
+    (r"\bRTX 3090\b(?! TI)", "RTX 3090", dict(bf16=71, fp16=71, tf32=35.6, fp32=35.6)),
+    (r"\bV100S\b", "V100S PCIe", dict(bf16=None, fp16=130, tf32=None, fp32=16.4)),
+    (r"\bV100\b.*\bSXM", "V100 SXM2", dict(bf16=None, fp16=125, tf32=None, fp32=15.7)),
+    (r"\bV100\b", "V100 PCIe", dict(bf16=None, fp16=112, tf32=None, fp32=14)),
+    (r"\bT4\b", "T4", dict(bf16=None, fp16=65, tf32=None, fp32=8.1)),
+]
+_DTYPE_KEY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def gpu_model(device_name: str) -> tuple[str, dict[str, float | None]] | None:
+    """The table row of a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100 SXM"), or None."""
+    name = device_name.upper().replace("-", " ").replace("_", " ")
+    for pattern, canonical, peaks in GPU_PEAKS:
+        if re.search(pattern, name):
+            return canonical, peaks
+    return None
+
+
+def peak_flops_for(device_name: str, dtype: torch.dtype, tf32: bool = True) -> float | None:
+    """Peak FLOP/s of a CUDA device in a compute dtype (fp32 with TF32 on: the TF32 rate where the
+    device has one); None for an unknown device or a dtype it does not run natively."""
+    row = gpu_model(device_name)
+    if row is None:
+        return None
+    peaks = row[1]
+    key = _DTYPE_KEY[dtype]
+    value = peaks.get("tf32") if key == "fp32" and tf32 and peaks.get("tf32") else peaks.get(key)
+    return value * 1e12 if value else None
+
+
+def enable_tf32() -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores, through the current API only: mixing it
+    with the legacy allow_tf32 flags warns, and makes torch.get_float32_matmul_precision() raise."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 @dataclass
@@ -56,13 +107,8 @@ class Runtime:
         """The device's peak FLOP/s in the chosen dtype where known, for MFU; None otherwise."""
         if self.device.type != "cuda":
             return None
-        name = torch.cuda.get_device_name(self.device)
-        for key, peak in _GPU_PEAK_BF16.items():
-            if key in name:
-                if self.dtype == torch.float32:
-                    return peak / 2  # TF32 tensor cores run at half the bf16 rate
-                return peak
-        return None
+        tf32 = torch.backends.cuda.matmul.fp32_precision == "tf32"
+        return peak_flops_for(torch.cuda.get_device_name(self.device), self.dtype, tf32=tf32)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -110,8 +156,7 @@ def get_runtime(device: str | None = None, dtype: str | None = None, compile: bo
     if dev.type == "cuda":
         if dev.index is not None:
             torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     dt = pick_dtype(dev, dtype)
     if compile is None:
         compile = dev.type == "cuda"

@@ -240,7 +240,7 @@ def _place_fsdp(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, ckpt: Path | N
         full_state = lambda: pretrained.pop().state_dict()  # noqa: E731
     else:
         model_cfg = cfg.model_config()
-    return place_sharded(model_cfg, rt, env, cfg.seed, full_state, init)
+    return place_sharded(model_cfg, rt, env, cfg.seed, full_state, init, cfg.compile_backend)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -339,10 +339,13 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
     else:
         model = build_model(cfg)
     T = model.config.seq_len
+    n_params = model.num_params()
+    if placed is None:
+        placed = place(model, rt, env, compile_backend=cfg.compile_backend)
     batch_size = cfg.batch_size
     if batch_size == "auto":
         grad_accum_steps(cfg, T, env.world_size, 1)  # the global batch must split into sequences
-        batch_size = find_batch_size(model.config, rt, cfg.total_batch_tokens, env)
+        batch_size = find_batch_size(placed, rt, cfg.total_batch_tokens, env)  # probes the placed model
     accum = grad_accum_steps(cfg, T, env.world_size, batch_size)
     loader = TrainLoader(cfg.data, seq_len=T, batch_size=batch_size, grad_accum=accum,
                          rank=env.rank, world_size=env.world_size, seed=cfg.seed,
@@ -355,9 +358,6 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
         run.create()
         run.write_config(model.config.to_dict(), cfg.to_dict())
     dist.barrier()
-    n_params = model.num_params()
-    if placed is None:
-        placed = place(model, rt, env)
     optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                            eps=cfg.eps, device_type=rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
@@ -581,9 +581,7 @@ def _evaluate(s: Session) -> float | None:
         s.say(f"step {step}: val loss {val_loss:.4f}")
     except UserError as e:
         s.say(f"step {step}: val loss skipped: {e}")
-    if s.hellaswag_path is not None and cfg.fsdp:
-        s.say(f"step {step}: HellaSwag is not run inside FSDP training; use `gptlab eval {s.run.path} --hellaswag`")
-    elif s.hellaswag_path is not None:
+    if s.hellaswag_path is not None:  # every rank takes part (under FSDP each forward is a collective)
         hs = evaluate.evaluate_hellaswag(s.model, s.hellaswag_path, device=s.rt.device, limit=cfg.hellaswag_limit,
                                          batch_size=max(1, s.batch_size // 4), autocast=s.rt.autocast,
                                          show_progress=False)
@@ -612,6 +610,12 @@ def _val_tokens(s: Session) -> int:
     return n * T
 
 
+def _cache_dtype(s: Session) -> torch.dtype | None:
+    """Under FSDP with bf16/fp16 parameters, attention computes in that dtype, not in the fp32 of the
+    sharded parameters: the KV cache must follow it. Otherwise the parameters' dtype (None)."""
+    return s.rt.dtype if s.placed.fsdp and s.rt.dtype != torch.float32 else None
+
+
 def _write_samples(s: Session) -> None:
     tok = get_tokenizer()
     # sampling has its own generator: it never touches the training RNG
@@ -622,7 +626,7 @@ def _write_samples(s: Session) -> None:
         for prompt in SAMPLE_PROMPTS:
             ids = [tok.eot] + tok.encode(prompt)
             for new in generate_ids(s.model, ids, num_samples=s.cfg.num_samples, max_new_tokens=s.cfg.sample_tokens,
-                                    temperature=1.0, top_k=50, generator=gen):
+                                    temperature=1.0, top_k=50, generator=gen, cache_dtype=_cache_dtype(s)):
                 if new and new[-1] == tok.eot:
                     new = new[:-1]
                 lines.append(prompt + tok.decode(new))
