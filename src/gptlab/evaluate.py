@@ -14,14 +14,16 @@ reported:
   characters of the cleaned ending (`len(choice)` in the harness: the choice string without the
   leading space that joins it to the query).
 
-Both styles run as rows of one forward pass: an item's 4 endings x 2 styles = 8 rows, and many
-items go into one batch. Rows are right-padded; with causal attention a pad token only follows
-the real tokens, so it cannot change their outputs, and pad positions are never scored.
+Each item has 2 contexts (one per style) and 8 rows (4 endings x 2 styles). A gptlab GPT runs
+each context once and its 4 endings from the context's keys and values (PrefixCache): contexts of
+one length form an unpadded block, and the endings, right-padded, follow in a second pass. With
+causal attention a pad token only follows the real tokens, so it cannot change their outputs, and
+pad positions are never scored. Items cropped to the model's context (their rows crop
+differently) and other modules run whole rows instead (score_rows).
 
-Sharding: items are sorted by length and cut into batches the same way for any world size;
-batch b runs on rank b % world_size. A batch's contents and padding do not depend on the world
-size, so every item scores bit-for-bit the same, and the counts summed once at the end make 2
-ranks give exactly the 1-rank numbers.
+Sharding: the batches are cut the same way for any world size and batch b runs on rank b %
+world_size; each rank writes its rows' log-likelihoods into a zeroed (items, 8) table, and one sum
+over ranks at the end gives every rank the whole table, so 2 ranks give exactly the 1-rank numbers.
 
 Validation loss: token-weighted sums of the loss over the val split's fixed windows (the loader
 gives each rank its share), summed over ranks once at the end.
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from gptlab import dist
 from gptlab.config import EOT_TOKEN, preset_for_shape
 from gptlab.errors import UserError
+from gptlab.model import GPT
 
 # ----------------------------------------------------------------------------- data files
 
@@ -93,8 +96,6 @@ def _sha256_file(path: Path) -> str:
 def _download(url: str, dest: Path, expected_sha256: str | None, show_progress: bool) -> None:
     """Fetch url to dest through a temporary file in the same folder; dest appears only once its
     sha256 matches (a partial or wrong download never looks like a cached copy)."""
-    from tqdm import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -103,8 +104,7 @@ def _download(url: str, dest: Path, expected_sha256: str | None, show_progress: 
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, os.fdopen(fd, "wb") as f:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                          file=sys.stderr, disable=not show_progress) as bar:
+                with _progress(total, dest.name, "B", show_progress, unit_scale=True, unit_divisor=1024) as bar:
                     while True:
                         chunk = resp.read(1 << 16)
                         if not chunk:
@@ -346,25 +346,43 @@ def _context_len(model: torch.nn.Module) -> int | None:
     return getattr(cfg, "seq_len", None)
 
 
+def _progress(total: float, desc: str, unit: str, enabled: bool, **kw):
+    """A tqdm bar on stderr (the same look for every evaluation); disabled unless `enabled`."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=not enabled, **kw)
+
+
+def _autocast_or_null(autocast: Callable[[], Any] | None) -> Callable[[], Any]:
+    return autocast if autocast is not None else contextlib.nullcontext
+
+
+def _head_logprobs(model: GPT, h: torch.Tensor, tgt: torch.Tensor,
+                   greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(tgt[k]) from hidden states h (K, C) -> (K,) float32; with `greedy` also whether
+    tgt[k] is the most likely token -> (K,) bool.
+
+    Only these K positions go through the output layer (vocab x C): that layer is most of a small
+    model's cost, and context positions need no logits. Chunks of 2048 rows bound the (K, V) logits."""
+    lps, hits = [], []
+    for hk, tk in zip(h.split(2048), tgt.split(2048)):
+        logits = model.logits(hk).float()  # (k, V)
+        lps.append(logits.gather(1, tk[:, None]).squeeze(1) - logits.logsumexp(-1))
+        if greedy:
+            hits.append(logits.argmax(-1) == tk)
+    return torch.cat(lps), (torch.cat(hits) if greedy else None)
+
+
 def _token_logprobs(model, idx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                     tgt: torch.Tensor) -> torch.Tensor:
     """log p(tgt[k] | idx[rows[k], :pos[k] + 1]) for each scored position k -> (K,) float32.
-
-    For a gptlab GPT only the scored positions go through the output layer (50304 x C): that
-    layer is most of a small model's cost, and context positions need no logits. Any other module
-    with the GPT call signature gets a full forward."""
-    from gptlab.model import GPT
-
+    A gptlab GPT runs its body once and the output layer on scored positions only; any other
+    module with the GPT call signature gets a full forward."""
     if isinstance(model, GPT):
-        h = model.hidden(idx)[rows, pos]  # (K, C)
-        out = []
-        for hk, tk in zip(h.split(2048), tgt.split(2048)):  # bounds the (K, V) logits in memory
-            logits = model.logits(hk).float()
-            out.append(logits.log_softmax(-1).gather(1, tk[:, None]).squeeze(1))
-        return torch.cat(out)
+        return _head_logprobs(model, model.hidden(idx)[rows, pos], tgt)[0]
     logits, _ = model(idx)  # (B, T, V)
     logits = logits[rows, pos].float()  # (K, V)
-    return logits.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1)
+    return logits.gather(1, tgt[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
 def _crop(row: tuple[int, ...], T: int | None) -> tuple[tuple[int, ...], bool]:
@@ -376,13 +394,13 @@ def _crop(row: tuple[int, ...], T: int | None) -> tuple[tuple[int, ...], bool]:
 
 def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]],
                device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-likelihood of each row's continuation and its token count, in one forward pass.
+    """Summed log-likelihood of each row's continuation and its token count, in one forward pass
+    over whole rows (context + continuation each).
 
     rows: (ids, n_cont) with ids = context + continuation, already cropped to the model's context + 1.
     Returns (R,) float32 sums and (R,) int64 counts, on the CPU."""
     lengths = [len(r) - 1 for r, _ in rows]  # inputs are row[:-1]
-    T = max(lengths)
-    idx = torch.full((len(rows), T), EOT_TOKEN, dtype=torch.long)  # (R, T), right-padded
+    idx = torch.full((len(rows), max(lengths)), EOT_TOKEN, dtype=torch.long)  # (R, T), right-padded
     r_idx, c_idx, p_idx, tgt = [], [], [], []
     for i, (ids, n_cont) in enumerate(rows):
         L = len(ids) - 1
@@ -393,16 +411,119 @@ def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]]
         p_idx.extend(range(L - n_cont, L))
         tgt.extend(ids[L + 1 - n_cont:])
     dev = torch.device(device)
-    rows_t = torch.tensor(r_idx, dtype=torch.long, device=dev)
-    lp = _token_logprobs(model, idx.to(dev), rows_t, torch.tensor(p_idx, dtype=torch.long, device=dev),
-                         torch.tensor(tgt, dtype=torch.long, device=dev))  # (K,)
+    as_t = functools.partial(torch.tensor, dtype=torch.long, device=dev)
+    lp = _token_logprobs(model, idx.to(dev), as_t(r_idx), as_t(p_idx), as_t(tgt))  # (K,)
     counts = torch.tensor([n for _, n in rows], dtype=torch.long)
-    # sum per row through a zero-padded (R, max n_cont) table: a fixed-order sum, where
-    # index_add_ would accumulate with atomics on a GPU and could differ from run to run
-    table = torch.zeros(len(rows), int(counts.max()), dtype=torch.float32, device=dev)
-    table[rows_t, torch.tensor(c_idx, dtype=torch.long, device=dev)] = lp
-    return table.sum(1).cpu(), counts
+    return _row_sums(lp, as_t(r_idx), as_t(c_idx), len(rows), int(counts.max())).cpu(), counts
 
+
+def _row_sums(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, R: int, width: int) -> torch.Tensor:
+    """Sum values[k] into row rows[k] through a zero-padded (R, width) table: a fixed-order sum,
+    where index_add_ would accumulate with atomics on a GPU and could differ from run to run."""
+    table = torch.zeros(R, width, dtype=values.dtype, device=values.device)
+    table[rows, cols] = values
+    return table.sum(1)
+
+
+# ----------------------------------------------------------------------------- shared contexts
+
+class PrefixCache:
+    """A model.Cache that runs a block of contexts once, then many continuations of each.
+
+    First `GPT.hidden(contexts (n, Lc), cache)`: attention stores each layer's keys and values
+    (n, H, Lc, hd) and, at position 0, is plain causal attention over the contexts. Then
+    `fan_out(src)` maps continuation row r to context src[r], and the second `hidden(conts (R, Tc),
+    cache)` gives row r the keys/values of context src[r] followed by its own, at positions Lc..:
+    each row computes what the whole sequence context + continuation would, without running the
+    context again."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+        self._src: torch.Tensor | None = None
+
+    def fan_out(self, src: torch.Tensor) -> None:
+        self._src = src
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._src is None:  # the contexts
+            self._k[layer], self._v[layer] = k, v
+            return k, v
+        # (R, H, Lc + Tc, hd): one layer at a time, so the fanned-out copy never exists for all layers
+        return (torch.cat([self._k[layer][self._src], k], 2), torch.cat([self._v[layer][self._src], v], 2))
+
+
+@dataclass(frozen=True)
+class ContextGroup:
+    """Continuations (each non-empty) to score after one context (non-empty); len(context) +
+    len(continuation) - 1 must fit the model's context."""
+
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+
+def plan_shared_batches(groups: Sequence[ContextGroup], max_rows: int) -> list[list[int]]:
+    """Indices of groups cut into batches for score_shared: the contexts of a batch have one
+    length (they run as one unpadded (n, Lc) block), a batch holds at most max_rows continuations
+    (a larger group is a batch alone), and groups are sorted by context and then continuation
+    length, so the continuations' right-padding stays small. Depends on nothing but `groups`."""
+    def key(g: int) -> tuple[int, int, int]:
+        return len(groups[g].context), max(len(c) for c in groups[g].continuations), g
+
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    rows = 0
+    for g in sorted(range(len(groups)), key=key):
+        n = len(groups[g].continuations)
+        if cur and (len(groups[g].context) != len(groups[cur[0]].context) or rows + n > max_rows):
+            batches.append(cur)
+            cur, rows = [], 0
+        cur.append(g)
+        rows += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def score_shared(model: GPT, groups: Sequence[ContextGroup], device,
+                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed log-likelihood of every continuation of `groups` (contexts of one length), each
+    context run once: the contexts in one pass, then all continuations from their keys/values.
+
+    Returns (R,) float32 sums, in the order of the groups' continuations, and with `greedy`
+    (R,) bools (every continuation token was the most likely one), on the CPU."""
+    dev = torch.device(device)
+    as_t = functools.partial(torch.tensor, dtype=torch.long, device=dev)
+    conts = [(i, c) for i, g in enumerate(groups) for c in g.continuations]
+    R, width = len(conts), max(len(c) for _, c in conts)
+    cache = PrefixCache()
+    h_last = model.hidden(as_t([g.context for g in groups]), cache)[:, -1]  # (n, C)
+    src = as_t([i for i, _ in conts])
+    # scored token j of row r: j = 0 is predicted by its context's last state, j >= 1 by the
+    # continuation pass at position j - 1 (the continuation's last token is never an input)
+    r_idx = [r for r, (_, c) in enumerate(conts) for _ in range(len(c) - 1)]
+    c_idx = [j for _, c in conts for j in range(1, len(c))]
+    tgt = [c[0] for _, c in conts] + [t for _, c in conts for t in c[1:]]
+    h = h_last[src]  # (R, C)
+    if width > 1:
+        inp = torch.full((R, width - 1), EOT_TOKEN, dtype=torch.long)  # right-padded: pads only follow
+        for r, (_, c) in enumerate(conts):                              # real tokens, never precede them
+            inp[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+        cache.fan_out(src)
+        h_cont = model.hidden(inp.to(dev), cache)  # (R, width - 1, C)
+        h = torch.cat([h, h_cont[as_t(r_idx), as_t(c_idx) - 1]])  # (K, C)
+    lp, hit = _head_logprobs(model, h, as_t(tgt), greedy)
+    rows = torch.cat([torch.arange(R, device=dev), as_t(r_idx)])
+    cols = torch.cat([torch.zeros(R, dtype=torch.long, device=dev), as_t(c_idx)])
+    sums = _row_sums(lp, rows, cols, R, width).cpu()
+    if not greedy:
+        return sums, None
+    misses = _row_sums((~hit).float(), rows, cols, R, width)
+    return sums, (misses == 0).cpu()
+
+
+# ----------------------------------------------------------------------------- HellaSwag scoring
 
 def _argmax(values: Sequence[float]) -> int:
     """Index of the largest value, the first one on ties (as numpy's and torch's argmax/argmin)."""
@@ -448,35 +569,10 @@ def _prepare_items(items_or_path, limit: int | None) -> list[RenderedItem]:
     return render_hellaswag(items)
 
 
-def evaluate_hellaswag(
-    model: torch.nn.Module,
-    items_or_path,
-    *,
-    device,
-    limit: int | None = None,
-    batch_size: int = 16,
-    autocast: Callable[[], Any] | None = None,
-    show_progress: bool = True,
-) -> dict:
-    """HellaSwag accuracy in both scoring styles.
-
-    items_or_path: a jsonl path, a list of HellaSwagItem or item dicts, or render_hellaswag's
-    output. batch_size: items per forward pass (8 rows each). autocast: a context manager factory
-    (e.g. Runtime.autocast) or None. When a process group is up every rank must call this; the
-    ranks share the items and the result is the same on every rank.
-    Items longer than the model's context are cropped from the left and counted in "cropped".
-    Returns {"completion": {"acc", "acc_norm", "n"}, "harness": {...}, "cropped": k}."""
-    from tqdm import tqdm
-
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
-    rendered = _prepare_items(items_or_path, limit)
-    net = _raw(model)
-    T = _context_len(net)
-
-    # crop every row (on every rank, so an impossible item fails everywhere before any collective)
-    cropped_rows: list[tuple[tuple[tuple[int, ...], int], ...]] = []
-    cropped_flags: list[bool] = []
+def _crop_items(rendered: Sequence[RenderedItem], T: int | None) -> tuple[list[tuple], list[bool]]:
+    """Every item's rows cropped to the model's context, and whether any row of it was. Run on
+    every rank, so that an item that cannot fit fails everywhere before any collective."""
+    rows_out, flags = [], []
     for it in rendered:
         rows, any_cropped = [], False
         for ids, n_cont in it.rows:
@@ -487,48 +583,127 @@ def evaluate_hellaswag(
             ids2, was = _crop(ids, T)
             rows.append((ids2, n_cont))
             any_cropped |= was
-        cropped_rows.append(tuple(rows))
-        cropped_flags.append(any_cropped)
+        rows_out.append(tuple(rows))
+        flags.append(any_cropped)
+    return rows_out, flags
 
-    # batches: items sorted by longest row (less padding), the same cut for any world size
-    order = sorted(range(len(rendered)), key=lambda i: (max(len(r) for r, _ in cropped_rows[i]), i))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rank, world = _rank_world()
-    mine = batches[rank::world]
 
-    # counts: items, completion acc, completion acc_norm, harness acc, harness acc_norm, cropped
-    totals = [0] * 6
-    ctx = autocast if autocast is not None else contextlib.nullcontext
-    bar = tqdm(total=sum(len(b) for b in mine), desc="hellaswag", unit="item", file=sys.stderr,
-               disable=not (show_progress and rank == 0), dynamic_ncols=True)
-    try:
-        with _eval_mode(net), torch.no_grad():
-            for batch in mine:
-                rows = [r for i in batch for r in cropped_rows[i]]
-                with ctx():
-                    sums, counts = score_rows(net, rows, device)
-                sums_l, counts_l = sums.tolist(), counts.tolist()
-                for j, i in enumerate(batch):
-                    it = rendered[i]
-                    preds = _predictions(sums_l[8 * j:8 * j + 8], counts_l[8 * j:8 * j + 8], it.harness_chars)
-                    totals[0] += 1
-                    for k, p in enumerate(preds):
-                        totals[1 + k] += int(p == it.label)
-                    totals[5] += int(cropped_flags[i])
-                bar.update(len(batch))
-    finally:
-        bar.close()
+@dataclass(frozen=True)
+class _Batch:
+    """One forward's work: whole rows of `items` (score_rows), or context `groups` (score_shared)
+    whose continuations are the rows `slots` [(item, row)], in order."""
 
-    if dist.is_initialized():
-        t = torch.tensor(totals, dtype=torch.int64, device=device)
-        dist.all_reduce_sum(t)  # once, after every rank has finished its (possibly fewer) batches
-        totals = t.tolist()
-    n = totals[0]
+    items: tuple[int, ...] = ()
+    groups: tuple[ContextGroup, ...] = ()
+    slots: tuple[tuple[int, int], ...] = ()
+
+
+def _plan_hellaswag(rows: Sequence[tuple], shared: Sequence[bool], batch_size: int) -> list[_Batch]:
+    """All batches, cut the same way for any world size. Items with `shared` set share each
+    context across its endings (the 2 styles give 2 contexts an item); the others (cropped items,
+    whose rows crop differently, or models without GPT.hidden) run as whole rows, items sorted
+    by their longest row, batch_size items a batch."""
+    groups: list[ContextGroup] = []
+    slots: list[list[tuple[int, int]]] = []
+    for i, item_rows in enumerate(rows):
+        if not shared[i]:
+            continue
+        by_ctx: dict[tuple[int, ...], int] = {}
+        for k, (ids, n_cont) in enumerate(item_rows):
+            ctx, cont = tuple(ids[:-n_cont]), tuple(ids[-n_cont:])
+            if ctx not in by_ctx:
+                by_ctx[ctx] = len(groups)
+                groups.append(ContextGroup(ctx, ()))
+                slots.append([])
+            g = by_ctx[ctx]
+            groups[g] = ContextGroup(ctx, groups[g].continuations + (cont,))
+            slots[g].append((i, k))
+    plan = [_Batch(groups=tuple(groups[g] for g in b), slots=tuple(s for g in b for s in slots[g]))
+            for b in plan_shared_batches(groups, 8 * batch_size)]
+    whole = sorted((i for i in range(len(rows)) if not shared[i]),
+                   key=lambda i: (max(len(r) for r, _ in rows[i]), i))
+    plan += [_Batch(items=tuple(whole[j:j + batch_size])) for j in range(0, len(whole), batch_size)]
+    return plan
+
+
+def _score_hellaswag_batch(net, batch: _Batch, rows: Sequence[tuple], scores: torch.Tensor, device) -> None:
+    """Write the batch's row log-likelihoods into scores (items, 8)."""
+    if batch.groups:
+        sums, _ = score_shared(net, batch.groups, device)
+        items = torch.tensor([i for i, _ in batch.slots])
+        ks = torch.tensor([k for _, k in batch.slots])
+    else:
+        sums, _ = score_rows(net, [r for i in batch.items for r in rows[i]], device)
+        items = torch.tensor(batch.items).repeat_interleave(8)
+        ks = torch.arange(8).repeat(len(batch.items))
+    scores[items.to(scores.device), ks.to(scores.device)] = sums.to(scores.device)
+
+
+def _tally_hellaswag(rendered: Sequence[RenderedItem], scores: Sequence[Sequence[float]],
+                     cropped: Sequence[bool]) -> dict:
+    hits = [0, 0, 0, 0]  # completion acc, completion acc_norm, harness acc, harness acc_norm
+    for it, s in zip(rendered, scores):
+        for k, p in enumerate(_predictions(s, [n for _, n in it.rows], it.harness_chars)):
+            hits[k] += int(p == it.label)
+    n = len(rendered)
     return {
-        "completion": {"acc": totals[1] / n, "acc_norm": totals[2] / n, "n": n},
-        "harness": {"acc": totals[3] / n, "acc_norm": totals[4] / n, "n": n},
-        "cropped": totals[5],
+        "completion": {"acc": hits[0] / n, "acc_norm": hits[1] / n, "n": n},
+        "harness": {"acc": hits[2] / n, "acc_norm": hits[3] / n, "n": n},
+        "cropped": sum(cropped),
     }
+
+
+def hellaswag_row_scores(net: torch.nn.Module, rendered: Sequence[RenderedItem], rows: Sequence[tuple],
+                         shared: Sequence[bool], *, device, batch_size: int = 16,
+                         autocast: Callable[[], Any] | None = None, show_progress: bool = False) -> torch.Tensor:
+    """Summed log-likelihood of every item's 8 rows -> (items, 8) float32 on `device`, the same on
+    every rank. rows: _crop_items' rows; shared[i]: item i shares its contexts (a GPT only)."""
+    rank, world = _rank_world()
+    mine = _plan_hellaswag(rows, shared, batch_size)[rank::world]
+    # every rank fills its own items' rows and zeros elsewhere; one sum makes the whole table, exactly
+    scores = torch.zeros(len(rendered), 8, dtype=torch.float32, device=device)
+    ctx = _autocast_or_null(autocast)
+    with _progress(sum(len(b.slots) or 8 * len(b.items) for b in mine) / 8, "hellaswag", "item",
+                   show_progress and rank == 0) as bar, _eval_mode(net), torch.no_grad():
+        for batch in mine:
+            with ctx():
+                _score_hellaswag_batch(net, batch, rows, scores, device)
+            bar.update((len(batch.slots) or 8 * len(batch.items)) / 8)
+    if dist.is_initialized():
+        dist.all_reduce_sum(scores)  # once, after every rank has finished its (possibly fewer) batches
+    return scores
+
+
+def evaluate_hellaswag(
+    model: torch.nn.Module,
+    items_or_path,
+    *,
+    device,
+    limit: int | None = None,
+    batch_size: int = 16,
+    autocast: Callable[[], Any] | None = None,
+    show_progress: bool = True,
+    share_context: bool = True,
+) -> dict:
+    """HellaSwag accuracy in both scoring styles.
+
+    items_or_path: a jsonl path, a list of HellaSwagItem or item dicts, or render_hellaswag's
+    output. batch_size: items per forward pass (8 rows each). autocast: a context manager factory
+    (e.g. Runtime.autocast) or None, entered per batch. share_context (a gptlab GPT only): run
+    each item's 2 contexts once and its 8 endings from their keys/values (False: 8 whole rows an
+    item, the former path, kept for comparison). When a process group is up every rank must call
+    this; the ranks share the batches and the result is the same on every rank.
+    Items longer than the model's context are cropped from the left and counted in "cropped".
+    Returns {"completion": {"acc", "acc_norm", "n"}, "harness": {...}, "cropped": k}."""
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    rendered = _prepare_items(items_or_path, limit)
+    net = _raw(model)
+    rows, cropped = _crop_items(rendered, _context_len(net))
+    shared = [share_context and isinstance(net, GPT) and not c for c in cropped]
+    scores = hellaswag_row_scores(net, rendered, rows, shared, device=device, batch_size=batch_size,
+                                  autocast=autocast, show_progress=show_progress)
+    return _tally_hellaswag(rendered, scores.tolist(), cropped)
 
 
 # ----------------------------------------------------------------------------- validation loss
@@ -549,8 +724,6 @@ def evaluate_val_loss(
     the windows from the loader, and the token-weighted sums are reduced once at the end, so any
     number of ranks gives the 1-rank number up to float summation order.
     Returns {"loss", "perplexity", "tokens"}."""
-    from tqdm import tqdm
-
     from gptlab.data.loader import iter_val_batches, val_windows
 
     if seq_len <= 0 or batch_size <= 0:
@@ -564,10 +737,9 @@ def evaluate_val_loss(
     acc = torch.float32 if torch.device(device).type == "mps" else torch.float64
     loss_sum = torch.zeros((), dtype=acc, device=device)
     tokens = 0
-    ctx = autocast if autocast is not None else contextlib.nullcontext
-    bar = tqdm(total=val_windows(data_dir, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
-               desc="val loss", unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
-               disable=not (show_progress and rank == 0))  # rank 0's share, for its rate and ETA
+    ctx = _autocast_or_null(autocast)
+    bar = _progress(val_windows(data_dir, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
+                    "val loss", "tok", show_progress and rank == 0, unit_scale=True)  # rank 0's share
     with bar, _eval_mode(net), torch.no_grad():
         for x, y in iter_val_batches(data_dir, seq_len=seq_len, batch_size=batch_size,
                                      max_tokens=max_tokens, rank=rank, world_size=world):
