@@ -56,6 +56,7 @@ from gptlab import dist
 from gptlab.config import EOT_TOKEN, preset_for_shape
 from gptlab.errors import UserError
 from gptlab.model import GPT
+from gptlab.scoring import ContextGroup, plan_shared_batches, score_rows, score_shared
 
 # ----------------------------------------------------------------------------- data files
 
@@ -357,170 +358,11 @@ def _autocast_or_null(autocast: Callable[[], Any] | None) -> Callable[[], Any]:
     return autocast if autocast is not None else contextlib.nullcontext
 
 
-def _head_logprobs(model: GPT, h: torch.Tensor, tgt: torch.Tensor,
-                   greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(tgt[k]) from hidden states h (K, C) -> (K,) float32; with `greedy` also whether
-    tgt[k] is the most likely token -> (K,) bool.
-
-    Only these K positions go through the output layer (vocab x C): that layer is most of a small
-    model's cost, and context positions need no logits. Chunks of 2048 rows bound the (K, V) logits."""
-    lps, hits = [], []
-    for hk, tk in zip(h.split(2048), tgt.split(2048)):
-        logits = model.logits(hk).float()  # (k, V)
-        lps.append(logits.gather(1, tk[:, None]).squeeze(1) - logits.logsumexp(-1))
-        if greedy:
-            hits.append(logits.argmax(-1) == tk)
-    return torch.cat(lps), (torch.cat(hits) if greedy else None)
-
-
-def _token_logprobs(model, idx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-                    tgt: torch.Tensor) -> torch.Tensor:
-    """log p(tgt[k] | idx[rows[k], :pos[k] + 1]) for each scored position k -> (K,) float32.
-    A gptlab GPT runs its body once and the output layer on scored positions only; any other
-    module with the GPT call signature gets a full forward."""
-    if isinstance(model, GPT):
-        return _head_logprobs(model, model.hidden(idx)[rows, pos], tgt)[0]
-    logits, _ = model(idx)  # (B, T, V)
-    logits = logits[rows, pos].float()  # (K, V)
-    return logits.gather(1, tgt[:, None]).squeeze(1) - logits.logsumexp(-1)
-
-
 def _crop(row: tuple[int, ...], T: int | None) -> tuple[tuple[int, ...], bool]:
     """Keep the last T + 1 tokens: the model reads row[:-1] (at most T) and predicts row[1:]."""
     if T is None or len(row) <= T + 1:
         return row, False
     return row[len(row) - (T + 1):], True
-
-
-def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]],
-               device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-likelihood of each row's continuation and its token count, in one forward pass
-    over whole rows (context + continuation each).
-
-    rows: (ids, n_cont) with ids = context + continuation, already cropped to the model's context + 1.
-    Returns (R,) float32 sums and (R,) int64 counts, on the CPU."""
-    lengths = [len(r) - 1 for r, _ in rows]  # inputs are row[:-1]
-    idx = torch.full((len(rows), max(lengths)), EOT_TOKEN, dtype=torch.long)  # (R, T), right-padded
-    r_idx, c_idx, p_idx, tgt = [], [], [], []
-    for i, (ids, n_cont) in enumerate(rows):
-        L = len(ids) - 1
-        idx[i, :L] = torch.tensor(ids[:-1], dtype=torch.long)
-        # the continuation's tokens are ids[L+1-n_cont : L+1], predicted at positions L-n_cont .. L-1
-        r_idx.extend([i] * n_cont)
-        c_idx.extend(range(n_cont))
-        p_idx.extend(range(L - n_cont, L))
-        tgt.extend(ids[L + 1 - n_cont:])
-    dev = torch.device(device)
-    as_t = functools.partial(torch.tensor, dtype=torch.long, device=dev)
-    lp = _token_logprobs(model, idx.to(dev), as_t(r_idx), as_t(p_idx), as_t(tgt))  # (K,)
-    counts = torch.tensor([n for _, n in rows], dtype=torch.long)
-    return _row_sums(lp, as_t(r_idx), as_t(c_idx), len(rows), int(counts.max())).cpu(), counts
-
-
-def _row_sums(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, R: int, width: int) -> torch.Tensor:
-    """Sum values[k] into row rows[k] through a zero-padded (R, width) table: a fixed-order sum,
-    where index_add_ would accumulate with atomics on a GPU and could differ from run to run."""
-    table = torch.zeros(R, width, dtype=values.dtype, device=values.device)
-    table[rows, cols] = values
-    return table.sum(1)
-
-
-# ----------------------------------------------------------------------------- shared contexts
-
-class PrefixCache:
-    """A model.Cache that runs a block of contexts once, then many continuations of each.
-
-    First `GPT.hidden(contexts (n, Lc), cache)`: attention stores each layer's keys and values
-    (n, H, Lc, hd) and, at position 0, is plain causal attention over the contexts. Then
-    `fan_out(src)` maps continuation row r to context src[r], and the second `hidden(conts (R, Tc),
-    cache)` gives row r the keys/values of context src[r] followed by its own, at positions Lc..:
-    each row computes what the whole sequence context + continuation would, without running the
-    context again."""
-
-    def __init__(self) -> None:
-        self.pos = 0
-        self._k: dict[int, torch.Tensor] = {}
-        self._v: dict[int, torch.Tensor] = {}
-        self._src: torch.Tensor | None = None
-
-    def fan_out(self, src: torch.Tensor) -> None:
-        self._src = src
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._src is None:  # the contexts
-            self._k[layer], self._v[layer] = k, v
-            return k, v
-        # (R, H, Lc + Tc, hd): one layer at a time, so the fanned-out copy never exists for all layers
-        return (torch.cat([self._k[layer][self._src], k], 2), torch.cat([self._v[layer][self._src], v], 2))
-
-
-@dataclass(frozen=True)
-class ContextGroup:
-    """Continuations (each non-empty) to score after one context (non-empty); len(context) +
-    len(continuation) - 1 must fit the model's context."""
-
-    context: tuple[int, ...]
-    continuations: tuple[tuple[int, ...], ...]
-
-
-def plan_shared_batches(groups: Sequence[ContextGroup], max_rows: int) -> list[list[int]]:
-    """Indices of groups cut into batches for score_shared: the contexts of a batch have one
-    length (they run as one unpadded (n, Lc) block), a batch holds at most max_rows continuations
-    (a larger group is a batch alone), and groups are sorted by context and then continuation
-    length, so the continuations' right-padding stays small. Depends on nothing but `groups`."""
-    def key(g: int) -> tuple[int, int, int]:
-        return len(groups[g].context), max(len(c) for c in groups[g].continuations), g
-
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    rows = 0
-    for g in sorted(range(len(groups)), key=key):
-        n = len(groups[g].continuations)
-        if cur and (len(groups[g].context) != len(groups[cur[0]].context) or rows + n > max_rows):
-            batches.append(cur)
-            cur, rows = [], 0
-        cur.append(g)
-        rows += n
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def score_shared(model: GPT, groups: Sequence[ContextGroup], device,
-                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed log-likelihood of every continuation of `groups` (contexts of one length), each
-    context run once: the contexts in one pass, then all continuations from their keys/values.
-
-    Returns (R,) float32 sums, in the order of the groups' continuations, and with `greedy`
-    (R,) bools (every continuation token was the most likely one), on the CPU."""
-    dev = torch.device(device)
-    as_t = functools.partial(torch.tensor, dtype=torch.long, device=dev)
-    conts = [(i, c) for i, g in enumerate(groups) for c in g.continuations]
-    R, width = len(conts), max(len(c) for _, c in conts)
-    cache = PrefixCache()
-    h_last = model.hidden(as_t([g.context for g in groups]), cache)[:, -1]  # (n, C)
-    src = as_t([i for i, _ in conts])
-    # scored token j of row r: j = 0 is predicted by its context's last state, j >= 1 by the
-    # continuation pass at position j - 1 (the continuation's last token is never an input)
-    r_idx = [r for r, (_, c) in enumerate(conts) for _ in range(len(c) - 1)]
-    c_idx = [j for _, c in conts for j in range(1, len(c))]
-    tgt = [c[0] for _, c in conts] + [t for _, c in conts for t in c[1:]]
-    h = h_last[src]  # (R, C)
-    if width > 1:
-        inp = torch.full((R, width - 1), EOT_TOKEN, dtype=torch.long)  # right-padded: pads only follow
-        for r, (_, c) in enumerate(conts):                              # real tokens, never precede them
-            inp[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-        cache.fan_out(src)
-        h_cont = model.hidden(inp.to(dev), cache)  # (R, width - 1, C)
-        h = torch.cat([h, h_cont[as_t(r_idx), as_t(c_idx) - 1]])  # (K, C)
-    lp, hit = _head_logprobs(model, h, as_t(tgt), greedy)
-    rows = torch.cat([torch.arange(R, device=dev), as_t(r_idx)])
-    cols = torch.cat([torch.zeros(R, dtype=torch.long, device=dev), as_t(c_idx)])
-    sums = _row_sums(lp, rows, cols, R, width).cpu()
-    if not greedy:
-        return sums, None
-    misses = _row_sums((~hit).float(), rows, cols, R, width)
-    return sums, (misses == 0).cpu()
 
 
 # ----------------------------------------------------------------------------- HellaSwag scoring
@@ -836,6 +678,59 @@ def _find_hellaswag_on_all_ranks(env, device, **kwargs) -> Path:
     return path or find_hellaswag(**kwargs, download=False)
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """lm-evaluation-harness tasks for `gptlab eval --tasks` (see harness.py)."""
+
+    tasks: tuple[str, ...]
+    include_path: str | None = None
+    num_fewshot: int | None = None
+
+
+def _check_eval_args(hellaswag: bool, val_dir: str | None, val_tokens: int | None, limit: int | None,
+                     tasks: TaskOptions | None) -> None:
+    if not hellaswag and val_dir is None and tasks is None:
+        raise UserError("nothing to evaluate: pass --hellaswag, --val DIR and/or --tasks T1,T2")
+    if limit is not None and not hellaswag and tasks is None:
+        raise UserError("--limit applies to HellaSwag and harness tasks; add --hellaswag or --tasks")
+    if val_tokens is not None and val_dir is None:
+        raise UserError("--val-tokens applies to validation loss; add --val DIR")
+    if val_dir is not None and not Path(val_dir).is_dir():
+        raise UserError(f"{val_dir}: no such dataset directory")
+    if tasks is not None and tasks.include_path is not None and not Path(tasks.include_path).is_dir():
+        raise UserError(f"{tasks.include_path}: no such task directory")
+
+
+def _run_tasks(net, where: str, tasks: TaskOptions, *, device, dtype: str | None, limit: int | None,
+               batch_size: int | None, distributed: bool) -> dict:
+    if distributed:
+        raise UserError("--tasks runs in one process; start it without torchrun")
+    try:
+        from gptlab import harness
+    except ImportError as e:
+        raise UserError(f"harness tasks need lm-evaluation-harness ({e.name} is missing): "
+                        "pip install 'gptlab[eval]'") from None
+    lm = harness.GptlabLM(pretrained=where, model=net, device=str(device), dtype=dtype, batch_size=batch_size)
+    return harness.run_tasks(lm, tasks.tasks, include_path=tasks.include_path, limit=limit,
+                             num_fewshot=tasks.num_fewshot)
+
+
+def _print_results(results: dict, net, where: str, rt, env, *, as_json: bool, split: str, out) -> None:
+    if as_json:
+        print(json.dumps(results), file=out)
+        return
+    preset = preset_for_shape(net.config)
+    shape = f"{net.num_params() / 1e6:.1f}M parameters" + (f", {preset} shape" if preset else "")
+    print(f"model {where} ({shape}); {rt.describe()}"
+          + (f"; {env.world_size} ranks" if env.is_distributed else ""), file=out)
+    if "hellaswag" in results or "val" in results:
+        print(format_report(results, preset=preset, split=split), file=out)
+    if "tasks" in results:
+        from gptlab.harness import format_tasks
+
+        print(format_tasks(results["tasks"]), file=out)
+
+
 def run_eval(
     model: str,
     *,
@@ -850,25 +745,20 @@ def run_eval(
     device: str | None = None,
     dtype: str | None = None,
     as_json: bool = False,
+    tasks: TaskOptions | None = None,
     out=None,
 ) -> dict:
     """`gptlab eval`: load MODEL, run what was asked for, print a table (or one JSON object) on
-    rank 0, and return the results. Under torchrun the work is shared by the ranks.
-    batch_size: HellaSwag items per forward pass (default 16) and val windows per batch (default 8)."""
+    rank 0, and return the results. Under torchrun the work is shared by the ranks (harness tasks
+    run in one process). limit: the first N HellaSwag items and N documents of each task.
+    batch_size: HellaSwag items per forward pass (default 16), val windows per batch (default 8),
+    continuations per forward pass for tasks (default 32)."""
     from gptlab.checkpoint import load_model
     from gptlab.runtime import get_runtime
 
     out = out or sys.stdout
     hellaswag = hellaswag or hellaswag_file is not None
-    if not hellaswag and val_dir is None:
-        raise UserError("nothing to evaluate: pass --hellaswag and/or --val DIR")
-    if limit is not None and not hellaswag:
-        raise UserError("--limit applies to HellaSwag; add --hellaswag")
-    if val_tokens is not None and val_dir is None:
-        raise UserError("--val-tokens applies to validation loss; add --val DIR")
-    if val_dir is not None and not Path(val_dir).is_dir():
-        raise UserError(f"{val_dir}: no such dataset directory")
-
+    _check_eval_args(hellaswag, val_dir, val_tokens, limit, tasks)
     rt = get_runtime(device, dtype, compile=False)
     env = dist.init(rt.device_type)
     try:
@@ -890,16 +780,12 @@ def run_eval(
                 net, val_dir, device=dev, seq_len=net.config.seq_len, batch_size=batch_size or 8,
                 max_tokens=val_tokens, autocast=rt.autocast, show_progress=True,
             )
+        if tasks is not None:
+            results["tasks"] = _run_tasks(net, str(where), tasks, device=dev, dtype=dtype, limit=limit,
+                                          batch_size=batch_size, distributed=env.is_distributed)
         if env.is_main:
-            if as_json:
-                print(json.dumps(results), file=out)
-            else:
-                preset = preset_for_shape(net.config)
-                shape = f"{net.num_params() / 1e6:.1f}M parameters" + (f", {preset} shape" if preset else "")
-                print(f"model {where} ({shape}); {rt.describe()}"
-                      + (f"; {env.world_size} ranks" if env.is_distributed else ""), file=out)
-                print(format_report(results, preset=preset,
-                                    split="file" if hellaswag_file else split), file=out)
+            _print_results(results, net, str(where), rt, env, as_json=as_json,
+                           split="file" if hellaswag_file else split, out=out)
         return results
     finally:
         if env.is_distributed:
