@@ -180,7 +180,8 @@ def test_lm_eval_command_line_finds_the_gptlab_model(hf_dir, tasks_dir, tmp_path
 def test_lm_eval_cli_runs_a_task_on_a_gptlab_model(hf_dir, tasks_dir, tmp_path):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     lm_eval = Path(sys.executable).with_name("lm_eval")
-    out = subprocess.run([str(lm_eval), "--model", "gptlab", "--model_args", f"pretrained={hf_dir},device=cpu",
+    # no --device: lm_eval asks for cuda:0, and the model falls back to what the machine has
+    out = subprocess.run([str(lm_eval), "--model", "gptlab", "--model_args", f"pretrained={hf_dir},dtype=float32",
                           "--tasks", "gl_mc", "--include_path", str(tasks_dir), "--limit", "4",
                           "--output_path", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, timeout=300)

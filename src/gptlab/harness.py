@@ -47,6 +47,8 @@ from gptlab.tokenizer import get_encoding
 DEFAULT_BATCH_SIZE = 32  # continuations a forward pass
 # generation settings that gptlab's sampler understands; others are reported once and ignored
 _SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p", "seed"}
+# Hugging Face style dtype names (what lm_eval users write) -> gptlab's
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "None": None}
 
 
 @register_model("gptlab")
@@ -59,7 +61,12 @@ class GptlabLM(TemplateLM):
                  batch_size: int | str | None = None, max_batch_size: int | None = None,
                  max_gen_toks: int = 256, model: GPT | None = None) -> None:
         super().__init__()
-        rt = get_runtime(device, dtype, compile=False)
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line asks for cuda:0 unless told otherwise; like its HFLM, use what exists
+            warnings.warn(f"device {device} asked for, but CUDA is not available; choosing the device "
+                          "automatically", stacklevel=2)
+            device = None
+        rt = get_runtime(device, _DTYPE_NAMES.get(str(dtype), dtype), compile=False)
         if model is None:
             if pretrained is None:
                 raise UserError("the gptlab model needs pretrained=MODEL (a run, checkpoint or model directory)")
