@@ -244,7 +244,8 @@ def run_tasks(lm: GptlabLM, tasks: Sequence[str], *, include_path: str | None = 
 
 
 def format_tasks(metrics: dict[str, dict[str, float]]) -> str:
-    """A table: one line per task and metric, with its stderr beside it when there is one."""
+    """A table: one line per task and metric (sample_len: the documents scored), with its stderr
+    beside it when there is one."""
     lines = [f"{'task':<28} {'metric':<22} {'value':>10} {'stderr':>9}"]
     for task, row in metrics.items():
         for name, value in row.items():
@@ -253,5 +254,4 @@ def format_tasks(metrics: dict[str, dict[str, float]]) -> str:
             err = row.get(name.replace(",", "_stderr,", 1) if "," in name else name + "_stderr")
             err_s = "" if err is None or math.isnan(err) else f"{err:.4f}"
             lines.append(f"{task:<28} {name:<22} {value:>10.4f} {err_s:>9}")
-            task = ""
     return "\n".join(lines)
