@@ -82,7 +82,10 @@ def time_path(model, rendered, batch_size: int, share: bool) -> tuple[float, dic
     t0 = time.perf_counter()
     res = evaluate_hellaswag(model, rendered, device="cpu", batch_size=batch_size, show_progress=False,
                              share_context=share)
-    return time.perf_counter() - t0, res
+    dt = time.perf_counter() - t0
+    print(f"  {'shared contexts' if share else 'whole rows'}: {dt:.1f} s, load {os.getloadavg()[0]:.1f}",
+          file=sys.stderr, flush=True)
+    return dt, res
 
 
 def max_row_difference(model, rendered, batch_size: int) -> float:
