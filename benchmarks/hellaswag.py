@@ -1,4 +1,7 @@
-"""HellaSwag evaluation throughput (items/s) of gptlab.evaluate on random-weight models.
+"""HellaSwag evaluation throughput (items/s) of gptlab.evaluate on random-weight models: the
+shared-context path (each item's 2 contexts run once, the 8 endings from their keys/values)
+against the former whole-row path (8 rows of context + ending an item), side by side on the
+same model and items, and the largest difference between their row log-likelihoods.
 
 Random weights score ~0.25 but cost exactly what trained ones do, so timings need no download.
 The items come from the HellaSwag validation set in the preprocessed text layout that
@@ -10,7 +13,7 @@ For comparison, --naive times the loop most GPT-2 reproductions use (build-nanog
 per forward pass, 4 rows, logits at every position, completion style only.
 
     python benchmarks/hellaswag.py --preset tiny                 # all 10,042 items
-    python benchmarks/hellaswag.py --preset gpt2 --limit 64
+    python benchmarks/hellaswag.py --preset gpt2 --limit 96
     python benchmarks/hellaswag.py --preset tiny --limit 500 --naive
 
 Prints a markdown section for benchmarks/RESULTS.md.
@@ -73,6 +76,30 @@ def naive_items_per_s(model, rendered) -> float:
     return len(rendered) / (time.perf_counter() - t0)
 
 
+def time_path(model, rendered, batch_size: int, share: bool) -> tuple[float, dict]:
+    from gptlab.evaluate import evaluate_hellaswag
+
+    t0 = time.perf_counter()
+    res = evaluate_hellaswag(model, rendered, device="cpu", batch_size=batch_size, show_progress=False,
+                             share_context=share)
+    dt = time.perf_counter() - t0
+    print(f"  {'shared contexts' if share else 'whole rows'}: {dt:.1f} s, load {os.getloadavg()[0]:.1f}",
+          file=sys.stderr, flush=True)
+    return dt, res
+
+
+def max_row_difference(model, rendered, batch_size: int) -> float:
+    """Largest |shared - whole rows| row log-likelihood over the items (both scored here)."""
+    from gptlab import evaluate as ev
+
+    rows, cropped = ev._crop_items(rendered, model.config.seq_len)
+    kept = [i for i, c in enumerate(cropped) if not c]
+    rendered, rows = [rendered[i] for i in kept], [rows[i] for i in kept]
+    old = ev.hellaswag_row_scores(model, rendered, rows, [False] * len(rows), device="cpu", batch_size=batch_size)
+    new = ev.hellaswag_row_scores(model, rendered, rows, [True] * len(rows), device="cpu", batch_size=batch_size)
+    return (old - new).abs().max().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", action="append", default=None, help="model preset (repeatable; default tiny)")
@@ -80,10 +107,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N items (default: all)")
     ap.add_argument("--batch-size", type=int, default=16, help="items per forward pass")
     ap.add_argument("--naive", action="store_true", help="also time a one-item-per-forward loop")
+    ap.add_argument("--diff-items", type=int, default=32, help="items whose row scores are compared (0: skip)")
     args = ap.parse_args()
 
     from gptlab.config import PRESETS
-    from gptlab.evaluate import evaluate_hellaswag, render_hellaswag
+    from gptlab.evaluate import render_hellaswag
     from gptlab.model import GPT
 
     if not args.file.is_file():
@@ -93,25 +121,37 @@ def main() -> None:
     t0 = time.perf_counter()
     rendered = render_hellaswag(items)
     t_render = time.perf_counter() - t0
-    rows = ["| preset | items | batch | seconds | items/s | completion acc_norm | harness acc_norm |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| preset | path | items | batch | seconds | items/s | speed-up | completion acc_norm | harness acc_norm |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    diffs = []
     for preset in args.preset or ["tiny"]:
         torch.manual_seed(0)
         model = GPT(PRESETS[preset]).eval()
-        t0 = time.perf_counter()
-        res = evaluate_hellaswag(model, rendered, device="cpu", batch_size=args.batch_size, show_progress=True)
-        dt = time.perf_counter() - t0
-        rows.append(f"| {preset} | {len(rendered)} | {args.batch_size} | {dt:.1f} | {len(rendered) / dt:.2f} | "
-                    f"{res['completion']['acc_norm']:.4f} | {res['harness']['acc_norm']:.4f} |")
+        # old first, then new, then old again: the machine is shared, so the old rate is the mean
+        # of the two runs around the new one
+        t_old1, r_old = time_path(model, rendered, args.batch_size, share=False)
+        t_new, r_new = time_path(model, rendered, args.batch_size, share=True)
+        t_old2, _ = time_path(model, rendered, args.batch_size, share=False)
+        t_old = (t_old1 + t_old2) / 2
+        n = len(rendered)
+        for path, dt, res in (("whole rows (before)", t_old, r_old), ("shared contexts (now)", t_new, r_new)):
+            rows.append(f"| {preset} | {path} | {n} | {args.batch_size} | {dt:.1f} | {n / dt:.2f} | "
+                        f"{t_old / dt:.2f}x | {res['completion']['acc_norm']:.4f} | {res['harness']['acc_norm']:.4f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+        print(f"{preset}: whole-row runs took {t_old1:.1f} s and {t_old2:.1f} s", file=sys.stderr, flush=True)
         if args.naive:
             rate = naive_items_per_s(model, rendered)
-            rows.append(f"| {preset}, naive loop (1 item/forward, full logits, completion only) | "
-                        f"{len(rendered)} | 1 | {len(rendered) / rate:.1f} | {rate:.2f} | | |")
-        print(rows[-1], file=sys.stderr, flush=True)
+            rows.append(f"| {preset} | naive loop (1 item/forward, full logits, completion only) | "
+                        f"{n} | 1 | {n / rate:.1f} | {rate:.2f} | {rate * t_old / n:.2f}x | | |")
+        if args.diff_items:
+            diffs.append(f"{preset}: largest |shared - whole rows| row log-likelihood over the first "
+                         f"{min(args.diff_items, n)} items: "
+                         f"{max_row_difference(model, rendered[:args.diff_items], args.batch_size):.2e}")
     print(f"tokenizing {len(rendered)} items (both styles): {t_render:.2f} s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}, "
           f"1-minute load average {load0:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
           f"({os.cpu_count()} cores)")
+    print("\n".join(diffs))
     print("\n".join(rows))
 
 

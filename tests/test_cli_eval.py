@@ -105,6 +105,10 @@ def test_table_output(capsys, gptlab_model_dir, hs_file, data_dir):
     (["--val", "{tmp}/trainonly"], "no val split"),
     (["--val", "{tmp}", "--limit", "3"], "--limit applies to HellaSwag"),
     (["--hellaswag-file", "{tmp}/bad.jsonl", "--val-tokens", "1M"], "--val-tokens applies to validation loss"),
+    (["--hellaswag", "--include-path", "{tmp}"], "--include-path applies to harness tasks"),
+    (["--hellaswag", "--num-fewshot", "2"], "--num-fewshot applies to harness tasks"),
+    (["--tasks", " , "], "--tasks needs at least one task name"),
+    (["--tasks", "t", "--include-path", "{tmp}/nodir"], "no such task directory"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, gptlab_model_dir, args, message):
     (tmp_path / "bad.jsonl").write_text(json.dumps(make_items(1)[0]) + "\n{oops\n")
@@ -191,3 +195,54 @@ def test_the_evaluation_is_the_library_function(gptlab_model_dir, hs_file):
     model, _ = load_model(gptlab_model_dir, "cpu")
     direct = evaluate_hellaswag(model, hs_file, device=torch.device("cpu"), show_progress=False)
     assert res["hellaswag"] == direct
+
+
+# ----------------------------------------------------------------------------- harness tasks
+
+def mc_task_dir(root: Path) -> Path:
+    """A local multiple-choice harness task `gl_cli_mc` over a json file (no network)."""
+    rng = np.random.default_rng(5)
+    docs = [{"q": " ".join(rng.choice(WORDS, size=6)), "choices": [str(w) for w in rng.choice(WORDS, size=3)],
+             "label": int(rng.integers(0, 3))} for _ in range(6)]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "mc.yaml").write_text(
+        f"task: gl_cli_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{q}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return root
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def test_tasks_json_and_table(capsys, offline, tmp_path, gptlab_model_dir):
+    tasks = mc_task_dir(tmp_path / "tasks")
+    code, out, err = run(capsys, gptlab_model_dir, "--tasks", "gl_cli_mc", "--include-path", tasks,
+                         "--limit", "4", "--batch-size", "3", "--device", "cpu", "--json")
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert set(res) == {"tasks"} and set(res["tasks"]) == {"gl_cli_mc"}
+    metrics = res["tasks"]["gl_cli_mc"]
+    assert {"acc", "acc_norm", "acc_stderr"} <= set(metrics)
+    assert not any(k.endswith(",none") for k in metrics)
+    assert metrics["acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 documents (--limit)
+
+    code, out, err = run(capsys, gptlab_model_dir, "--tasks", "gl_cli_mc", "--include-path", tasks, "--limit", "4")
+    assert code == 0, err
+    assert re.search(r"gl_cli_mc\s+acc\s+[01]\.\d{4}", out) and "acc_norm" in out
+
+
+def test_unknown_task_is_a_user_error(capsys, offline, tmp_path, gptlab_model_dir):
+    code, _, err = run(capsys, gptlab_model_dir, "--tasks", "gl_no_such_task", "--include-path",
+                       mc_task_dir(tmp_path / "tasks"))
+    assert code == 2 and "unknown harness task gl_no_such_task" in err and "Traceback" not in err

@@ -248,9 +248,77 @@ def test_limit_and_autocast_factory(make_gptlab):
         return torch.autocast("cpu", enabled=False)
 
     res = ev.evaluate_hellaswag(model, items, device="cpu", limit=4, batch_size=2, autocast=autocast,
-                                show_progress=False)
+                                show_progress=False, share_context=False)
     assert res["completion"]["n"] == res["harness"]["n"] == 4
-    assert len(calls) == 2
+    assert len(calls) == 2  # whole rows: 2 batches of 2 items
+    calls.clear()
+    shared = ev.evaluate_hellaswag(model, items, device="cpu", limit=4, batch_size=2, autocast=autocast,
+                                   show_progress=False)
+    assert shared == res
+    # shared contexts: one batch per block of equal-length contexts, each entered once
+    rows, cropped = ev._crop_items(ev.render_hellaswag(items[:4]), 64)
+    assert len(calls) == len(ev._plan_hellaswag(rows, [True] * 4, 2)) >= 2
+
+
+# ----------------------------------------------------------------------------- shared contexts
+
+def test_shared_contexts_equal_whole_rows_within_1e5(make_gptlab):
+    """The faster path (each context once, endings from its keys/values) against the former one
+    (8 whole rows an item): every row's log-likelihood within 1e-5, and the same accuracies."""
+    model = make_gptlab(seed=11, noise=0.3)
+    items = some_items(40, seed=11)
+    items.append(item("", ["a", "b", "c d", "e"], 2))  # an empty context conditions on end-of-text
+    rendered = ev.render_hellaswag(items)
+    rows, cropped = ev._crop_items(rendered, model.config.seq_len)
+    assert not any(cropped)
+    old = ev.hellaswag_row_scores(model, rendered, rows, [False] * len(rows), device="cpu", batch_size=5)
+    new = ev.hellaswag_row_scores(model, rendered, rows, [True] * len(rows), device="cpu", batch_size=5)
+    assert old.abs().min() > 1.0  # real log-likelihoods, not an untouched table
+    # sums of ~15 tokens of ~-11 each: float32's own resolution there is ~4e-6 (an ulp at 32..64),
+    # so the bound is 1e-5 plus 1e-6 relative (observed: at most ~2e-7 relative)
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-5)
+    for bs in (1, 3, 16):
+        assert ev.evaluate_hellaswag(model, rendered, device="cpu", batch_size=bs, show_progress=False) == \
+            ev.evaluate_hellaswag(model, rendered, device="cpu", batch_size=bs, show_progress=False,
+                                  share_context=False)
+
+
+def test_score_shared_equals_the_full_forward_with_greedy_flags(make_gptlab):
+    """Continuations of length 1 and more, several contexts of one length, against log_softmax of
+    the full forward over context + continuation; greedy flags against the argmax."""
+    model = make_gptlab(seed=12, noise=0.3)
+    g = torch.Generator().manual_seed(12)
+    groups = [ev.ContextGroup(tuple(torch.randint(0, 1000, (7,), generator=g).tolist()),
+                              tuple(tuple(torch.randint(0, 1000, (n,), generator=g).tolist()) for n in ns))
+              for ns in ((1, 3, 5), (2,), (4, 1))]
+    # make one continuation the model's own greedy choice, so a True flag is exercised
+    with torch.no_grad():
+        ctx = list(groups[1].context)
+        greedy_cont = []
+        for _ in range(3):
+            greedy_cont.append(int(model(torch.tensor([ctx + greedy_cont]))[0][0, -1].argmax()))
+        groups[1] = ev.ContextGroup(groups[1].context, groups[1].continuations + (tuple(greedy_cont),))
+        sums, hits = ev.score_shared(model, groups, "cpu", greedy=True)
+        r = 0
+        for grp in groups:
+            for cont in grp.continuations:
+                ids = list(grp.context) + list(cont)
+                logp = model(torch.tensor([ids[:-1]]))[0][0].log_softmax(-1)  # (T, V)
+                pos = range(len(grp.context) - 1, len(ids) - 1)
+                want = sum(logp[p, ids[p + 1]].item() for p in pos)
+                assert sums[r].item() == pytest.approx(want, abs=1e-5)
+                assert bool(hits[r]) == all(int(logp[p].argmax()) == ids[p + 1] for p in pos)
+                r += 1
+    assert hits.tolist().count(True) >= 1 and hits.tolist().count(False) >= 1
+
+
+def test_plan_keeps_one_context_length_per_batch_and_bounds_rows():
+    groups = [ev.ContextGroup(tuple(range(n)), ((1,),) * k) for n, k in ((3, 4), (5, 4), (3, 4), (3, 9), (5, 1))]
+    plan = ev.plan_shared_batches(groups, max_rows=8)
+    assert sorted(g for b in plan for g in b) == list(range(5))
+    for b in plan:
+        assert len({len(groups[g].context) for g in b}) == 1
+        assert sum(len(groups[g].continuations) for g in b) <= 8 or len(b) == 1
 
 
 # ----------------------------------------------------------------------------- files

@@ -351,15 +351,37 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", default=none,
                    help="where downloads are kept (default: $GPTLAB_CACHE, else ~/.cache/gptlab)")
     p.add_argument("--limit", metavar="N", type=positive_int, default=none,
-                   help="only the first N HellaSwag items (default: all)")
+                   help="only the first N HellaSwag items, and N documents of each --tasks task (default: all)")
     p.add_argument("--val", metavar="DIR", default=none,
                    help="validation loss over the val split of this prepared dataset")
     p.add_argument("--val-tokens", metavar="N", type=count, default=none,
                    help="at most N val tokens, e.g. 10M (default: the whole split)")
     p.add_argument("--batch-size", metavar="N", type=positive_int, default=none,
-                   help="HellaSwag items per forward pass (default 16); val windows per batch (default 8)")
+                   help="HellaSwag items per forward pass (default 16); val windows per batch (default 8); "
+                        "task continuations per forward pass (default 32)")
+    p.add_argument("--tasks", metavar="T1,T2", default=none,
+                   help="lm-evaluation-harness tasks, groups or tags, comma-separated (needs gptlab[eval]; "
+                        "hub tasks download their datasets)")
+    p.add_argument("--include-path", metavar="DIR", default=none,
+                   help="also read harness task YAML files from DIR (with --tasks)")
+    p.add_argument("--num-fewshot", metavar="K", type=nonneg_int, default=none,
+                   help="few-shot examples per task prompt (default: each task's own)")
     add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _task_options(args: argparse.Namespace):
+    from gptlab.evaluate import TaskOptions
+
+    tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()]
+    if not tasks:
+        for flag in ("include_path", "num_fewshot"):
+            if hasattr(args, flag):
+                raise UserError(f"--{flag.replace('_', '-')} applies to harness tasks; add --tasks T1,T2")
+        if hasattr(args, "tasks"):
+            raise UserError("--tasks needs at least one task name")
+        return None
+    return TaskOptions(tuple(tasks), getattr(args, "include_path", None), getattr(args, "num_fewshot", None))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -369,7 +391,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_eval(args.model, hellaswag=args.hellaswag, hellaswag_file=given("hellaswag_file"), split=args.split,
              cache=given("cache_dir"), limit=given("limit"), val_dir=given("val"),
              val_tokens=given("val_tokens"), batch_size=given("batch_size"), device=args.device,
-             dtype=args.dtype, as_json=args.json)
+             dtype=args.dtype, as_json=args.json, tasks=_task_options(args))
     return 0
 # ===================================================================== end eval
 
@@ -557,7 +579,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("inspect or verify a prepared dataset", add_data_args, cmd_data),
     "train": ("train a GPT-2 (CPU, one GPU, or many through torchrun)", add_train_args, cmd_train),
     "plan": ("print the memory per GPU a training run needs (the flags of train)", add_train_args, cmd_plan),
-    "eval": ("HellaSwag and validation loss of a model", add_eval_args, cmd_eval),
+    "eval": ("HellaSwag, validation loss and lm-evaluation-harness tasks of a model", add_eval_args, cmd_eval),
     "sample": ("sample text from a model", add_sample_args, cmd_sample),
     "export": ("write a model as a Hugging Face GPT-2 directory", add_export_args, cmd_export),
     "plot": ("draw a run's metrics as PNG charts", add_plot_args, cmd_plot),

@@ -14,14 +14,16 @@ reported:
   characters of the cleaned ending (`len(choice)` in the harness: the choice string without the
   leading space that joins it to the query).
 
-Both styles run as rows of one forward pass: an item's 4 endings x 2 styles = 8 rows, and many
-items go into one batch. Rows are right-padded; with causal attention a pad token only follows
-the real tokens, so it cannot change their outputs, and pad positions are never scored.
+Each item has 2 contexts (one per style) and 8 rows (4 endings x 2 styles). A gptlab GPT runs
+each context once and its 4 endings from the context's keys and values (PrefixCache): contexts of
+one length form an unpadded block, and the endings, right-padded, follow in a second pass. With
+causal attention a pad token only follows the real tokens, so it cannot change their outputs, and
+pad positions are never scored. Items cropped to the model's context (their rows crop
+differently) and other modules run whole rows instead (score_rows).
 
-Sharding: items are sorted by length and cut into batches the same way for any world size;
-batch b runs on rank b % world_size. A batch's contents and padding do not depend on the world
-size, so every item scores bit-for-bit the same, and the counts summed once at the end make 2
-ranks give exactly the 1-rank numbers.
+Sharding: the batches are cut the same way for any world size and batch b runs on rank b %
+world_size; each rank writes its rows' log-likelihoods into a zeroed (items, 8) table, and one sum
+over ranks at the end gives every rank the whole table, so 2 ranks give exactly the 1-rank numbers.
 
 Validation loss: token-weighted sums of the loss over the val split's fixed windows (the loader
 gives each rank its share), summed over ranks once at the end.
@@ -53,6 +55,8 @@ import torch.nn.functional as F
 from gptlab import dist
 from gptlab.config import EOT_TOKEN, preset_for_shape
 from gptlab.errors import UserError
+from gptlab.model import GPT
+from gptlab.scoring import ContextGroup, plan_shared_batches, score_rows, score_shared
 
 # ----------------------------------------------------------------------------- data files
 
@@ -93,8 +97,6 @@ def _sha256_file(path: Path) -> str:
 def _download(url: str, dest: Path, expected_sha256: str | None, show_progress: bool) -> None:
     """Fetch url to dest through a temporary file in the same folder; dest appears only once its
     sha256 matches (a partial or wrong download never looks like a cached copy)."""
-    from tqdm import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -103,8 +105,7 @@ def _download(url: str, dest: Path, expected_sha256: str | None, show_progress: 
         try:
             with urllib.request.urlopen(url, timeout=60) as resp, os.fdopen(fd, "wb") as f:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                          file=sys.stderr, disable=not show_progress) as bar:
+                with _progress(total, dest.name, "B", show_progress, unit_scale=True, unit_divisor=1024) as bar:
                     while True:
                         chunk = resp.read(1 << 16)
                         if not chunk:
@@ -346,28 +347,15 @@ def _context_len(model: torch.nn.Module) -> int | None:
     return getattr(cfg, "seq_len", None)
 
 
-def _token_logprobs(model, idx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
-                    tgt: torch.Tensor, n_chunks: int | None = None) -> torch.Tensor:
-    """log p(tgt[k] | idx[rows[k], :pos[k] + 1]) for each scored position k -> (K,) float32.
+def _progress(total: float, desc: str, unit: str, enabled: bool, **kw):
+    """A tqdm bar on stderr (the same look for every evaluation); disabled unless `enabled`."""
+    from tqdm import tqdm
 
-    For a gptlab GPT only the scored positions go through the output layer (50304 x C): that
-    layer is most of a small model's cost, and context positions need no logits. Any other module
-    with the GPT call signature gets a full forward. n_chunks: exactly this many output-layer calls
-    (some may be empty), for a sharded model where every call is a collective (see below)."""
-    from gptlab.model import GPT
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=not enabled, **kw)
 
-    if isinstance(model, GPT):
-        h = model.hidden(idx)[rows, pos]  # (K, C)
-        out = []
-        pieces = (zip(h.tensor_split(n_chunks), tgt.tensor_split(n_chunks)) if n_chunks
-                  else zip(h.split(2048), tgt.split(2048)))  # bounds the (K, V) logits in memory
-        for hk, tk in pieces:
-            logits = model.logits(hk).float()
-            out.append(logits.log_softmax(-1).gather(1, tk[:, None]).squeeze(1))
-        return torch.cat(out)
-    logits, _ = model(idx)  # (B, T, V)
-    logits = logits[rows, pos].float()  # (K, V)
-    return logits.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1)
+
+def _autocast_or_null(autocast: Callable[[], Any] | None) -> Callable[[], Any]:
+    return autocast if autocast is not None else contextlib.nullcontext
 
 
 def _crop(row: tuple[int, ...], T: int | None) -> tuple[tuple[int, ...], bool]:
@@ -377,35 +365,7 @@ def _crop(row: tuple[int, ...], T: int | None) -> tuple[tuple[int, ...], bool]:
     return row[len(row) - (T + 1):], True
 
 
-def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]],
-               device, n_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-likelihood of each row's continuation and its token count, in one forward pass.
-
-    rows: (ids, n_cont) with ids = context + continuation, already cropped to the model's context + 1.
-    Returns (R,) float32 sums and (R,) int64 counts, on the CPU."""
-    lengths = [len(r) - 1 for r, _ in rows]  # inputs are row[:-1]
-    T = max(lengths)
-    idx = torch.full((len(rows), T), EOT_TOKEN, dtype=torch.long)  # (R, T), right-padded
-    r_idx, c_idx, p_idx, tgt = [], [], [], []
-    for i, (ids, n_cont) in enumerate(rows):
-        L = len(ids) - 1
-        idx[i, :L] = torch.tensor(ids[:-1], dtype=torch.long)
-        # the continuation's tokens are ids[L+1-n_cont : L+1], predicted at positions L-n_cont .. L-1
-        r_idx.extend([i] * n_cont)
-        c_idx.extend(range(n_cont))
-        p_idx.extend(range(L - n_cont, L))
-        tgt.extend(ids[L + 1 - n_cont:])
-    dev = torch.device(device)
-    rows_t = torch.tensor(r_idx, dtype=torch.long, device=dev)
-    lp = _token_logprobs(model, idx.to(dev), rows_t, torch.tensor(p_idx, dtype=torch.long, device=dev),
-                         torch.tensor(tgt, dtype=torch.long, device=dev), n_chunks)  # (K,)
-    counts = torch.tensor([n for _, n in rows], dtype=torch.long)
-    # sum per row through a zero-padded (R, max n_cont) table: a fixed-order sum, where
-    # index_add_ would accumulate with atomics on a GPU and could differ from run to run
-    table = torch.zeros(len(rows), int(counts.max()), dtype=torch.float32, device=dev)
-    table[rows_t, torch.tensor(c_idx, dtype=torch.long, device=dev)] = lp
-    return table.sum(1).cpu(), counts
-
+# ----------------------------------------------------------------------------- HellaSwag scoring
 
 def _argmax(values: Sequence[float]) -> int:
     """Index of the largest value, the first one on ties (as numpy's and torch's argmax/argmin)."""
@@ -451,35 +411,10 @@ def _prepare_items(items_or_path, limit: int | None) -> list[RenderedItem]:
     return render_hellaswag(items)
 
 
-def evaluate_hellaswag(
-    model: torch.nn.Module,
-    items_or_path,
-    *,
-    device,
-    limit: int | None = None,
-    batch_size: int = 16,
-    autocast: Callable[[], Any] | None = None,
-    show_progress: bool = True,
-) -> dict:
-    """HellaSwag accuracy in both scoring styles.
-
-    items_or_path: a jsonl path, a list of HellaSwagItem or item dicts, or render_hellaswag's
-    output. batch_size: items per forward pass (8 rows each). autocast: a context manager factory
-    (e.g. Runtime.autocast) or None. When a process group is up every rank must call this; the
-    ranks share the items and the result is the same on every rank.
-    Items longer than the model's context are cropped from the left and counted in "cropped".
-    Returns {"completion": {"acc", "acc_norm", "n"}, "harness": {...}, "cropped": k}."""
-    from tqdm import tqdm
-
-    if batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
-    rendered = _prepare_items(items_or_path, limit)
-    net = _raw(model)
-    T = _context_len(net)
-
-    # crop every row (on every rank, so an impossible item fails everywhere before any collective)
-    cropped_rows: list[tuple[tuple[tuple[int, ...], int], ...]] = []
-    cropped_flags: list[bool] = []
+def _crop_items(rendered: Sequence[RenderedItem], T: int | None) -> tuple[list[tuple], list[bool]]:
+    """Every item's rows cropped to the model's context, and whether any row of it was. Run on
+    every rank, so that an item that cannot fit fails everywhere before any collective."""
+    rows_out, flags = [], []
     for it in rendered:
         rows, any_cropped = [], False
         for ids, n_cont in it.rows:
@@ -490,54 +425,106 @@ def evaluate_hellaswag(
             ids2, was = _crop(ids, T)
             rows.append((ids2, n_cont))
             any_cropped |= was
-        cropped_rows.append(tuple(rows))
-        cropped_flags.append(any_cropped)
+        rows_out.append(tuple(rows))
+        flags.append(any_cropped)
+    return rows_out, flags
 
-    # batches: items sorted by longest row (less padding), the same cut for any world size
-    order = sorted(range(len(rendered)), key=lambda i: (max(len(r) for r, _ in cropped_rows[i]), i))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rank, world = _rank_world()
-    plan, n_chunks = _batch_plan(batches, cropped_rows, rank, world, _sharded(net))  # (items run, items counted)
 
-    # counts: items, completion acc, completion acc_norm, harness acc, harness acc_norm, cropped
-    totals = [0] * 6
-    ctx = autocast if autocast is not None else contextlib.nullcontext
-    bar = tqdm(total=sum(len(c) for _, c in plan), desc="hellaswag", unit="item", file=sys.stderr,
-               disable=not (show_progress and rank == 0), dynamic_ncols=True)
-    try:
-        with _eval_mode(net), torch.no_grad():
-            for batch, counted in plan:
-                with ctx():
-                    sums, counts = score_rows(net, [r for i in batch for r in cropped_rows[i]], device, n_chunks)
-                sums_l, counts_l = sums.tolist(), counts.tolist()
-                for j, i in enumerate(counted):
-                    it = rendered[i]
-                    preds = _predictions(sums_l[8 * j:8 * j + 8], counts_l[8 * j:8 * j + 8], it.harness_chars)
-                    totals[0] += 1
-                    for k, p in enumerate(preds):
-                        totals[1 + k] += int(p == it.label)
-                    totals[5] += int(cropped_flags[i])
-                bar.update(len(counted))
-    finally:
-        bar.close()
+@dataclass(frozen=True)
+class _Batch:
+    """One forward's work: whole rows of `items` (score_rows), or context `groups` (score_shared)
+    whose continuations are the rows `slots` [(item, row)], in order."""
 
-    if dist.is_initialized():
-        t = torch.tensor(totals, dtype=torch.int64, device=device)
-        dist.all_reduce_sum(t)  # once, after every rank has finished its (possibly fewer) batches
-        totals = t.tolist()
-    n = totals[0]
+    items: tuple[int, ...] = ()
+    groups: tuple[ContextGroup, ...] = ()
+    slots: tuple[tuple[int, int], ...] = ()
+
+
+def _plan_hellaswag(rows: Sequence[tuple], shared: Sequence[bool], batch_size: int) -> list[_Batch]:
+    """All batches, cut the same way for any world size. Items with `shared` set share each
+    context across its endings (the 2 styles give 2 contexts an item); the others (cropped items,
+    whose rows crop differently, or models without GPT.hidden) run as whole rows, items sorted
+    by their longest row, batch_size items a batch."""
+    groups: list[ContextGroup] = []
+    slots: list[list[tuple[int, int]]] = []
+    for i, item_rows in enumerate(rows):
+        if not shared[i]:
+            continue
+        by_ctx: dict[tuple[int, ...], int] = {}
+        for k, (ids, n_cont) in enumerate(item_rows):
+            ctx, cont = tuple(ids[:-n_cont]), tuple(ids[-n_cont:])
+            if ctx not in by_ctx:
+                by_ctx[ctx] = len(groups)
+                groups.append(ContextGroup(ctx, ()))
+                slots.append([])
+            g = by_ctx[ctx]
+            groups[g] = ContextGroup(ctx, groups[g].continuations + (cont,))
+            slots[g].append((i, k))
+    plan = [_Batch(groups=tuple(groups[g] for g in b), slots=tuple(s for g in b for s in slots[g]))
+            for b in plan_shared_batches(groups, 8 * batch_size)]
+    whole = sorted((i for i in range(len(rows)) if not shared[i]),
+                   key=lambda i: (max(len(r) for r, _ in rows[i]), i))
+    plan += [_Batch(items=tuple(whole[j:j + batch_size])) for j in range(0, len(whole), batch_size)]
+    return plan
+
+
+def _score_hellaswag_batch(net, batch: _Batch, rows: Sequence[tuple], scores: torch.Tensor, device,
+                           n_chunks: int | None = None, write: bool = True) -> None:
+    """Write the batch's row log-likelihoods into scores (items, 8) (unless `write` is False: a
+    sharded model's padding batch, run only so that every rank makes the same calls)."""
+    if batch.groups:
+        sums, _ = score_shared(net, batch.groups, device)
+        items = torch.tensor([i for i, _ in batch.slots])
+        ks = torch.tensor([k for _, k in batch.slots])
+    else:
+        sums, _ = score_rows(net, [r for i in batch.items for r in rows[i]], device, n_chunks)
+    if not write:
+        return
+        items = torch.tensor(batch.items).repeat_interleave(8)
+        ks = torch.arange(8).repeat(len(batch.items))
+    scores[items.to(scores.device), ks.to(scores.device)] = sums.to(scores.device)
+
+
+def _tally_hellaswag(rendered: Sequence[RenderedItem], scores: Sequence[Sequence[float]],
+                     cropped: Sequence[bool]) -> dict:
+    hits = [0, 0, 0, 0]  # completion acc, completion acc_norm, harness acc, harness acc_norm
+    for it, s in zip(rendered, scores):
+        for k, p in enumerate(_predictions(s, [n for _, n in it.rows], it.harness_chars)):
+            hits[k] += int(p == it.label)
+    n = len(rendered)
     return {
-        "completion": {"acc": totals[1] / n, "acc_norm": totals[2] / n, "n": n},
-        "harness": {"acc": totals[3] / n, "acc_norm": totals[4] / n, "n": n},
-        "cropped": totals[5],
+        "completion": {"acc": hits[0] / n, "acc_norm": hits[1] / n, "n": n},
+        "harness": {"acc": hits[2] / n, "acc_norm": hits[3] / n, "n": n},
+        "cropped": sum(cropped),
     }
 
 
-# ----------------------------------------------------------------------------- HellaSwag on a sharded model
-# Under FSDP every forward call (hidden, and each logits call) gathers parameters from all ranks:
-# a collective, so every rank must make the same calls. The ranks run the same number of batches
-# (a rank with fewer runs the first batch again without counting it) and split the output layer into
-# the same number of calls. Which items a rank counts is unchanged, so the result is the 1-rank one.
+def hellaswag_row_scores(net: torch.nn.Module, rendered: Sequence[RenderedItem], rows: Sequence[tuple],
+                         shared: Sequence[bool], *, device, batch_size: int = 16,
+                         autocast: Callable[[], Any] | None = None, show_progress: bool = False) -> torch.Tensor:
+    """Summed log-likelihood of every item's 8 rows -> (items, 8) float32 on `device`, the same on
+    every rank. rows: _crop_items' rows; shared[i]: item i shares its contexts (a GPT only)."""
+    rank, world = _rank_world()
+    mine, n_chunks = _rank_plan(_plan_hellaswag(rows, shared, batch_size), rows, rank, world, _sharded(net))
+    # every rank fills its own items' rows and zeros elsewhere; one sum makes the whole table, exactly
+    scores = torch.zeros(len(rendered), 8, dtype=torch.float32, device=device)
+    ctx = _autocast_or_null(autocast)
+    with _progress(sum(len(b.slots) or 8 * len(b.items) for b, w in mine if w) / 8, "hellaswag", "item",
+                   show_progress and rank == 0) as bar, _eval_mode(net), torch.no_grad():
+        for batch, write in mine:
+            with ctx():
+                _score_hellaswag_batch(net, batch, rows, scores, device, n_chunks, write)
+            bar.update((len(batch.slots) or 8 * len(batch.items)) / 8 if write else 0)
+    if dist.is_initialized():
+        dist.all_reduce_sum(scores)  # once, after every rank has finished its (possibly fewer) batches
+    return scores
+
+
+# Under FSDP every forward call (hidden, and each logits call) gathers parameters from all ranks: a
+# collective, so every rank must make the same calls. A sharded model scores whole rows (no shared
+# contexts, whose calls vary with the batch), the ranks run the same number of batches (a rank with
+# fewer runs the first batch again without writing it) and split the output layer into the same
+# number of calls. Which items a rank writes is unchanged, so the result is the 1-rank one.
 
 def _sharded(net: torch.nn.Module) -> bool:
     if not dist.is_initialized():
@@ -547,17 +534,47 @@ def _sharded(net: torch.nn.Module) -> bool:
     return isinstance(net, FSDPModule)
 
 
-def _batch_plan(batches: list[list[int]], cropped_rows, rank: int, world: int, sharded: bool):
-    """This rank's batches as (items run, items counted), and the output-layer calls per batch (None:
-    as many as needed). Sharded: padded to ceil(len(batches) / world) with uncounted repeats, and
-    as many calls per batch as the largest one's scored tokens need in 2048-row pieces."""
-    mine = [(b, b) for b in batches[rank::world]]
-    if not sharded:
+def _rank_plan(plan: list[_Batch], rows: Sequence[tuple], rank: int, world: int, sharded: bool):
+    """This rank's batches as (batch, write) and the output-layer calls per batch (None: as needed)."""
+    mine = [(b, True) for b in plan[rank::world]]
+    if not sharded or not plan:
         return mine, None
-    rounds = -(-len(batches) // world)
-    mine += [(batches[0], [])] * (rounds - len(mine))
-    scored = max(sum(n for i in b for _, n in cropped_rows[i]) for b in batches)
+    rounds = -(-len(plan) // world)
+    mine += [(plan[0], False)] * (rounds - len(mine))
+    scored = max(sum(n for i in b.items for _, n in rows[i]) for b in plan)
     return mine, max(1, -(-scored // 2048))
+
+
+def evaluate_hellaswag(
+    model: torch.nn.Module,
+    items_or_path,
+    *,
+    device,
+    limit: int | None = None,
+    batch_size: int = 16,
+    autocast: Callable[[], Any] | None = None,
+    show_progress: bool = True,
+    share_context: bool = True,
+) -> dict:
+    """HellaSwag accuracy in both scoring styles.
+
+    items_or_path: a jsonl path, a list of HellaSwagItem or item dicts, or render_hellaswag's
+    output. batch_size: items per forward pass (8 rows each). autocast: a context manager factory
+    (e.g. Runtime.autocast) or None, entered per batch. share_context (a gptlab GPT only): run
+    each item's 2 contexts once and its 8 endings from their keys/values (False: 8 whole rows an
+    item, the former path, kept for comparison). When a process group is up every rank must call
+    this; the ranks share the batches and the result is the same on every rank.
+    Items longer than the model's context are cropped from the left and counted in "cropped".
+    Returns {"completion": {"acc", "acc_norm", "n"}, "harness": {...}, "cropped": k}."""
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    rendered = _prepare_items(items_or_path, limit)
+    net = _raw(model)
+    rows, cropped = _crop_items(rendered, _context_len(net))
+    shared = [share_context and isinstance(net, GPT) and not c and not _sharded(net) for c in cropped]
+    scores = hellaswag_row_scores(net, rendered, rows, shared, device=device, batch_size=batch_size,
+                                  autocast=autocast, show_progress=show_progress)
+    return _tally_hellaswag(rendered, scores.tolist(), cropped)
 
 
 # ----------------------------------------------------------------------------- validation loss
@@ -578,8 +595,6 @@ def evaluate_val_loss(
     the windows from the loader, and the token-weighted sums are reduced once at the end, so any
     number of ranks gives the 1-rank number up to float summation order.
     Returns {"loss", "perplexity", "tokens"}."""
-    from tqdm import tqdm
-
     from gptlab.data.loader import iter_val_batches, val_windows
 
     if seq_len <= 0 or batch_size <= 0:
@@ -593,10 +608,9 @@ def evaluate_val_loss(
     acc = torch.float32 if torch.device(device).type == "mps" else torch.float64
     loss_sum = torch.zeros((), dtype=acc, device=device)
     tokens = 0
-    ctx = autocast if autocast is not None else contextlib.nullcontext
-    bar = tqdm(total=val_windows(data_dir, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
-               desc="val loss", unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
-               disable=not (show_progress and rank == 0))  # rank 0's share, for its rate and ETA
+    ctx = _autocast_or_null(autocast)
+    bar = _progress(val_windows(data_dir, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
+                    "val loss", "tok", show_progress and rank == 0, unit_scale=True)  # rank 0's share
     with bar, _eval_mode(net), torch.no_grad():
         for x, y in iter_val_batches(data_dir, seq_len=seq_len, batch_size=batch_size,
                                      max_tokens=max_tokens, rank=rank, world_size=world):
@@ -693,6 +707,59 @@ def _find_hellaswag_on_all_ranks(env, device, **kwargs) -> Path:
     return path or find_hellaswag(**kwargs, download=False)
 
 
+@dataclass(frozen=True)
+class TaskOptions:
+    """lm-evaluation-harness tasks for `gptlab eval --tasks` (see harness.py)."""
+
+    tasks: tuple[str, ...]
+    include_path: str | None = None
+    num_fewshot: int | None = None
+
+
+def _check_eval_args(hellaswag: bool, val_dir: str | None, val_tokens: int | None, limit: int | None,
+                     tasks: TaskOptions | None) -> None:
+    if not hellaswag and val_dir is None and tasks is None:
+        raise UserError("nothing to evaluate: pass --hellaswag, --val DIR and/or --tasks T1,T2")
+    if limit is not None and not hellaswag and tasks is None:
+        raise UserError("--limit applies to HellaSwag and harness tasks; add --hellaswag or --tasks")
+    if val_tokens is not None and val_dir is None:
+        raise UserError("--val-tokens applies to validation loss; add --val DIR")
+    if val_dir is not None and not Path(val_dir).is_dir():
+        raise UserError(f"{val_dir}: no such dataset directory")
+    if tasks is not None and tasks.include_path is not None and not Path(tasks.include_path).is_dir():
+        raise UserError(f"{tasks.include_path}: no such task directory")
+
+
+def _run_tasks(net, where: str, tasks: TaskOptions, *, device, dtype: str | None, limit: int | None,
+               batch_size: int | None, distributed: bool) -> dict:
+    if distributed:
+        raise UserError("--tasks runs in one process; start it without torchrun")
+    try:
+        from gptlab import harness
+    except ImportError as e:
+        raise UserError(f"harness tasks need lm-evaluation-harness ({e.name} is missing): "
+                        "pip install 'gptlab[eval]'") from None
+    lm = harness.GptlabLM(pretrained=where, model=net, device=str(device), dtype=dtype, batch_size=batch_size)
+    return harness.run_tasks(lm, tasks.tasks, include_path=tasks.include_path, limit=limit,
+                             num_fewshot=tasks.num_fewshot)
+
+
+def _print_results(results: dict, net, where: str, rt, env, *, as_json: bool, split: str, out) -> None:
+    if as_json:
+        print(json.dumps(results), file=out)
+        return
+    preset = preset_for_shape(net.config)
+    shape = f"{net.num_params() / 1e6:.1f}M parameters" + (f", {preset} shape" if preset else "")
+    print(f"model {where} ({shape}); {rt.describe()}"
+          + (f"; {env.world_size} ranks" if env.is_distributed else ""), file=out)
+    if "hellaswag" in results or "val" in results:
+        print(format_report(results, preset=preset, split=split), file=out)
+    if "tasks" in results:
+        from gptlab.harness import format_tasks
+
+        print(format_tasks(results["tasks"]), file=out)
+
+
 def run_eval(
     model: str,
     *,
@@ -707,25 +774,20 @@ def run_eval(
     device: str | None = None,
     dtype: str | None = None,
     as_json: bool = False,
+    tasks: TaskOptions | None = None,
     out=None,
 ) -> dict:
     """`gptlab eval`: load MODEL, run what was asked for, print a table (or one JSON object) on
-    rank 0, and return the results. Under torchrun the work is shared by the ranks.
-    batch_size: HellaSwag items per forward pass (default 16) and val windows per batch (default 8)."""
+    rank 0, and return the results. Under torchrun the work is shared by the ranks (harness tasks
+    run in one process). limit: the first N HellaSwag items and N documents of each task.
+    batch_size: HellaSwag items per forward pass (default 16), val windows per batch (default 8),
+    continuations per forward pass for tasks (default 32)."""
     from gptlab.checkpoint import load_model
     from gptlab.runtime import get_runtime
 
     out = out or sys.stdout
     hellaswag = hellaswag or hellaswag_file is not None
-    if not hellaswag and val_dir is None:
-        raise UserError("nothing to evaluate: pass --hellaswag and/or --val DIR")
-    if limit is not None and not hellaswag:
-        raise UserError("--limit applies to HellaSwag; add --hellaswag")
-    if val_tokens is not None and val_dir is None:
-        raise UserError("--val-tokens applies to validation loss; add --val DIR")
-    if val_dir is not None and not Path(val_dir).is_dir():
-        raise UserError(f"{val_dir}: no such dataset directory")
-
+    _check_eval_args(hellaswag, val_dir, val_tokens, limit, tasks)
     rt = get_runtime(device, dtype, compile=False)
     env = dist.init(rt.device_type)
     try:
@@ -747,16 +809,12 @@ def run_eval(
                 net, val_dir, device=dev, seq_len=net.config.seq_len, batch_size=batch_size or 8,
                 max_tokens=val_tokens, autocast=rt.autocast, show_progress=True,
             )
+        if tasks is not None:
+            results["tasks"] = _run_tasks(net, str(where), tasks, device=dev, dtype=dtype, limit=limit,
+                                          batch_size=batch_size, distributed=env.is_distributed)
         if env.is_main:
-            if as_json:
-                print(json.dumps(results), file=out)
-            else:
-                preset = preset_for_shape(net.config)
-                shape = f"{net.num_params() / 1e6:.1f}M parameters" + (f", {preset} shape" if preset else "")
-                print(f"model {where} ({shape}); {rt.describe()}"
-                      + (f"; {env.world_size} ranks" if env.is_distributed else ""), file=out)
-                print(format_report(results, preset=preset,
-                                    split="file" if hellaswag_file else split), file=out)
+            _print_results(results, net, str(where), rt, env, as_json=as_json,
+                           split="file" if hellaswag_file else split, out=out)
         return results
     finally:
         if env.is_distributed:

@@ -1,0 +1,189 @@
+"""gptlab's lm-evaluation-harness model against the harness's own HFLM on the same weights (a
+tiny random GPT-2 exported with gptlab.hf.export_hf), on local YAML tasks of each output type.
+Offline: the tasks read json files written here; nothing reaches the network."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # before datasets is imported (it reads them once)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from gptlab import harness  # noqa: E402
+from gptlab.errors import UserError  # noqa: E402
+from gptlab.hf import export_hf  # noqa: E402
+from gptlab.scoring import ContextGroup, plan_shared_batches  # noqa: E402
+
+WORDS = ("the cat sat on a mat while dogs ran far into the green field and birds sang loudly over "
+         "old stone walls near quiet rivers").split()
+GEN_KWARGS = {"until": ["e", "\n"], "max_gen_toks": 12, "do_sample": False}
+
+
+def sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def task_yaml(name: str, data: Path, output_type: str, body: str) -> str:
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+            f"test_split: test\noutput_type: {output_type}\n{body}")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    from conftest import random_gptlab
+
+    out = tmp_path_factory.mktemp("harness") / "hf"
+    export_hf(random_gptlab(seed=3, noise=0.3), out)  # seq_len 64: long documents take several windows
+    return out
+
+
+@pytest.fixture(scope="module")
+def gptlab_lm(hf_dir):
+    return harness.GptlabLM(pretrained=str(hf_dir), device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory, gptlab_lm) -> Path:
+    """Three local tasks: multiple choice, rolling log-likelihood (documents longer than the
+    context) and generation (half of the answers are what the model generates, so exact_match
+    is neither 0 nor 1 and both models must generate the same text to agree)."""
+    d = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    mc = [{"question": sentence(rng, 3, 12), "choices": [sentence(rng, 1, 6) for _ in range(4)],
+           "label": rng.randint(0, 3)} for _ in range(12)]
+    ppl = [{"text": sentence(rng, 5, 110)} for _ in range(5)]
+    prompts = [sentence(rng, 3, 10) for _ in range(4)]
+    made = gptlab_lm.generate_until([Instance("generate_until", {}, (p, dict(GEN_KWARGS)), i)
+                                     for i, p in enumerate(prompts)], disable_tqdm=True)
+    gen = [{"prompt": p, "answer": m if i % 2 == 0 else "no"} for i, (p, m) in enumerate(zip(prompts, made))]
+    (d / "mc.yaml").write_text(task_yaml("gl_mc", write_jsonl(d / "mc.jsonl", mc), "multiple_choice", (
+        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")))
+    (d / "ppl.yaml").write_text(task_yaml("gl_ppl", write_jsonl(d / "ppl.jsonl", ppl), "loglikelihood_rolling", (
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
+        "  - metric: byte_perplexity\n  - metric: bits_per_byte\n")))
+    (d / "gen.yaml").write_text(task_yaml("gl_gen", write_jsonl(d / "gen.jsonl", gen), "generate_until", (
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["e", "\\n"]\n  max_gen_toks: 12\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n")))
+    return d
+
+
+TASKS = ["gl_mc", "gl_ppl", "gl_gen"]
+
+
+@pytest.mark.slow
+def test_every_metric_equals_the_harness_hflm(gptlab_lm, hf_dir, tasks_dir):
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    ours = harness.run_tasks(gptlab_lm, TASKS, include_path=str(tasks_dir), bootstrap_iters=0)
+    hf = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=4, dtype="float32")
+    theirs = harness.task_metrics(evaluator.simple_evaluate(
+        model=hf, tasks=TASKS, task_manager=TaskManager(include_path=str(tasks_dir)), log_samples=False,
+        bootstrap_iters=0))
+    assert set(ours) == set(TASKS) and ours.keys() == theirs.keys()
+    for task in TASKS:
+        assert ours[task].keys() == theirs[task].keys()
+        for metric, value in theirs[task].items():
+            assert ours[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
+    # the data is not degenerate: the metrics carry information
+    assert 0 < ours["gl_gen"]["exact_match"] < 1
+    assert ours["gl_ppl"]["byte_perplexity"] > 1
+    assert {"acc", "acc_norm"} <= ours["gl_mc"].keys()
+
+
+def test_loglikelihood_and_rolling_equal_hflm_request_by_request(gptlab_lm, hf_dir):
+    """Raw request results, including contexts cropped from the left (longer than 64 tokens) and
+    the greedy flag, for a model whose greedy continuation is known."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=3, dtype="float32")
+    rng = random.Random(1)
+    pairs = [(sentence(rng, 1, 90), " " + sentence(rng, 1, 5)) for _ in range(10)]
+    pairs += [("", "the cat"), ("a dog ", "ran far")]  # empty context; a trailing space moves over
+    greedy = gptlab_lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": [], "max_gen_toks": 3}), 0)],
+                                      disable_tqdm=True)[0]
+    pairs.append(("the cat", greedy))
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    ours, theirs = gptlab_lm.loglikelihood(reqs, disable_tqdm=True), hf.loglikelihood(reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+        assert ga == gb
+    assert ours[-1][1] is True
+    docs = [Instance("loglikelihood_rolling", {}, (sentence(rng, n, n),), i) for i, n in enumerate((1, 40, 150))]
+    torch.testing.assert_close(torch.tensor(gptlab_lm.loglikelihood_rolling(docs, disable_tqdm=True)),
+                               torch.tensor(hf.loglikelihood_rolling(docs, disable_tqdm=True)), rtol=1e-5, atol=1e-4)
+
+
+def test_generation_stops_at_stop_sequences_and_max_tokens(gptlab_lm):
+    free = gptlab_lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": [], "max_gen_toks": 10}), 0)],
+                                    disable_tqdm=True)[0]
+    assert len(gptlab_lm.tok_encode(free)) == 10
+    # a stop sequence taken from inside the free text cuts it right before its first occurrence
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    cut = gptlab_lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": [stop], "max_gen_toks": 10}), 0)],
+                                   disable_tqdm=True)[0]
+    assert cut == free[:free.index(stop)]
+
+
+def test_shared_contexts_are_batched_by_length():
+    groups = [ContextGroup((1,) * n, ((2,),) * k) for n, k in ((3, 2), (5, 1), (3, 3))]
+    assert plan_shared_batches(groups, max_rows=8) == [[0, 2], [1]]
+
+
+def test_task_metrics_drop_the_none_suffix_and_non_numbers():
+    res = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": "N/A",
+                             "exact_match,strict-match": 1.0, "word_perplexity,none": 3.0}}}
+    assert harness.task_metrics(res) == {"t": {"acc": 0.5, "exact_match,strict-match": 1.0,
+                                               "word_perplexity": 3.0}}
+    table = harness.format_tasks({"t": {"acc": 0.5, "acc_stderr": 0.1}})
+    assert "acc" in table and "0.5000" in table and "0.1000" in table and "acc_stderr" not in table
+
+
+def test_unknown_task_and_bad_batch_size_are_user_errors(gptlab_lm, tasks_dir):
+    with pytest.raises(UserError, match="unknown harness task no_such_task"):
+        harness.run_tasks(gptlab_lm, ["no_such_task"], include_path=str(tasks_dir))
+    with pytest.raises(UserError, match="batch size"):
+        harness.GptlabLM(model=gptlab_lm.model, batch_size="zero")
+
+
+def test_lm_eval_command_line_finds_the_gptlab_model(hf_dir, tasks_dir, tmp_path):
+    """`lm_eval --model gptlab` in a fresh interpreter: the installed start-up hook registers it."""
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = ("import sys; from lm_eval.api.registry import get_model; "
+            "print(get_model('gptlab').__module__, get_model('gptlab').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["gptlab.harness", "GptlabLM"]
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_runs_a_task_on_a_gptlab_model(hf_dir, tasks_dir, tmp_path):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    # no --device: lm_eval asks for cuda:0, and the model falls back to what the machine has
+    out = subprocess.run([str(lm_eval), "--model", "gptlab", "--model_args", f"pretrained={hf_dir},dtype=float32",
+                          "--tasks", "gl_mc", "--include_path", str(tasks_dir), "--limit", "4",
+                          "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gl_mc" in out.stdout and "acc" in out.stdout
