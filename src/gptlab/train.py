@@ -28,7 +28,7 @@ from gptlab.errors import UserError
 from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar
 from gptlab.model import GPT
-from gptlab.optim import SCHEDULES, lr_at, make_adamw, set_lr
+from gptlab.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizers, scale_lr
 from gptlab.parallel import Placed, find_batch_size, gather_state, load_optimizer, place, train_step
 from gptlab.plot import plot_run
 from gptlab.rundir import RunDir
@@ -150,6 +150,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_tokens > 0, "--eval-tokens must be positive"),
         (cfg.sample_tokens >= 0, "--sample-tokens must be >= 0"),
         (cfg.num_samples > 0, "--num-samples must be positive"),
+        (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (cfg.muon_lr > 0 and 0 <= cfg.muon_momentum < 1 and cfg.muon_weight_decay >= 0,
+         "--muon-lr must be positive, --muon-momentum in [0, 1), --muon-weight-decay >= 0"),
+        # torch.optim.Muon orthogonalises whole matrices; FSDP hands it this rank's row shard only
+        (not (cfg.fsdp and cfg.optimizer == "muon"),
+         "--optimizer muon does not work with --fsdp (torch.optim.Muon needs whole matrices, FSDP "
+         "shards them); use DDP (drop --fsdp) or --optimizer adamw"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -223,7 +230,8 @@ class Session:
     env: dist.DistEnv
     run: RunDir
     placed: Placed
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]
+    """[AdamW] or [AdamW, Muon] (optim.make_optimizers)"""
     scaler: torch.amp.GradScaler | None
     loader: TrainLoader
     batch_size: int
@@ -308,10 +316,9 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
     dist.barrier()
     n_params = model.num_params()
     placed = place(model, rt, env, fsdp=cfg.fsdp)
-    optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
-                           eps=cfg.eps, device_type=rt.device.type)
+    optimizers = make_optimizers(model, cfg, rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
-    s = Session(cfg, rt, env, run, placed, optimizer, scaler, loader, batch_size, accum, steps,
+    s = Session(cfg, rt, env, run, placed, optimizers, scaler, loader, batch_size, accum, steps,
                 warmup_for(cfg, steps))
     if ckpt is not None:
         _restore(s, ckpt)
@@ -331,7 +338,7 @@ def _restore(s: Session, ckpt: Path) -> None:
     """Optimizer, data position, step, loss scale and RNG states from a checkpoint."""
     state, opt_tensors = ckpt_mod.load_checkpoint_state(ckpt)
     if opt_tensors is not None and "optimizer" in state:
-        load_optimizer(s.placed, s.optimizer, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
+        load_optimizer(s.placed, s.optimizers, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
     s.loader.load_state_dict(state["loader"])
     s.step, s.tokens = int(state["step"]), int(state["tokens"])
     if s.scaler is not None and state.get("grad_scaler"):
@@ -403,12 +410,14 @@ def _step(s: Session, fixed: list | None, bar) -> float:
     """One optimizer step at the scheduled learning rate, logged; returns its loss."""
     cfg = s.cfg
     t0 = time.time()
-    lr = lr_at(s.step, schedule=cfg.schedule, max_lr=cfg.lr, total_steps=s.steps, warmup_steps=s.warmup,
-               min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
-    set_lr(s.optimizer, lr)
+    # the schedule as a factor of each group's own peak (--lr for AdamW, --muon-lr for Muon)
+    factor = lr_at(s.step, schedule=cfg.schedule, max_lr=1.0, total_steps=s.steps, warmup_steps=s.warmup,
+                   min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+    scale_lr(s.optimizers, factor)
+    lr = cfg.lr * factor
     s.placed.forward.train()
     batches = fixed if fixed is not None else (s.loader.next_batch() for _ in range(s.accum))
-    out = train_step(s.placed, s.rt, batches, s.accum, s.optimizer, s.scaler, cfg.grad_clip)
+    out = train_step(s.placed, s.rt, batches, s.accum, s.optimizers, s.scaler, cfg.grad_clip)
     if not math.isfinite(out.loss):
         good = s.saved or s.run.latest_checkpoint()
         where = f"; the last good checkpoint is {good}" if good else ""
@@ -436,7 +445,7 @@ def _step(s: Session, fixed: list | None, bar) -> float:
 
 def _save(s: Session) -> Path | None:
     """A checkpoint of this step (collective: every rank takes part, rank 0 writes)."""
-    weights, opt_state = gather_state(s.placed, s.optimizer)
+    weights, opt_state = gather_state(s.placed, s.optimizers)
     state = {
         "step": s.step,
         "tokens": s.tokens,
