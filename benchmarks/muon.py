@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from gptlab.config import resolve_train_config
 from gptlab.plot import plot_runs
 from gptlab.rundir import RunDir
-from gptlab.train import train
 
 # (model flags, tokens per step, eval every N steps, eval tokens)
 SETTINGS = {
@@ -39,23 +39,47 @@ ADAMW_LR = 3e-3  # tiny's preset lr; also AdamW's lr for the embeddings/head/gai
 MUON_LR = 0.02
 
 
-def run_one(setting: str, data: str, out: Path, optimizer: str, seed: int, steps: int) -> Path:
-    model_flags, batch, every, eval_tokens = SETTINGS[setting]
+def train_command(args, out: Path, optimizer: str, seed: int, steps: int) -> list[str] | None:
+    """The `gptlab train` command of one run, or None when it finished earlier (reused)."""
+    model_flags, batch, every, eval_tokens = SETTINGS[args.setting]
     latest = RunDir(out).latest_checkpoint()
     if latest is not None and latest.name == f"step_{steps:06d}":
         print(f"  {out.name}: done earlier, reused", file=sys.stderr)
-        return out
+        return None
     if out.exists():
         shutil.rmtree(out)  # an unfinished earlier attempt
-    flags = dict(model_flags, data=data, out=str(out), seed=seed, optimizer=optimizer, max_steps=steps,
-                 total_batch_tokens=batch, batch_size=16 if setting == "tiny" else 8, lr=ADAMW_LR,
-                 muon_lr=MUON_LR, schedule="cosine", warmup_frac=1 / 6, eval_every=every,
-                 eval_tokens=eval_tokens, sample_tokens=0, checkpoint_every=0, keep_checkpoints=1,
-                 device="cpu", compile=False, dtype="fp32")
-    t0 = time.time()
-    train(resolve_train_config(flags))
-    print(f"  {out.name}: {time.time() - t0:.0f} s", file=sys.stderr)
-    return out
+    flags = dict(model_flags, data=args.data, out=str(out), seed=seed, optimizer=optimizer, max_steps=steps,
+                 total_batch_tokens=args.batch_tokens or batch, batch_size=16 if args.setting == "tiny" else 8,
+                 lr=ADAMW_LR, muon_lr=MUON_LR, schedule="cosine", warmup_frac=1 / 6,
+                 eval_every=args.eval_every or every, eval_tokens=args.eval_tokens or eval_tokens,
+                 sample_tokens=0, checkpoint_every=0, keep_checkpoints=1, device="cpu", dtype="fp32")
+    cmd = [sys.executable, "-m", "gptlab", "train", "--no-compile"]
+    for k, v in flags.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+def run_all(jobs: list[tuple[Path, list[str] | None]], parallel: int) -> None:
+    """Run the commands, `parallel` at a time (each with 1/parallel of the threads); print each
+    run's wall and CPU seconds (CPU time is what a loaded machine does not inflate)."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    todo = [(out, cmd) for out, cmd in jobs if cmd is not None]
+    running: dict[int, tuple[Path, float, subprocess.Popen]] = {}
+    while todo or running:
+        while todo and len(running) < parallel:
+            out, cmd = todo.pop(0)
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            running[proc.pid] = (out, time.time(), proc)
+        pid, status, usage = os.wait4(-1, 0)
+        if pid not in running:
+            continue
+        out, t0, proc = running.pop(pid)
+        err = proc.stderr.read()
+        if status != 0:
+            raise SystemExit(f"{out}: gptlab train failed:\n{err[-2000:]}")
+        cpu = usage.ru_utime + usage.ru_stime
+        print(f"  {out.name}: {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU ({threads} thread(s))", file=sys.stderr)
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
@@ -95,22 +119,32 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--short", action="store_true", help="also train Muon for steps/1.5 and compare its final val")
     ap.add_argument("--out", default="runs/bench-muon")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets cores/parallel threads)")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default: the setting's)")
+    ap.add_argument("--eval-every", type=int, default=None, help="steps between val evaluations")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="val tokens per evaluation")
     args = ap.parse_args()
     root = Path(args.out) / args.setting
-    tokens = args.steps * SETTINGS[args.setting][1]
+    batch = args.batch_tokens or SETTINGS[args.setting][1]
+    tokens = args.steps * batch
     short_steps = int(round(args.steps / 1.5))
+    jobs = []
+    for seed in args.seeds:
+        for name, opt, steps in [("adamw", "adamw", args.steps), ("muon", "muon", args.steps)] + (
+                [("muon-short", "muon", short_steps)] if args.short else []):
+            out = root / f"{name}-s{seed}"
+            jobs.append((out, train_command(args, out, opt, seed, steps)))
+    run_all(jobs, args.parallel)
     rows, runs = [], []
     for seed in args.seeds:
-        a = run_one(args.setting, args.data, root / f"adamw-s{seed}", "adamw", seed, args.steps)
-        m = run_one(args.setting, args.data, root / f"muon-s{seed}", "muon", seed, args.steps)
+        a, m = root / f"adamw-s{seed}", root / f"muon-s{seed}"
         runs += [a, m]
         a_final, m_final = val_curve(a)[-1][1], val_curve(m)[-1][1]
         reach = tokens_to_reach(val_curve(m), a_final)
         row = dict(seed=seed, adamw=a_final, muon=m_final, reach=reach,
                    ratio=tokens / reach if reach else None)
         if args.short:
-            ms = run_one(args.setting, args.data, root / f"muon-short-s{seed}", "muon", seed, short_steps)
-            row["muon_short"] = val_curve(ms)[-1][1]
+            row["muon_short"] = val_curve(root / f"muon-short-s{seed}")[-1][1]
         rows.append(row)
     print(f"\n{args.setting}: {tokens:,} tokens per run ({args.steps} steps), seeds {args.seeds}")
     print("| seed | AdamW final val | Muon final val | Muon tokens to AdamW's final val | fewer tokens |"
