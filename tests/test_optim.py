@@ -275,6 +275,8 @@ def test_muon_run_learns_and_resumes_exactly(data_dir, tmp_path):
     assert len(state["optimizer"]["param_groups"]) == 3  # AdamW's two groups and Muon's one
     tensors = torch.load(ckdir / "step_000005" / "optimizer.pt", weights_only=True)
     assert sum(k.endswith("/momentum_buffer") for k in tensors) == 4  # the block's four matrices
+    with pytest.raises(UserError, match="--optimizer adamw would change the optimizer"):
+        train(resolve_train_config({"out": str(tmp_path / "part")}), resume=True, resume_flags={"optimizer": "adamw"})
     train(resolve_train_config({"out": str(tmp_path / "part")}), resume=True, resume_flags={})
     assert train_losses(tmp_path / "part") == full  # bit-identical floats on CPU
     assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["optimizer"] == "muon"

@@ -189,6 +189,9 @@ def resume_config(run: RunDir, flags: dict[str, Any]) -> TrainConfig:
         if name in MODEL_FIELDS:
             raise UserError(f"--{name.replace('_', '-')} would change the model of a run being resumed "
                             f"({getattr(base, name)!r} -> {value!r}); start a new run with another --out instead")
+        if name == "optimizer":  # the checkpoint holds the other optimizer's state
+            raise UserError(f"--optimizer {value} would change the optimizer of a run being resumed "
+                            f"(it trains with {base.optimizer}); start a new run with another --out instead")
         if name in DATA_FIELDS:
             raise UserError(f"--{name.replace('_', '-')} would change the data order of a run being resumed "
                             f"({getattr(base, name)!r} -> {value!r}); start a new run with another --out instead")
