@@ -1,12 +1,29 @@
+"""optim.py: AdamW's groups and step, schedules; Muon beside AdamW (split, update, state round
+trip, loss scaling, resume, DDP, the FSDP refusal)."""
+
+import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from gptlab.config import ModelConfig
+from conftest import markov_tokens, run_gptlab, write_shard
+from gptlab import checkpoint as ck
+from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.errors import UserError
 from gptlab.model import GPT
-from gptlab.optim import lr_at, make_adamw, param_groups
+from gptlab.optim import lr_at, make_adamw, make_optimizers, muon_split, param_groups, scale_lr
+from gptlab.parallel import Placed, gather_state, load_optimizer, train_step
+from gptlab.rundir import RunDir
+from gptlab.runtime import get_runtime
+from gptlab.train import train, validate
 
 
 def test_param_groups_decay_only_2d_weights():
@@ -71,3 +88,247 @@ def test_other_schedules():
     with pytest.raises(UserError):
         lr_at(50, schedule="nope", max_lr=1.0, total_steps=100, warmup_steps=0)
     assert math.isfinite(lr_at(0, schedule="cosine", max_lr=1.0, total_steps=1, warmup_steps=0))
+
+
+# ----------------------------------------------------------------------------- Muon beside AdamW
+
+MICRO = ModelConfig(n_layer=2, n_head=2, n_embd=16, seq_len=8, vocab_size=100)
+
+
+def muon_cfg(**kw) -> TrainConfig:
+    base = dict(optimizer="muon", lr=3e-3, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_muon_takes_the_blocks_matrices_adamw_the_rest():
+    model = GPT(MICRO)
+    muon, rest = muon_split(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon) == sorted(
+        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert all(p.dim() == 2 for p in muon)
+    rest_names = {names[id(p)] for p in rest}
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight"} <= rest_names
+    assert all(p.dim() == 1 for p in rest if names[id(p)] not in ("transformer.wte.weight", "transformer.wpe.weight"))
+    # every parameter exactly once; the tied head is the embedding, so it is AdamW's
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert sum(p.numel() for p in muon + rest) == model.num_params()
+    assert len({id(p) for p in muon + rest}) == len(muon) + len(rest)
+
+
+def test_make_optimizers_follows_the_config():
+    model = GPT(MICRO)
+    (adamw,) = make_optimizers(model, TrainConfig(optimizer="adamw", lr=1e-3), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW)
+    adamw, muon = make_optimizers(model, muon_cfg(muon_lr=0.05, muon_momentum=0.9, muon_weight_decay=0.01,
+                                                  weight_decay=0.2), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    (mg,) = muon.param_groups
+    assert (mg["lr"], mg["momentum"], mg["weight_decay"], mg["nesterov"]) == (0.05, 0.9, 0.01, True)
+    assert mg["adjust_lr_fn"] == "original"
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.2, 0.0]
+    # the schedule scales each group relative to its own peak
+    scale_lr([adamw, muon], 0.5)
+    assert mg["lr"] == pytest.approx(0.025) and all(g["lr"] == pytest.approx(1.5e-3) for g in adamw.param_groups)
+    scale_lr([adamw, muon], 1.0)
+    assert mg["lr"] == 0.05
+    with pytest.raises(UserError, match="optimizer"):
+        make_optimizers(model, TrainConfig(optimizer="sgd"), "cpu")
+
+
+def test_muon_update_is_orthogonalised():
+    """After one step, a block matrix moved by lr x sqrt(max(1, rows/cols)) x an (approximately)
+    orthogonal matrix: all singular values near 1, whatever the gradient's spectrum. AdamW's
+    first step moves every other element by about lr."""
+    torch.manual_seed(0)
+    model = GPT(MICRO)
+    adamw, muon = make_optimizers(model, muon_cfg(muon_lr=0.02, lr=1e-3), "cpu")
+    x = torch.randint(0, 100, (4, 8))
+    model(x, x)[1].backward()
+    w = model.transformer.h[0].mlp.c_fc.weight  # (64, 16)
+    before, wte_before = w.detach().clone(), model.transformer.wte.weight.detach().clone()
+    k = 12  # the top 12 of 16 directions (Newton-Schulz lifts the tiniest singular values only partly)
+    grad_sv = torch.linalg.svdvals(w.grad)[:k]
+    assert grad_sv[0] / grad_sv[-1] > 5, grad_sv  # the gradient is far from orthogonal
+    adamw.step()
+    muon.step()
+    delta = (before - w.detach()) / (0.02 * (64 / 16) ** 0.5)
+    sv = torch.linalg.svdvals(delta)[:k]
+    assert sv.min() > 0.5 and sv.max() < 1.3, sv
+    moved = (wte_before - model.transformer.wte.weight.detach()).abs()
+    touched = model.transformer.wte.weight.grad.abs() > 0
+    assert torch.allclose(moved[touched], torch.full_like(moved[touched], 1e-3), rtol=0.05)
+
+
+def _step_all(model, opts, seed):
+    torch.manual_seed(seed)
+    x = torch.randint(0, 100, (4, 8))
+    model(x, x)[1].backward()
+    for o in opts:
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+
+def test_both_states_round_trip_through_checkpoint_files(tmp_path):
+    """gather_state -> optimizer.pt (tensors only) + JSON -> load_optimizer gives optimizers that
+    continue exactly like the originals; a later --lr / --muon-lr wins over the saved peak."""
+    torch.manual_seed(0)
+    model = GPT(MICRO)
+    opts = make_optimizers(model, muon_cfg(), "cpu")
+    for seed in range(3):
+        _step_all(model, opts, seed)
+    _, full = gather_state(Placed(model=model, forward=model), opts)
+    tensors, meta = ck.optimizer_to_files(full)
+    assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+    assert any(k.endswith("/momentum_buffer") for k in tensors) and any(k.endswith("/exp_avg") for k in tensors)
+    meta = json.loads(json.dumps(meta))  # what state.json holds
+    torch.save(tensors, tmp_path / "optimizer.pt")  # the files share no memory with the optimizers
+    tensors = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+
+    twin = GPT(MICRO)
+    twin.load_state_dict(model.state_dict())
+    twin_opts = make_optimizers(twin, muon_cfg(muon_lr=0.04), "cpu")
+    load_optimizer(Placed(model=twin, forward=twin), twin_opts, ck.optimizer_from_files(tensors, meta))
+    assert twin_opts[1].param_groups[0]["peak_lr"] == 0.04  # this run's flag, not the checkpoint's
+    scale_lr(twin_opts, 0.5)
+    assert twin_opts[1].param_groups[0]["lr"] == 0.02
+    scale_lr(twin_opts, 1.0)
+    twin_opts[1].param_groups[0]["peak_lr"] = twin_opts[1].param_groups[0]["lr"] = 0.02
+    for seed in (10, 11):
+        _step_all(model, opts, seed)
+        _step_all(twin, twin_opts, seed)
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_one_scaler_over_two_optimizers():
+    """A loss-scaled step (as fp16 runs it) over AdamW + Muon equals the unscaled step."""
+    rt = get_runtime("cpu", "fp32", False)
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)):
+        torch.manual_seed(0)
+        model = GPT(MICRO)
+        opts = make_optimizers(model, muon_cfg(), "cpu")
+        x = torch.randint(0, 100, (4, 8))
+        out = train_step(Placed(model=model, forward=model), rt, [(x, x)], 1, opts, scaler, grad_clip=1.0)
+        assert out.applied
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_with_muon_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="muon.*--fsdp"):
+        validate(muon_cfg(fsdp=True))
+    validate(muon_cfg())  # without FSDP it is fine
+    r = run_gptlab("train", "--model", "tiny", "--fsdp", "--optimizer", "muon", "--data", str(tmp_path),
+                   "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--fsdp" in r.stderr, r.stderr
+    r = run_gptlab("train", "--model", "tiny", "--optimizer", "lion", "--out", str(tmp_path / "r2"))
+    assert r.returncode == 2 and "--optimizer must be one of adamw, muon" in r.stderr
+
+
+# ----------------------------------------------------------------------------- training with Muon
+
+SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mdata")
+    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
+    write_shard(d / "toy_train_000001.bin", markov_tokens(200_000, 2))
+    return d
+
+
+def train_losses(run: Path, kind: str = "train") -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def muon_flags(data_dir, out, **kw):
+    base = dict(model="tiny", n_layer=1, n_head=2, n_embd=32, seq_len=32, data=str(data_dir), out=str(out),
+                batch_size=4, total_batch_tokens=256, max_steps=12, lr=1e-2, warmup_steps=3, eval_every=0,
+                eval_tokens=2048, sample_tokens=0, checkpoint_every=0, device="cpu", optimizer="muon")
+    base.update(kw)
+    return base
+
+
+def test_muon_run_learns_and_resumes_exactly(data_dir, tmp_path):
+    train(resolve_train_config(muon_flags(data_dir, tmp_path / "full", eval_every=12)))
+    train(resolve_train_config(muon_flags(data_dir, tmp_path / "part", checkpoint_every=5)))
+    full = train_losses(tmp_path / "full")
+    assert full[12] < full[1] - 2.0
+    # throw away everything after step 5 and resume from its checkpoint
+    ckdir = tmp_path / "part" / "checkpoints"
+    for p in ckdir.glob("step_*"):
+        if p.name != "step_000005":
+            shutil.rmtree(p)
+    (ckdir / "latest").write_text("step_000005\n")
+    state = json.loads((ckdir / "step_000005" / "state.json").read_text())
+    assert len(state["optimizer"]["param_groups"]) == 3  # AdamW's two groups and Muon's one
+    tensors = torch.load(ckdir / "step_000005" / "optimizer.pt", weights_only=True)
+    assert sum(k.endswith("/momentum_buffer") for k in tensors) == 4  # the block's four matrices
+    with pytest.raises(UserError, match="--optimizer adamw would change the optimizer"):
+        train(resolve_train_config({"out": str(tmp_path / "part")}), resume=True, resume_flags={"optimizer": "adamw"})
+    train(resolve_train_config({"out": str(tmp_path / "part")}), resume=True, resume_flags={})
+    assert train_losses(tmp_path / "part") == full  # bit-identical floats on CPU
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["optimizer"] == "muon"
+    # the GPT-3 recipe stays the default
+    assert resolve_train_config({"model": "gpt2"}).optimizer == "adamw"
+
+
+@pytest.mark.slow
+def test_muon_sigterm_then_resume_is_exact(data_dir, tmp_path):
+    common = ["train", *SMALL, "--data", str(data_dir), "--batch-size", "4", "--total-batch-tokens", "256",
+              "--max-steps", "20", "--warmup-steps", "3", "--eval-every", "0", "--optimizer", "muon",
+              "--sample-tokens", "0", "--checkpoint-every", "0", "--device", "cpu"]
+    r = run_gptlab(*common, "--out", str(tmp_path / "full"), timeout=900)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *common, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        m = run / "metrics.jsonl"
+        if m.exists() and m.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err
+    stopped_at = int(RunDir(run).latest_checkpoint().name.split("_")[1])
+    assert 5 <= stopped_at < 20
+    r = run_gptlab("train", "--out", str(run), "--resume", timeout=900)
+    assert r.returncode == 0, r.stderr
+    full, resumed = train_losses(tmp_path / "full"), train_losses(run)
+    assert sorted(full) == sorted(resumed)
+    for s in full:
+        assert resumed[s] == pytest.approx(full[s], abs=1e-6), s
+
+
+@pytest.mark.slow
+def test_muon_two_ranks_equal_one(data_dir, tmp_path):
+    common = ["train", *SMALL, "--data", str(data_dir), "--total-batch-tokens", "512", "--batch-size", "4",
+              "--max-steps", "8", "--warmup-steps", "2", "--eval-every", "4", "--eval-tokens", "2048",
+              "--sample-tokens", "0", "--checkpoint-every", "0", "--device", "cpu", "--optimizer", "muon",
+              "--dist-timeout", "600"]
+    one = run_gptlab(*common, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "gptlab", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr
+    assert "2 rank(s)" in two.stderr
+    for kind in ("train", "val"):
+        a, b = train_losses(tmp_path / "one", kind), train_losses(tmp_path / "two", kind)
+        assert sorted(a) == sorted(b) and a
+        for s in a:
+            assert b[s] == pytest.approx(a[s], rel=1e-4), (kind, s)

@@ -12,7 +12,8 @@ import pytest
 
 from gptlab.errors import UserError
 from conftest import run_gptlab
-from gptlab.plot import plot_run, read_metrics, smooth
+from gptlab import plot as plot_mod
+from gptlab.plot import plot_run, plot_runs, read_metrics, run_labels, smooth
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_CHARTS = ["loss.png", "lr.png", "hellaswag.png", "throughput.png"]
@@ -176,3 +177,68 @@ def test_plot_does_not_import_torch(tmp_path):
             f"gptlab.plot.plot_run({str(run)!r}); assert 'torch' not in sys.modules, 'torch on plot'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- several runs in one chart
+
+def shifted_records(steps: int, shift: float, lr: float) -> list:
+    recs = []
+    for s in range(steps):
+        r = train_rec(s)
+        r["loss"] += shift
+        r["lr"] = lr * min(1.0, (s + 1) / 10)
+        recs.append(r)
+        if s % 10 == 0 or s == steps - 1:
+            v = val_rec(s)
+            v["loss"] += shift
+            recs.append(v)
+    return recs
+
+
+def test_overlay_draws_every_run_with_a_legend(tmp_path, monkeypatch):
+    a = write_run(tmp_path / "adamw", shifted_records(40, 0.5, 3e-3))
+    b = write_run(tmp_path / "muon", shifted_records(30, 0.0, 2e-2))
+    drawn = {}
+    real_save = plot_mod._save
+
+    def keep(fig, path):
+        drawn[path.name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plot_mod, "_save", keep)
+    out = tmp_path / "cmp"
+    files = plot_runs([a, b], out)
+    assert_pngs(files, out, ["loss.png", "lr.png"])
+    ax = drawn["loss.png"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["adamw train (smoothed)", "adamw val", "muon train (smoothed)", "muon val"]
+    # each run's val curve is drawn with its own data, in its own colour
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["muon val"].get_ydata()) == [r["loss"] for r in shifted_records(30, 0.0, 0) if r["kind"] == "val"]
+    assert lines["adamw val"].get_color() != lines["muon val"].get_color()
+    assert lines["adamw val"].get_color() == lines["adamw train (smoothed)"].get_color()
+    lr_labels = [t.get_text() for t in drawn["lr.png"].axes[0].get_legend().get_texts()]
+    assert lr_labels == ["adamw", "muon"]
+
+
+def test_overlay_labels_and_errors(tmp_path):
+    assert run_labels([tmp_path / "x" / "run", tmp_path / "y" / "other"]) == ["run", "other"]
+    same = [str(tmp_path / "x" / "run"), str(tmp_path / "y" / "run")]
+    assert run_labels(same) == same  # names repeat: the paths as given
+    good = write_run(tmp_path / "good", full_records(5))
+    with pytest.raises(UserError, match="no such run directory"):
+        plot_runs([good, tmp_path / "missing"], tmp_path / "out")
+    only_hs = write_run(tmp_path / "hs", [hs_rec(0)])
+    with pytest.raises(UserError, match="nothing to plot"):
+        plot_runs([only_hs], tmp_path / "out2")
+
+
+def test_cli_overlay(tmp_path):
+    a = write_run(tmp_path / "a", full_records(12))
+    b = write_run(tmp_path / "b", full_records(8))
+    out = tmp_path / "both"
+    r = run_gptlab("plot", str(a), str(b), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert_pngs(r.stdout.splitlines(), out, ["loss.png", "lr.png"])
+    r = run_gptlab("plot", str(a), str(b))
+    assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr

@@ -499,16 +499,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="run directory holding metrics.jsonl (and config.json)")
+    p.add_argument("run", metavar="RUN", nargs="+",
+                   help="run directory holding metrics.jsonl (and config.json); several are overlaid in one chart")
     # SUPPRESS keeps the formatter from appending "(default: None)" to the real default below
     p.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
-                   help="directory for the PNGs (default: RUN/plots)")
+                   help="directory for the PNGs (default: RUN/plots; needed with several runs)")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from gptlab.plot import plot_run
+    from gptlab.plot import plot_run, plot_runs
 
-    for path in plot_run(args.run, getattr(args, "out", None)):
+    out = getattr(args, "out", None)
+    if len(args.run) > 1 and out is None:
+        raise UserError("plot: several runs are drawn into one chart; say where with --out DIR")
+    files = plot_run(args.run[0], out) if len(args.run) == 1 else plot_runs(args.run, out)
+    for path in files:
         print(path)
     return 0
 # ===================================================================== end train / plot

@@ -182,6 +182,11 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
+    optimizer: str = _f("adamw", "adamw (the GPT-3 recipe) | muon (torch.optim.Muon on the blocks' 2-D weights, "
+                        "AdamW with --lr on the embeddings, head, biases and gains)")
+    muon_lr: float = _f(0.02, "Muon's peak learning rate (Keller Jordan's scale: adjust_lr_fn='original')")
+    muon_momentum: float = _f(0.95, "Muon's Nesterov momentum")
+    muon_weight_decay: float = _f(0.0, "Muon's decoupled weight decay (on the blocks' 2-D weights)")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 turns clipping off)")
     device: str | None = _f(None, "cpu, cuda, cuda:N or mps (default: the best available)")
     dtype: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where native, fp16 on older GPUs, fp32 on CPU)")

@@ -1,25 +1,29 @@
-"""Parameter groups, AdamW and learning-rate schedules."""
+"""Parameter groups, the optimizers (AdamW, or Muon beside AdamW) and learning-rate schedules.
+
+A run holds a list of optimizers: [AdamW] for the GPT-3 recipe, or [AdamW, Muon] for `muon`, where
+torch.optim.Muon takes every 2-D weight inside the blocks and AdamW the embeddings (the tied head)
+and every 1-D parameter. Each param group remembers its own peak lr ("peak_lr"); the schedule is a
+factor in [0, 1] applied to every group's peak, so warm-up and decay shape both optimizers alike.
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
+from typing import Iterable, Sequence
 
 import torch
 
 from gptlab.errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _decay_split(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """Decay 2-D weights (matmuls and embeddings); never biases or LayerNorm gains."""
     decay, no_decay = [], []
-    seen = set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:  # the tied head appears once
-            continue
-        seen.add(id(p))
+    for p in params:
         (decay if p.dim() >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -27,13 +31,67 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def _unique_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) once each (the tied head appears once, as the embedding), trainable only."""
+    seen, out = set(), []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups for the whole model: decay on 2-D weights only."""
+    return _decay_split((p for _, p in _unique_params(model)), weight_decay)
+
+
+def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(Muon's parameters, AdamW's): Muon takes the 2-D weights inside the blocks (attention and
+    MLP matrices); the embeddings, the tied head and every bias or gain stay with AdamW."""
+    muon, rest = [], []
+    for name, p in _unique_params(model):
+        in_block = ".h." in f".{name}"  # transformer.h.<i>.… (also under _orig_mod. / module.)
+        (muon if in_block and p.dim() == 2 else rest).append(p)
+    return muon, rest
+
+
+def _adamw_kwargs(device_type: str) -> dict:
+    """Fused AdamW where the device supports it (CUDA); the foreach path elsewhere."""
+    if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        return {"fused": True}
+    return {}
+
+
+def _with_peak(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    for g in opt.param_groups:
+        g["peak_lr"] = g["lr"]
+    return opt
+
+
 def make_adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
                eps: float, device_type: str) -> torch.optim.AdamW:
-    """AdamW, fused where the device supports it (CUDA); the foreach path elsewhere."""
-    kwargs = {}
-    if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
-        kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
+    """AdamW over the whole model (the GPT-3 recipe)."""
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                            **_adamw_kwargs(device_type))
+    return _with_peak(opt)
+
+
+def make_optimizers(model: torch.nn.Module, cfg, device_type: str) -> list[torch.optim.Optimizer]:
+    """The optimizers that `cfg` (a TrainConfig) names: [AdamW] or [AdamW, Muon]."""
+    adamw_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **_adamw_kwargs(device_type))
+    if cfg.optimizer == "adamw":
+        return [make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                           eps=cfg.eps, device_type=device_type)]
+    if cfg.optimizer != "muon":
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    hidden, rest = muon_split(model)
+    adamw = torch.optim.AdamW(_decay_split(rest, cfg.weight_decay), **adamw_kw)
+    # adjust_lr_fn="original": the update of a (rows x cols) matrix is scaled by sqrt(max(1, rows/cols)),
+    # Keller Jordan's Muon, whose lr (0.02) is not on AdamW's scale
+    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
+                            weight_decay=cfg.muon_weight_decay, adjust_lr_fn="original")
+    return [_with_peak(adamw), _with_peak(muon)]
 
 
 def lr_at(step: int, *, schedule: str, max_lr: float, total_steps: int, warmup_steps: int,
@@ -70,6 +128,19 @@ def lr_at(step: int, *, schedule: str, max_lr: float, total_steps: int, warmup_s
     raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def as_list(optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    return [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+
+
+def set_lr(optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], lr: float) -> None:
+    """Every group's lr to `lr` (one optimizer, one peak)."""
+    for opt in as_list(optimizers):
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def scale_lr(optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], factor: float) -> None:
+    """Every group's lr to factor x its own peak: the schedule's shape, on each optimizer's scale."""
+    for opt in as_list(optimizers):
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * factor

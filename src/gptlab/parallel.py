@@ -13,7 +13,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -138,12 +138,22 @@ class StepResult:
     """False when a non-finite loss or gradient norm kept the update from being applied."""
 
 
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+
+
+def _as_list(optimizer: Optimizers | None) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    return [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+
+
 def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int,
-               optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
+               optimizer: Optimizers | None = None, scaler: torch.amp.GradScaler | None = None,
                grad_clip: float = 0.0) -> StepResult:
     """Forward and backward over `accum` micro-batches (gradients synchronised once, on the last),
     then clip and update. A non-finite loss or norm skips the update (gradients are dropped) and is
-    reported in the result, so the caller decides. optimizer=None runs forward and backward only."""
+    reported in the result, so the caller decides. optimizer=None runs forward and backward only;
+    a list of optimizers (AdamW + Muon) is clipped over together and stepped one after another."""
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float32)
     for micro, (x, y) in enumerate(batches):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
@@ -151,23 +161,28 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
             loss_sum += _guarded_forward_backward(placed, rt, x, y, accum, scaler)
     dist.all_reduce_mean(loss_sum)
     loss_val = float(loss_sum.item())
-    if optimizer is None:
+    opts = _as_list(optimizer)
+    if not opts:
         return StepResult(loss_val, None, applied=False)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    for opt in opts if scaler is not None else ():
+        scaler.unscale_(opt)
     norm = grad_norm(placed.model, grad_clip)
     # with a loss scale an inf norm is routine: the scaler skips that update and lowers the scale
     if not math.isfinite(loss_val) or (scaler is None and not math.isfinite(norm)):
-        optimizer.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
         return StepResult(loss_val, norm, applied=False)
+    for opt in opts:
+        if scaler is not None:
+            scaler.step(opt)  # skips the update itself on inf/nan gradients
+        else:
+            opt.step()
     if scaler is not None:
-        scaler.step(optimizer)  # skips the update itself on inf/nan gradients, and lowers the scale
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        scaler.update()  # once per step, after every optimizer: lowers the scale on inf/nan
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
     return StepResult(loss_val, norm)
 
 
@@ -278,20 +293,25 @@ def _full_state_options() -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def gather_state(placed: Placed, optimizer: torch.optim.Optimizer):
+def gather_state(placed: Placed, optimizer: Optimizers):
     """Full model weights (FSDP only; None means read them from the module) and the optimizer state
-    keyed by parameter name, the same for DDP, FSDP and one process. Collective under FSDP."""
+    keyed by parameter name, the same for DDP, FSDP and one process. Collective under FSDP. Several
+    optimizers (AdamW + Muon) give one state: their parameters' states and all their param groups."""
     opts = _full_state_options()
     weights = get_model_state_dict(placed.model, options=opts) if placed.fsdp else None
-    return weights, get_optimizer_state_dict(placed.model, optimizer, options=opts)
+    return weights, get_optimizer_state_dict(placed.model, _as_list(optimizer), options=opts)
 
 
-def load_optimizer(placed: Placed, optimizer: torch.optim.Optimizer, full_state: dict) -> None:
-    """Restore an optimizer from a full, name-keyed state (any world size, with or without FSDP)."""
-    # the saving device's implementation choices must not override this device's
-    keep = [{k: g.get(k) for k in ("fused", "foreach", "capturable")} for g in optimizer.param_groups]
-    set_optimizer_state_dict(placed.model, optimizer, full_state, options=_full_state_options())
-    for g, kept in zip(optimizer.param_groups, keep):
+def load_optimizer(placed: Placed, optimizer: Optimizers, full_state: dict) -> None:
+    """Restore optimizers from a full, name-keyed state (any world size, with or without FSDP)."""
+    # the saving device's implementation choices must not override this device's, nor the saved
+    # peak lr this run's --lr / --muon-lr
+    opts = _as_list(optimizer)
+    keep = [{k: g[k] for k in ("fused", "foreach", "capturable", "peak_lr") if k in g}
+            for opt in opts for g in opt.param_groups]
+    set_optimizer_state_dict(placed.model, opts, full_state, options=_full_state_options())
+    # loading replaced the group dicts: read them again
+    for g, kept in zip([g for opt in opts for g in opt.param_groups], keep):
         g.update(kept)
     state_to_param_device(optimizer)
 

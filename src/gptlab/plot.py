@@ -2,6 +2,7 @@
 
 `plot_run(RUN)` reads RUN/metrics.jsonl (and RUN/config.json for the model's size, to pick
 reference lines) and writes RUN/plots/*.png. `gptlab plot RUN` and the end of training call it.
+`plot_runs([RUN1, RUN2, ...], OUT)` overlays several runs (`gptlab plot RUN1 RUN2 --out OUT`).
 
 This module does not import torch, and imports matplotlib only when drawing (Agg, no screen).
 """
@@ -286,26 +287,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     missing, or hold no records.
     """
     run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise UserError(f"{run_dir}: no such run directory")
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: not a directory (expected a run directory)")
+    metrics = _run_metrics(run_dir)
     metrics_path = RunDir(run_dir).metrics_path
-    if not metrics_path.is_file():
-        raise UserError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
-    metrics = read_metrics(metrics_path)
-    if not metrics:
-        raise UserError(f"{metrics_path}: no metric records")
-
     size = _model_preset(run_dir)
     refs = REFERENCES.get(size, {}) if size else {}
     title = run_dir.resolve().name + (f" ({size})" if size else "")
-
-    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).plots_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the output directory: {e}") from None
+    out = _make_out(Path(out_dir) if out_dir is not None else RunDir(run_dir).plots_dir)
 
     # Figures are drawn without pyplot (see _figure), so no backend is chosen or changed:
     # no screen is needed and a notebook's own backend is left alone.
@@ -319,4 +306,106 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     if not files:
         kinds = ", ".join(sorted(metrics))
         raise UserError(f"{metrics_path}: nothing to plot (no train, val or hellaswag values; kinds: {kinds})")
+    return files
+
+
+def _run_metrics(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """RUN/metrics.jsonl grouped by kind; UserError when RUN or its metrics are missing or empty."""
+    if not run_dir.exists():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory (expected a run directory)")
+    metrics_path = RunDir(run_dir).metrics_path
+    if not metrics_path.is_file():
+        raise UserError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
+    metrics = read_metrics(metrics_path)
+    if not metrics:
+        raise UserError(f"{metrics_path}: no metric records")
+    return metrics
+
+
+def _make_out(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output directory: {e}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- several runs, one chart
+
+def run_labels(run_dirs: list[str | Path]) -> list[str]:
+    """Legend labels: each run's directory name, or the path as given where names repeat."""
+    names = [Path(r).resolve().name for r in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(r) for r in run_dirs]
+
+
+def _plot_loss_overlay(runs: list[tuple[str, dict]], path: Path) -> Path | None:
+    """Val loss (solid, with markers) and smoothed train loss (thin) per run, one colour each."""
+    from matplotlib.ticker import EngFormatter
+
+    fig, ax = _figure()
+    finals, peaks, drawn = [], [], False
+    for i, (label, metrics) in enumerate(runs):
+        tx, ty = _series(metrics.get("train", []), "tokens", "loss")
+        vx, vy = _series(metrics.get("val", []), "tokens", "loss")
+        color = f"C{i % 10}"
+        if len(ty) > 1:
+            ty = smooth(ty)
+        if ty:
+            ax.plot(tx, ty, lw=0.9, alpha=0.45, color=color, marker=_lone(ty),
+                    label=f"{label} train (smoothed)")
+        if vy:
+            ax.plot(vx, vy, lw=1.8, color=color, marker="o" if len(vy) <= 50 else None, ms=3,
+                    label=f"{label} val")
+        if ty or vy:
+            drawn = True
+            finals.append(min(([ty[-1]] if ty else []) + ([vy[-1]] if vy else [])))
+            peaks.append(max(ty + vy))
+    if not drawn:
+        return None
+    # cap the axis at twice the lowest final loss, so where runs differ is not a sliver of the chart
+    low = min(finals)
+    if low > 0 and max(peaks) > 2 * low:
+        ax.set_ylim(top=2 * low)
+    ax.set_xlabel("tokens")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_ylabel("loss")
+    ax.set_title("loss — " + " vs ".join(label for label, _ in runs))
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _plot_lr_overlay(runs: list[tuple[str, dict]], path: Path) -> Path | None:
+    fig, ax = _figure()
+    drawn = False
+    for i, (label, metrics) in enumerate(runs):
+        xs, ys = _series(metrics.get("train", []), "tokens", "lr")
+        if ys:
+            ax.plot(xs, ys, lw=1.6, color=f"C{i % 10}", marker=_lone(ys), label=label)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.set_title("learning rate")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None) -> list[Path]:
+    """Several runs in one chart each: out_dir/loss.png (val and smoothed train loss against
+    tokens) and out_dir/lr.png, with a legend naming each run. Returns the files written."""
+    if not run_dirs:
+        raise UserError("plot: name at least one run directory")
+    labels = labels or run_labels(run_dirs)
+    runs = [(label, _run_metrics(Path(r))) for label, r in zip(labels, run_dirs)]
+    out = _make_out(Path(out_dir))
+    written = [_plot_loss_overlay(runs, out / "loss.png"), _plot_lr_overlay(runs, out / "lr.png")]
+    files = [p for p in written if p is not None]
+    if not files:
+        raise UserError("nothing to plot: no run has train or val loss values")
     return files

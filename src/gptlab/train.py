@@ -31,7 +31,7 @@ from gptlab.errors import UserError
 from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar
 from gptlab.model import GPT
-from gptlab.optim import SCHEDULES, lr_at, make_adamw, set_lr
+from gptlab.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizers, scale_lr
 from gptlab.parallel import (Placed, find_batch_size, gather_state, load_optimizer, place, place_sharded,
                              train_step)
 from gptlab.plot import plot_run
@@ -155,6 +155,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.sample_tokens >= 0, "--sample-tokens must be >= 0"),
         (cfg.num_samples > 0, "--num-samples must be positive"),
         (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
+        (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (cfg.muon_lr > 0 and 0 <= cfg.muon_momentum < 1 and cfg.muon_weight_decay >= 0,
+         "--muon-lr must be positive, --muon-momentum in [0, 1), --muon-weight-decay >= 0"),
+        # torch.optim.Muon orthogonalises whole matrices; FSDP hands it this rank's row shard only
+        (not (cfg.fsdp and cfg.optimizer == "muon"),
+         "--optimizer muon does not work with --fsdp (torch.optim.Muon needs whole matrices, FSDP "
+         "shards them); use DDP (drop --fsdp) or --optimizer adamw"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -187,6 +194,9 @@ def resume_config(run: RunDir, flags: dict[str, Any]) -> TrainConfig:
         if name in MODEL_FIELDS:
             raise UserError(f"--{name.replace('_', '-')} would change the model of a run being resumed "
                             f"({getattr(base, name)!r} -> {value!r}); start a new run with another --out instead")
+        if name == "optimizer":  # the checkpoint holds the other optimizer's state
+            raise UserError(f"--optimizer {value} would change the optimizer of a run being resumed "
+                            f"(it trains with {base.optimizer}); start a new run with another --out instead")
         if name in DATA_FIELDS:
             raise UserError(f"--{name.replace('_', '-')} would change the data order of a run being resumed "
                             f"({getattr(base, name)!r} -> {value!r}); start a new run with another --out instead")
@@ -254,7 +264,8 @@ class Session:
     env: dist.DistEnv
     run: RunDir
     placed: Placed
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]
+    """[AdamW] or [AdamW, Muon] (optim.make_optimizers)"""
     scaler: torch.amp.GradScaler | None
     loader: TrainLoader
     batch_size: int
@@ -358,10 +369,9 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
         run.create()
         run.write_config(model.config.to_dict(), cfg.to_dict())
     dist.barrier()
-    optimizer = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
-                           eps=cfg.eps, device_type=rt.device.type)
+    optimizers = make_optimizers(model, cfg, rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
-    s = Session(cfg, rt, env, run, placed, optimizer, scaler, loader, batch_size, accum, steps,
+    s = Session(cfg, rt, env, run, placed, optimizers, scaler, loader, batch_size, accum, steps,
                 warmup_for(cfg, steps), data_fp=guards.data_fingerprint(cfg.data))
     if ckpt is not None:
         _restore(s, ckpt)
@@ -387,9 +397,9 @@ def _restore(s: Session, ckpt: Path) -> None:
         raise UserError(f"{s.cfg.data} holds other data than this run was trained on (content fingerprint "
                         f"{s.data_fp}, saved {state['data_fingerprint']}); resume with the original data")
     if sharded:  # weights and optimizer, resharded to this world size
-        ckpt_mod.load_sharded_checkpoint(ckpt, s.placed.model, s.optimizer, state)
+        ckpt_mod.load_sharded_checkpoint(ckpt, s.placed.model, s.optimizers[0], state)  # AdamW alone
     else:
-        load_optimizer(s.placed, s.optimizer, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
+        load_optimizer(s.placed, s.optimizers, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
     s.loader.load_state_dict(state["loader"])
     s.step, s.tokens = state["step"], state["tokens"]
     s.skipped = state.get("nonfinite_skipped", 0)
@@ -466,12 +476,14 @@ def _step(s: Session, fixed: list | None, bar) -> float:
     """One optimizer step at the scheduled learning rate, logged; returns its loss."""
     cfg = s.cfg
     t0 = time.time()
-    lr = lr_at(s.step, schedule=cfg.schedule, max_lr=cfg.lr, total_steps=s.steps, warmup_steps=s.warmup,
-               min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
-    set_lr(s.optimizer, lr)
+    # the schedule as a factor of each group's own peak (--lr for AdamW, --muon-lr for Muon)
+    factor = lr_at(s.step, schedule=cfg.schedule, max_lr=1.0, total_steps=s.steps, warmup_steps=s.warmup,
+                   min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+    scale_lr(s.optimizers, factor)
+    lr = cfg.lr * factor
     s.placed.forward.train()
     batches = fixed if fixed is not None else (s.loader.next_batch() for _ in range(s.accum))
-    out = train_step(s.placed, s.rt, batches, s.accum, s.optimizer, s.scaler, cfg.grad_clip)
+    out = train_step(s.placed, s.rt, batches, s.accum, s.optimizers, s.scaler, cfg.grad_clip)
     if not out.applied:  # a non-finite loss or norm: no update was applied; skip it or stop
         s.skipped, note = guards.nonfinite_step(s.step + 1, out.loss, out.grad_norm, s.skipped,
                                                 cfg.skip_nonfinite, s.saved or s.run.latest_checkpoint())
@@ -530,8 +542,8 @@ def _save(s: Session, wait: bool = True) -> Path | None:
     if s.placed.fsdp:
         if s.saver is None:
             s.saver = ckpt_mod.ShardedSaver(s.run, s.cfg.keep_checkpoints, s.env.rank)
-        return s.saver.save(s.run.checkpoint_path(s.step), s.model, s.optimizer, state, wait=wait)
-    weights, opt_state = gather_state(s.placed, s.optimizer)
+        return s.saver.save(s.run.checkpoint_path(s.step), s.model, s.optimizers[0], state, wait=wait)  # AdamW alone
+    weights, opt_state = gather_state(s.placed, s.optimizers)
     path = None
     if s.env.is_main:
         try:
