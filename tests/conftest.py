@@ -125,3 +125,30 @@ def make_hf_gpt2():
 def make_gptlab():
     """random_gptlab as a fixture: make_gptlab(seed=0, **ModelConfig overrides)."""
     return random_gptlab
+
+
+def make_toy_data(d: Path, val_tokens: int = 20_000, train_tokens: int = 200_000) -> Path:
+    """A learnable toy dataset (markov_tokens) of one val and one train shard in directory d."""
+    d.mkdir(parents=True, exist_ok=True)
+    write_shard(d / "toy_val_000000.bin", markov_tokens(val_tokens, 1))
+    write_shard(d / "toy_train_000001.bin", markov_tokens(train_tokens, 2))
+    return d
+
+
+def sigterm_after(args, metrics: Path, lines: int = 5, timeout: float = 120, env: dict | None = None):
+    """Start `python -m gptlab ARGS...`, send SIGTERM once `metrics` holds `lines` records, and
+    return (exit status, stderr): the interrupted half of a stop-then-resume test."""
+    import signal
+    import time
+
+    full_env = None if env is None else {**os.environ, **env}
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= lines:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err

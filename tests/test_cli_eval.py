@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_shard
 from gptlab.cli import main
 
 WORDS = ("a man woman dog runs jumps into the water slowly then picks up ball and throws it far away "
@@ -40,12 +41,6 @@ def hs_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("hs") / "hellaswag_small.jsonl"
     p.write_text("".join(json.dumps(it) + "\n" for it in make_items(13)), encoding="utf-8")
     return p
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = [20240520, 1, len(tokens)]
-    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_gptlab
+from conftest import run_gptlab, make_toy_data
 
-from conftest import markov_tokens, write_shard
 
 pytestmark = pytest.mark.slow
 
@@ -25,10 +24,7 @@ COMMON = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ddata")
-    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
-    write_shard(d / "toy_train_000001.bin", markov_tokens(100_000, 2))
-    return d
+    return make_toy_data(tmp_path_factory.mktemp("ddata"), 20_000, 100_000)
 
 
 def free_port() -> int:

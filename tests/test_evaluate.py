@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import write_shard
 from gptlab import evaluate as ev
 from gptlab.errors import UserError
 from gptlab.tokenizer import get_encoding
@@ -418,8 +419,14 @@ def test_download_checks_sha256_and_caches(tmp_path, http_server, monkeypatch):
 
 
 def test_pinned_hashes_are_well_formed():
-    for split in ev.HELLASWAG_SPLITS:
-        assert len(ev.HELLASWAG_SHA256[split]) == 64 and int(ev.HELLASWAG_SHA256[split], 16) >= 0
+    """Every split has its own pin: 64 lowercase hex digits (what hashlib's hexdigest compares
+    against), and a size; the val pin is the published file's."""
+    import re
+
+    pins = [ev.HELLASWAG_SHA256[split] for split in ev.HELLASWAG_SPLITS]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in pins), pins
+    assert len(set(pins)) == len(pins)
+    assert set(ev.HELLASWAG_BYTES) == set(ev.HELLASWAG_SPLITS) and all(n > 10**7 for n in ev.HELLASWAG_BYTES.values())
     assert ev.HELLASWAG_SHA256["val"].startswith("0aa3b888")
 
 
@@ -438,15 +445,6 @@ def test_report_shows_references_of_the_matching_size():
 
 
 # ----------------------------------------------------------------------------- validation loss
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """llm.c layout: 256 little-endian int32 header [magic, version, ntokens], then uint16 tokens."""
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = [20240520, 1, len(tokens)]
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-
 
 @pytest.fixture
 def val_dir(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, write_shard
+from conftest import markov_tokens, run_gptlab, make_toy_data
 from gptlab import checkpoint as ck
 from gptlab.config import resolve_train_config
 from gptlab.errors import UserError
@@ -31,10 +31,7 @@ SHAPE = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
-    write_shard(d / "toy_train_000001.bin", markov_tokens(200_000, 2))
-    return d
+    return make_toy_data(tmp_path_factory.mktemp("data"), 20_000, 200_000)
 
 
 def common(data_dir, steps: int, *extra: str) -> list[str]:

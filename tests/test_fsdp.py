@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from conftest import markov_tokens, run_gptlab, write_shard
+from conftest import run_gptlab, make_toy_data
 from gptlab import checkpoint as ckpt_mod
 from gptlab.checkpoint import ShardedSaver, load_model, load_sharded_checkpoint
 from gptlab.config import ModelConfig
@@ -196,10 +196,7 @@ def test_prune_and_latest_with_sharded_saves(tmp_path):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fdata")
-    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
-    write_shard(d / "toy_train_000001.bin", markov_tokens(100_000, 2))
-    return d
+    return make_toy_data(tmp_path_factory.mktemp("fdata"), 20_000, 100_000)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, write_shard
+from conftest import run_gptlab, make_toy_data
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.model import GPT, FusedHeadLoss
 from gptlab.train import train
@@ -22,10 +22,7 @@ GPT2_MICRO = dict(model="gpt2", n_layer=2, seq_len=256, batch_size=4, total_batc
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gdata")
-    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
-    write_shard(d / "toy_train_000001.bin", markov_tokens(200_000, 2))
-    return d
+    return make_toy_data(tmp_path_factory.mktemp("gdata"), 20_000, 200_000)
 
 
 @pytest.fixture(scope="module")

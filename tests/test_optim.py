@@ -5,16 +5,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, write_shard
+from conftest import run_gptlab, make_toy_data, sigterm_after
 from gptlab import checkpoint as ck
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.errors import UserError
@@ -237,10 +235,7 @@ SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mdata")
-    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
-    write_shard(d / "toy_train_000001.bin", markov_tokens(200_000, 2))
-    return d
+    return make_toy_data(tmp_path_factory.mktemp("mdata"), 20_000, 200_000)
 
 
 def train_losses(run: Path, kind: str = "train") -> dict[int, float]:
@@ -292,17 +287,8 @@ def test_muon_sigterm_then_resume_is_exact(data_dir, tmp_path):
     r = run_gptlab(*common, "--out", str(tmp_path / "full"), timeout=900)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *common, "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.exists() and m.read_text().count("\n") >= 5:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 143, err
+    code, err = sigterm_after([*common, "--out", run], run / "metrics.jsonl", lines=5, timeout=600)
+    assert code == 143, err
     stopped_at = int(RunDir(run).latest_checkpoint().name.split("_")[1])
     assert 5 <= stopped_at < 20
     r = run_gptlab("train", "--out", str(run), "--resume", timeout=900)

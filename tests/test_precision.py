@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, write_shard
+from conftest import run_gptlab, make_toy_data
 from gptlab import parallel
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.dist import DistEnv
@@ -33,10 +33,7 @@ MICRO_FLAGS = ["--model", "tiny", "--n-layer", "2", "--n-head", "4", "--n-embd",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pdata")
-    write_shard(d / "toy_val_000000.bin", markov_tokens(4_000, 1))
-    write_shard(d / "toy_train_000001.bin", markov_tokens(20_000, 2))
-    return d
+    return make_toy_data(tmp_path_factory.mktemp("pdata"), 4_000, 20_000)
 
 
 @pytest.fixture(scope="module")

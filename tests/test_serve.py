@@ -23,7 +23,7 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from conftest import random_gptlab  # noqa: E402
+from conftest import random_gptlab, run_gptlab  # noqa: E402
 from gptlab.checkpoint import save_model  # noqa: E402
 from gptlab.generate import generate_ids  # noqa: E402
 from gptlab.serve import BackgroundServer, ServeConfig, load_engine  # noqa: E402
@@ -46,11 +46,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     """{prompt: text} from `gptlab sample --temperature 0`, the command line users already trust."""
-    args = [sys.executable, "-m", "gptlab", "sample", str(model_dir), "--temperature", "0", "--device", "cpu",
-            "--max-new-tokens", str(MAX_NEW), "--json"]
-    for p in PROMPTS:
-        args += [f"--prompt={p}"]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    args = ["sample", str(model_dir), "--temperature", "0", "--device", "cpu", "--max-new-tokens", str(MAX_NEW),
+            "--json", *[f"--prompt={p}" for p in PROMPTS]]
+    out = run_gptlab(*args, timeout=120)
     assert out.returncode == 0, out.stderr
     samples = json.loads(out.stdout)["samples"]
     assert [s["prompt"] for s in samples] == PROMPTS

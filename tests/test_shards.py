@@ -5,21 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import run_gptlab
 from gptlab.atomic import sha256_file
 from gptlab.data import shards as sh
 from gptlab.data.prepare import prepare
 from gptlab.data.sources import files_source
 from gptlab.errors import UserError
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlab", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -156,26 +152,26 @@ def test_verify_detects_a_changed_byte(tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(UserError, match=victim.name):
         sh.verify_dataset(out, progress=False)
-    r = run_cli("data", "verify", str(out))
+    r = run_gptlab("data", "verify", str(out))
     assert_user_error(r, victim.name, "sha256")
 
 
 def test_cli_data_info_and_errors(tmp_path):
     out = prepared(tmp_path)
-    r = run_cli("data", "info", str(out))
+    r = run_gptlab("data", "info", str(out))
     assert r.returncode == 0, r.stderr
     assert "train" in r.stdout and "val" in r.stdout and "files" in r.stdout
-    r = run_cli("data", "verify", str(out))
+    r = run_gptlab("data", "verify", str(out))
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
-    assert_user_error(run_cli("data", "info", str(tmp_path / "nope")), "no such directory")
+    assert_user_error(run_gptlab("data", "info", str(tmp_path / "nope")), "no such directory")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run_cli("data", "info", str(empty)), "no token shards")
+    assert_user_error(run_gptlab("data", "info", str(empty)), "no token shards")
     # truncated shard: the manifest's count no longer matches the file
     victim = sorted(out.glob("*.bin"))[0]
     victim.write_bytes(victim.read_bytes()[:-2])
-    assert_user_error(run_cli("data", "verify", str(out)), victim.name, "truncated")
+    assert_user_error(run_gptlab("data", "verify", str(out)), victim.name, "truncated")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x_train_000000.bin").write_bytes(_header(magic=7) + b"\0" * 6)
-    assert_user_error(run_cli("data", "info", str(bad)), "bad magic")
+    assert_user_error(run_gptlab("data", "info", str(bad)), "bad magic")

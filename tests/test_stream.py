@@ -4,9 +4,6 @@ resume, the disk budget, slow and dying servers, corrupt and truncated downloads
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_gptlab, sigterm_after
 from gptlab.config import EOT_TOKEN
 from gptlab.data import shards as sh
 from gptlab.data import stream as st
@@ -391,23 +389,26 @@ def test_sigterm_then_resume_from_url_is_exact(train_server, tmp_path):
               "--batch-size", "4", "--total-batch-tokens", "256", "--max-steps", "40", "--lr", "3e-3",
               "--warmup-steps", "3", "--eval-every", "0", "--sample-tokens", "0", "--checkpoint-every", "0",
               "--device", "cpu", "--seed", "5"]
-    run_cli = lambda *a: subprocess.run([sys.executable, "-m", "gptlab", *a], capture_output=True,  # noqa: E731
-                                        text=True, timeout=300)
-    r = run_cli(*common, "--out", str(tmp_path / "full"))
+    r = run_gptlab(*common, "--out", str(tmp_path / "full"))
     assert r.returncode == 0, r.stderr
     run = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *common, "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.exists() and m.read_text().count("\n") >= 5:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    r = run_cli("train", "--out", str(run), "--resume")
+    code, err = sigterm_after([*common, "--out", run], run / "metrics.jsonl", lines=5, timeout=120)
+    assert code == 143, err
+    r = run_gptlab("train", "--out", str(run), "--resume")
     assert r.returncode == 0, r.stderr
     full, part = metrics(tmp_path / "full"), metrics(run)
     assert full.keys() == part.keys() and all(abs(full[k] - part[k]) <= 1e-6 for k in full)
+
+
+def test_eval_val_loss_from_a_url_equals_the_local_copy(server, tmp_path, gptlab_model_dir, monkeypatch):
+    """`gptlab eval MODEL --val URL` reads the val split through the stream (it was refused as "no
+    such dataset directory" before); the same number as the local copy gives."""
+    from gptlab.evaluate import run_eval
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    import io
+
+    local = run_eval(str(gptlab_model_dir), val_dir=str(tmp_path / "www" / "ds"), device="cpu", out=io.StringIO())
+    remote = run_eval(str(gptlab_model_dir), val_dir=f"{server.url}/ds", device="cpu", out=io.StringIO())
+    assert remote["val"]["tokens"] == local["val"]["tokens"] > 0
+    assert remote["val"]["loss"] == pytest.approx(local["val"]["loss"], abs=1e-6)

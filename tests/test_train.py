@@ -1,17 +1,13 @@
 """Training end to end on tiny CPU configs: the loss falls, resume is exact, errors are clear."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, write_shard
+from conftest import markov_tokens, run_gptlab, write_shard, make_toy_data, sigterm_after
 from gptlab import checkpoint as ck
 from gptlab.rundir import RunDir
 from gptlab.config import resolve_train_config
@@ -23,10 +19,7 @@ SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_shard(d / "toy_val_000000.bin", markov_tokens(20_000, 1))
-    write_shard(d / "toy_train_000001.bin", markov_tokens(200_000, 2))
-    return d
+    return make_toy_data(tmp_path_factory.mktemp("data"), 20_000, 200_000)
 
 
 def flags(data_dir, out, **kw):
@@ -92,17 +85,8 @@ def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
     r = run_gptlab(*common, "--out", str(tmp_path / "full"))
     assert r.returncode == 0, r.stderr
     run = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *common, "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        m = run / "metrics.jsonl"
-        if m.exists() and m.read_text().count("\n") >= 5:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    code, err = sigterm_after([*common, "--out", run], run / "metrics.jsonl", lines=5, timeout=120)
+    assert code == 143, err
     assert "--resume" in err
     stopped_at = int(RunDir(run).latest_checkpoint().name.split("_")[1])
     assert 5 <= stopped_at < 40

@@ -107,6 +107,24 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Published HellaSwag (val, 10,042 items, zero-shot) numbers by the GPT-2 size they belong to.
+# GPT-2 "completion": (acc, acc_norm) from build-nanogpt's hellaswag.py docstring (gpt2, gpt2-xl);
+#   for gpt2-medium/-large only acc_norm is published, by llm.c's dev/vislog.ipynb baselines
+#   (0.375224, 0.431986, measured with llm.c's completion-style evaluation).
+# GPT-2 "harness": (acc, acc_norm) from lm-evaluation-harness as quoted in build-nanogpt's hellaswag.py.
+# GPT-3: the GPT-3 paper's zero-shot accuracy of the nearest size (Brown et al. 2020; the same
+#   values as llm.c's vislog baselines). GPT-3 normalises per token, so it sits under acc_norm.
+HELLASWAG_REFERENCES: dict[str, dict[str, Any]] = {
+    "gpt2": {"completion": (0.2859, 0.2955), "harness": (0.2892, 0.3114), "gpt3": ("GPT-3 Small 125M", 0.337)},
+    "gpt2-medium": {"completion": (None, 0.3752), "gpt3": ("GPT-3 Medium 350M", 0.436)},
+    "gpt2-large": {"completion": (None, 0.4320), "gpt3": ("GPT-3 Large 760M", 0.510)},
+    "gpt2-xl": {"completion": (0.3842, 0.4893), "harness": (0.4004, 0.5089), "gpt3": ("GPT-3 XL 1.3B", 0.547)},
+}
+# OpenAI GPT-2 124M's loss on FineWeb-Edu's first 100M val tokens (build-nanogpt; DESIGN.md). It is
+# a reference for that dataset only.
+VAL_LOSS_REFERENCES = {"gpt2": 3.2924}
+
+
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
     """A preset by name, with any fields overridden (None means keep the preset's value)."""
     if name not in PRESETS:

@@ -36,15 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -52,8 +48,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from gptlab import dist
-from gptlab.config import EOT_TOKEN, preset_for_shape
+from gptlab import dist, downloads
+from gptlab.atomic import sha256_file
+from gptlab.data.stream import is_remote
+from gptlab.config import EOT_TOKEN, HELLASWAG_REFERENCES, VAL_LOSS_REFERENCES, preset_for_shape
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.scoring import ContextGroup, plan_shared_batches, score_rows, score_shared
@@ -74,56 +72,6 @@ HELLASWAG_SHA256 = {
 }
 HELLASWAG_BYTES = {"val": 12246618, "train": 47496131, "test": 11752147}
 HELLASWAG_VAL_ITEMS = 10042
-
-
-def resolve_cache_dir(override: str | Path | None = None) -> Path:
-    """Where downloads are kept: `override`, else $GPTLAB_CACHE, else ~/.cache/gptlab."""
-    if override:
-        return Path(override).expanduser()
-    env = os.environ.get("GPTLAB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "gptlab"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _download(url: str, dest: Path, expected_sha256: str | None, show_progress: bool) -> None:
-    """Fetch url to dest through a temporary file in the same folder; dest appears only once its
-    sha256 matches (a partial or wrong download never looks like a cached copy)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    h = hashlib.sha256()
-    try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as resp, os.fdopen(fd, "wb") as f:
-                total = int(resp.headers.get("Content-Length") or 0) or None
-                with _progress(total, dest.name, "B", show_progress, unit_scale=True, unit_divisor=1024) as bar:
-                    while True:
-                        chunk = resp.read(1 << 16)
-                        if not chunk:
-                            break
-                        f.write(chunk)
-                        h.update(chunk)
-                        bar.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise UserError(
-                f"cannot download {url} ({reason}); pass --hellaswag-file PATH to use a local copy"
-            ) from None
-        got = h.hexdigest()
-        if expected_sha256 is not None and got != expected_sha256:
-            raise UserError(f"{url}: downloaded file has sha256 {got}, expected {expected_sha256}")
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def find_hellaswag(
@@ -151,9 +99,9 @@ def find_hellaswag(
     if split not in HELLASWAG_SPLITS:
         raise UserError(f"unknown HellaSwag split {split!r}; choose one of {', '.join(HELLASWAG_SPLITS)}")
     want = expected_sha256 or HELLASWAG_SHA256[split]
-    dest = resolve_cache_dir(cache_dir) / "hellaswag" / f"hellaswag_{split}.jsonl"
+    dest = downloads.cache_dir(cache_dir) / "hellaswag" / f"hellaswag_{split}.jsonl"
     if dest.is_file():
-        if _sha256_file(dest) == want:
+        if sha256_file(dest) == want:
             return dest
         if not download:
             raise UserError(f"{dest}: cached copy has the wrong sha256 (expected {want}); delete it to fetch it again")
@@ -161,7 +109,8 @@ def find_hellaswag(
         raise UserError(f"HellaSwag {split} split is not in the cache ({dest}); pass --hellaswag-file PATH")
     template = url or os.environ.get("GPTLAB_HELLASWAG_URL") or HELLASWAG_URL
     src = template.format(split=split)
-    _download(src, dest, want, show_progress)
+    downloads.download(src, dest, want, show_progress=show_progress,
+                       hint="; pass --hellaswag-file PATH to use a local copy")
     return dest
 
 
@@ -633,22 +582,6 @@ def evaluate_val_loss(
 
 # ----------------------------------------------------------------------------- references
 
-# Published HellaSwag (val, 10,042 items, zero-shot) numbers by the GPT-2 size they belong to.
-# GPT-2 "completion": (acc, acc_norm) from build-nanogpt's hellaswag.py docstring (gpt2, gpt2-xl);
-#   for gpt2-medium/-large only acc_norm is published, by llm.c's dev/vislog.ipynb baselines
-#   (0.375224, 0.431986, measured with llm.c's completion-style evaluation).
-# GPT-2 "harness": (acc, acc_norm) from lm-evaluation-harness as quoted in build-nanogpt's hellaswag.py.
-# GPT-3: the GPT-3 paper's zero-shot accuracy of the nearest size (Brown et al. 2020; the same
-#   values as llm.c's vislog baselines). GPT-3 normalises per token, so it sits under acc_norm.
-HELLASWAG_REFERENCES: dict[str, dict[str, Any]] = {
-    "gpt2": {"completion": (0.2859, 0.2955), "harness": (0.2892, 0.3114), "gpt3": ("GPT-3 Small 125M", 0.337)},
-    "gpt2-medium": {"completion": (None, 0.3752), "gpt3": ("GPT-3 Medium 350M", 0.436)},
-    "gpt2-large": {"completion": (None, 0.4320), "gpt3": ("GPT-3 Large 760M", 0.510)},
-    "gpt2-xl": {"completion": (0.3842, 0.4893), "harness": (0.4004, 0.5089), "gpt3": ("GPT-3 XL 1.3B", 0.547)},
-}
-# OpenAI GPT-2 124M's loss on FineWeb-Edu's first 100M val tokens (build-nanogpt; DESIGN.md). It is
-# a reference for that dataset only.
-VAL_LOSS_REFERENCES = {"gpt2": 3.2924}
 _GPT2_NAMES = {"gpt2": "OpenAI GPT-2 124M", "gpt2-medium": "OpenAI GPT-2 350M",
                "gpt2-large": "OpenAI GPT-2 774M", "gpt2-xl": "OpenAI GPT-2 1558M"}
 
@@ -724,7 +657,7 @@ def _check_eval_args(hellaswag: bool, val_dir: str | None, val_tokens: int | Non
         raise UserError("--limit applies to HellaSwag and harness tasks; add --hellaswag or --tasks")
     if val_tokens is not None and val_dir is None:
         raise UserError("--val-tokens applies to validation loss; add --val DIR")
-    if val_dir is not None and not Path(val_dir).is_dir():
+    if val_dir is not None and not is_remote(str(val_dir)) and not Path(val_dir).is_dir():
         raise UserError(f"{val_dir}: no such dataset directory")
     if tasks is not None and tasks.include_path is not None and not Path(tasks.include_path).is_dir():
         raise UserError(f"{tasks.include_path}: no such task directory")

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
 
-from gptlab.config import preset_for_shape
+from gptlab.config import HELLASWAG_REFERENCES, VAL_LOSS_REFERENCES, preset_for_shape
 from gptlab.errors import UserError
 from gptlab.rundir import RunDir
 
@@ -25,10 +25,10 @@ from gptlab.rundir import RunDir
 # numbers are recorded here; other sizes get no reference lines rather than guessed ones.
 REFERENCES: dict[str, dict[str, float]] = {
     "gpt2": {
-        "val_loss": 3.2924,  # OpenAI GPT-2 124M on FineWeb-Edu's first 100M val tokens
-        "hellaswag_completion": 0.2955,  # OpenAI GPT-2 124M, completion-style acc_norm
-        "hellaswag_harness": 0.3114,  # OpenAI GPT-2 124M, lm-eval-harness acc_norm
-        "gpt3_hellaswag": 0.337,  # GPT-3 Small (124M), from the GPT-3 paper
+        "val_loss": VAL_LOSS_REFERENCES["gpt2"],  # OpenAI GPT-2 124M on FineWeb-Edu's first 100M val tokens
+        "hellaswag_completion": HELLASWAG_REFERENCES["gpt2"]["completion"][1],  # completion-style acc_norm
+        "hellaswag_harness": HELLASWAG_REFERENCES["gpt2"]["harness"][1],  # lm-eval-harness acc_norm
+        "gpt3_hellaswag": HELLASWAG_REFERENCES["gpt2"]["gpt3"][1],  # GPT-3 Small, from the GPT-3 paper
     },
 }
 LABELS = {"gpt2": "124M"}
