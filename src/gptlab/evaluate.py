@@ -427,10 +427,10 @@ def _score_hellaswag_batch(net, batch: _Batch, rows: Sequence[tuple], scores: to
         ks = torch.tensor([k for _, k in batch.slots])
     else:
         sums, _ = score_rows(net, [r for i in batch.items for r in rows[i]], device, n_chunks)
-    if not write:
-        return
         items = torch.tensor(batch.items).repeat_interleave(8)
         ks = torch.arange(8).repeat(len(batch.items))
+    if not write:
+        return
     scores[items.to(scores.device), ks.to(scores.device)] = sums.to(scores.device)
 
 
