@@ -552,7 +552,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ===================================================================== end serve
 # ===================================================================== bench
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from gptlab.bench import BenchConfig
+    from gptlab.config import BenchConfig  # typed data, no torch: parsers build fast
 
     p.description = ("Measure training throughput of a preset on this device: tokens/s, MFU and peak memory, "
                      "through the training step itself, on random tokens.")

@@ -274,3 +274,34 @@ def resolve_train_config(flags: dict[str, Any], config_file: str | None = None) 
     values.update({k: v for k, v in flags.items() if v is not None})
     values["model"] = model
     return TrainConfig.from_dict(values)
+
+
+@dataclass
+class BenchConfig:
+    """What `gptlab bench` measures. Flags are the --kebab-case forms of the fields."""
+
+    model: str = _f("gpt2", "model preset: " + ", ".join(PRESETS))
+    n_layer: int | None = _f(None, "override the preset's number of layers")
+    n_head: int | None = _f(None, "override the preset's number of heads")
+    n_embd: int | None = _f(None, "override the preset's width")
+    seq_len: int | None = _f(None, "context length T (default: the preset's)")
+    batch_size: int | str = _f(8, "micro-batch per rank, in sequences, or 'auto' (the largest that fits)")
+    steps: int = _f(10, "timed training steps")
+    warmup: int = _f(3, "untimed steps first (compilation happens here)")
+    device: str | None = _f(None, "cpu, cuda, cuda:N or mps (default: the best available)")
+    dtype: str = _f("auto", "auto | fp32 | bf16 | fp16")
+    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
+    compile_backend: str = _f("inductor", "torch.compile backend")
+    fsdp: bool = _f(False, "shard with FSDP2 (needs torchrun or --nproc)")
+    nproc: str | None = _f(None, "start torchrun with N processes, or 'auto' for one per visible GPU")
+    peak_tflops: float | None = _f(None, "the device's peak TFLOP/s for MFU where the built-in table has none")
+    seed: int = _f(0, "seed for the weights and the random tokens")
+    json: bool = _f(False, "print one JSON object instead of a table")
+
+    def validate(self) -> None:
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0)):
+            raise UserError("--batch-size must be a positive integer or 'auto'")
+        if self.steps < 1 or self.warmup < 0:
+            raise UserError("--steps must be >= 1 and --warmup >= 0")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise UserError("--peak-tflops must be positive")

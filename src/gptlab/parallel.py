@@ -399,10 +399,15 @@ def _copy_my_rows(param: torch.Tensor, full: torch.Tensor) -> None:
         assert local.numel() == 0, "a rank past the last chunk holds no rows"
 
 
-def state_to_param_device(optimizer: torch.optim.Optimizer) -> None:
+def state_to_param_device(optimizer: Optimizers) -> None:
     """Every state tensor on its parameter's device. torch placed `step` by the saved run's flags:
     on the CPU for a run that was not fused, where a fused (or capturable) AdamW needs it on the
     parameters' device. Other optimizers keep `step` on the CPU, as torch wants it."""
+    for opt in _as_list(optimizer):
+        _state_to_param_device(opt)
+
+
+def _state_to_param_device(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         step_on_device = bool(group.get("fused") or group.get("capturable"))
         for p in group["params"]:

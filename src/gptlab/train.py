@@ -329,7 +329,8 @@ def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, A
     validate(cfg)
     if not is_remote(cfg.data) and not Path(cfg.data).exists():
         raise UserError(f"{cfg.data}: no such data directory; prepare one with `gptlab prepare shakespeare`")
-    cfg.data = os.path.abspath(cfg.data)  # config.json must work from any directory
+    if not is_remote(cfg.data):
+        cfg.data = os.path.abspath(cfg.data)  # config.json must work from any directory
     if is_main:  # we hold the lock
         run.remove_stale_temps()  # what a killed save left behind
         if ckpt is None:
@@ -372,7 +373,8 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
     optimizers = make_optimizers(model, cfg, rt.device.type)
     scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
     s = Session(cfg, rt, env, run, placed, optimizers, scaler, loader, batch_size, accum, steps,
-                warmup_for(cfg, steps), data_fp=guards.data_fingerprint(cfg.data))
+                warmup_for(cfg, steps),
+                data_fp=None if is_remote(cfg.data) else guards.data_fingerprint(cfg.data))  # streams are verified as fetched
     if ckpt is not None:
         _restore(s, ckpt)
     else:
