@@ -265,6 +265,12 @@ def test_unreachable_and_missing_sources(tmp_path):
 @pytest.fixture
 def hub(server, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.url)
+    # other test files (the harness's) switch huggingface_hub offline for the whole session; this
+    # loopback "hub" must be reachable
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     return server
 
 
@@ -309,7 +315,7 @@ def test_val_split_from_stream(server, tmp_path, monkeypatch):
 
 
 def test_cli_data_info_and_verify(server, tmp_path, gptlab_cli):
-    env = {**CLI_ENV, "HF_ENDPOINT": server.url}
+    env = {**CLI_ENV, "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}
     for src in (f"{server.url}/ds", "hf://datasets/owner/shards/ds", "hf://datasets/owner/shards/hub"):
         r = gptlab_cli("data", "info", src, env=env)
         assert r.returncode == 0, r.stderr
