@@ -159,6 +159,53 @@ def test_muon_update_is_orthogonalised():
     assert torch.allclose(moved[touched], torch.full_like(moved[touched], 1e-3), rtol=0.05)
 
 
+def test_muon_orthogonalises_in_fp32_where_bf16_is_emulated(monkeypatch):
+    """torch.optim.Muon's Newton-Schulz runs in bf16; on a CPU without native bf16 matmuls gptlab's
+    Muon runs the same iteration in fp32: the step equals torch's own to bf16's precision (and is
+    closer to an fp64 run of the iteration), the state dict is torch's, and torch's function is back
+    in place after the step. Where bf16 is native, torch's iteration is kept."""
+    import torch.optim._muon as impl
+
+    from gptlab import optim as optim_mod
+
+    original = impl._zeropower_via_newtonschulz
+    torch.manual_seed(0)
+    w0 = torch.randn(48, 16)
+    grads = [torch.randn(48, 16) * torch.logspace(0, -2, 16) for _ in range(3)]  # a skewed spectrum
+    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr_fn="original")
+
+    def run(make):
+        p = torch.nn.Parameter(w0.clone())
+        opt = make([p])
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach(), opt
+
+    ours, opt = run(lambda ps: optim_mod.Muon(ps, ns_fp32=True, **kw))
+    torchs, topt = run(lambda ps: torch.optim.Muon(ps, **kw))
+    assert impl._zeropower_via_newtonschulz is original
+    assert opt.state_dict()["state"][0].keys() == topt.state_dict()["state"][0].keys()
+    ref = w0.double()  # the same updates, written out, with the iteration in float64
+    buf = torch.zeros_like(ref)
+    for g in grads:
+        buf.lerp_(g.double(), 0.05)
+        x = g.double().lerp(buf, 0.95).T  # (16, 48)
+        x = x / x.norm()
+        for _ in range(5):
+            gram = x @ x.T
+            x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+        ref -= 0.02 * (48 / 16) ** 0.5 * x.T
+    err_ours, err_torch = (ours.double() - ref).abs().max(), (torchs.double() - ref).abs().max()
+    assert err_ours < 1e-5 < err_torch < 0.02 * 0.05, (err_ours, err_torch)
+    # which iteration a run gets follows the device
+    model = GPT(MICRO)
+    monkeypatch.setattr(optim_mod, "native_bf16_matmul", lambda dev: False)
+    assert make_optimizers(model, muon_cfg(), "cpu")[1].ns_fp32
+    monkeypatch.setattr(optim_mod, "native_bf16_matmul", lambda dev: True)
+    assert not make_optimizers(model, muon_cfg(), "cpu")[1].ns_fp32
+
+
 def _step_all(model, opts, seed):
     torch.manual_seed(seed)
     x = torch.randint(0, 100, (4, 8))

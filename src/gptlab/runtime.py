@@ -138,6 +138,20 @@ def pick_device(name: str | None = None) -> torch.device:
     return dev
 
 
+def native_bf16_matmul(device: torch.device | str) -> bool:
+    """Whether bf16 matmuls run natively on `device` rather than emulated: CUDA GPUs with bf16
+    (Ampere on), CPUs whose oneDNN has a bf16 path (AVX-512 or AMX); other devices as torch has it."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if dev.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN: assume emulation
+            return False
+    return True
+
+
 def pick_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     """bf16 where the device runs it natively, fp16 on GPUs without bf16, fp32 on CPUs."""
     if name not in (None, "", "auto"):
