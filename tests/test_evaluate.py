@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_shard
-from gptlab import evaluate as ev
+from gptlab import evaluate as ev, scoring
 from gptlab.errors import UserError
 from gptlab.tokenizer import get_encoding
 
@@ -256,7 +256,7 @@ def test_limit_and_autocast_factory(make_gptlab):
     shared = ev.evaluate_hellaswag(model, items, device="cpu", limit=4, batch_size=2, autocast=autocast,
                                    show_progress=False)
     assert shared == res
-    # shared contexts: one batch per block of equal-length contexts, each entered once
+    # shared contexts: each batch of packed rows entered once
     rows, cropped = ev._crop_items(ev.render_hellaswag(items[:4]), 64)
     assert len(calls) == len(ev._plan_hellaswag(rows, [True] * 4, 2)) >= 2
 
@@ -284,14 +284,17 @@ def test_shared_contexts_equal_whole_rows_within_1e5(make_gptlab):
                                   share_context=False)
 
 
-def test_score_shared_equals_the_full_forward_with_greedy_flags(make_gptlab):
-    """Continuations of length 1 and more, several contexts of one length, against log_softmax of
-    the full forward over context + continuation; greedy flags against the argmax."""
+@pytest.mark.parametrize("pack_tokens", [1024, 9])
+def test_score_shared_equals_the_full_forward_with_greedy_flags(make_gptlab, monkeypatch, pack_tokens):
+    """Continuations of length 1 and more after contexts of different lengths, packed into rows
+    of different lengths (and, with pack_tokens 9, groups cut into several rows), against
+    log_softmax of the full forward over context + continuation; greedy flags against the argmax."""
+    monkeypatch.setattr(scoring, "PACK_TOKENS", pack_tokens)
     model = make_gptlab(seed=12, noise=0.3)
     g = torch.Generator().manual_seed(12)
-    groups = [ev.ContextGroup(tuple(torch.randint(0, 1000, (7,), generator=g).tolist()),
+    groups = [ev.ContextGroup(tuple(torch.randint(0, 1000, (n_ctx,), generator=g).tolist()),
                               tuple(tuple(torch.randint(0, 1000, (n,), generator=g).tolist()) for n in ns))
-              for ns in ((1, 3, 5), (2,), (4, 1))]
+              for n_ctx, ns in ((7, (1, 3, 5)), (2, (2,)), (5, (4, 1)), (1, (6, 6, 2, 3)))]
     # make one continuation the model's own greedy choice, so a True flag is exercised
     with torch.no_grad():
         ctx = list(groups[1].context)
@@ -313,13 +316,32 @@ def test_score_shared_equals_the_full_forward_with_greedy_flags(make_gptlab):
     assert hits.tolist().count(True) >= 1 and hits.tolist().count(False) >= 1
 
 
-def test_plan_keeps_one_context_length_per_batch_and_bounds_rows():
-    groups = [ev.ContextGroup(tuple(range(n)), ((1,),) * k) for n, k in ((3, 4), (5, 4), (3, 4), (3, 9), (5, 1))]
+def test_plan_sorts_by_packed_length_and_bounds_rows():
+    groups = [ev.ContextGroup(tuple(range(n)), ((1, 2),) * k) for n, k in ((3, 4), (5, 4), (3, 4), (3, 9), (5, 1))]
     plan = ev.plan_shared_batches(groups, max_rows=8)
     assert sorted(g for b in plan for g in b) == list(range(5))
+    order = [g for b in plan for g in b]
+    assert [groups[g].packed_len for g in order] == sorted(g.packed_len for g in groups)
     for b in plan:
-        assert len({len(groups[g].context) for g in b}) == 1
         assert sum(len(groups[g].continuations) for g in b) <= 8 or len(b) == 1
+
+
+def test_packed_rows_keep_continuations_apart():
+    """The mask of one packed row (context of 2, continuations of 3 and 2 inputs, one pad): each
+    continuation sees the context and itself causally, never the other; the pad sees token 0."""
+    seg = torch.tensor([[0, 0, 1, 1, 1, 2, 2, -1]])
+    pos = torch.tensor([[0, 1, 2, 3, 4, 2, 3, 0]])
+    mask = scoring.PackedRows(pos, seg).attn_mask[0, 0].int()
+    assert mask.tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [1, 0, 0, 0, 0, 0, 0, 0],
+    ]
 
 
 # ----------------------------------------------------------------------------- files

@@ -145,9 +145,12 @@ def test_generation_stops_at_stop_sequences_and_max_tokens(gptlab_lm):
     assert cut == free[:free.index(stop)]
 
 
-def test_shared_contexts_are_batched_by_length():
-    groups = [ContextGroup((1,) * n, ((2,),) * k) for n, k in ((3, 2), (5, 1), (3, 3))]
-    assert plan_shared_batches(groups, max_rows=8) == [[0, 2], [1]]
+def test_shared_contexts_are_batched_by_packed_length():
+    # packed lengths 3 + 2*1, 5 + 1*1, 3 + 3*2, 4 + 2*0: sorted 0, 1, 3, 2; at most 5 continuations a batch
+    groups = [ContextGroup((1,) * n, ((2, 2),) * k) for n, k in ((3, 2), (5, 1))]
+    groups += [ContextGroup((1,) * 3, ((2, 2, 2),) * 3), ContextGroup((1,) * 4, ((2,),) * 2)]
+    assert [g.packed_len for g in groups] == [5, 6, 9, 4]
+    assert plan_shared_batches(groups, max_rows=5) == [[3, 0, 1], [2]]
 
 
 def test_task_metrics_drop_the_none_suffix_and_non_numbers():

@@ -15,10 +15,9 @@ reported:
   leading space that joins it to the query).
 
 Each item has 2 contexts (one per style) and 8 rows (4 endings x 2 styles). A gptlab GPT runs
-each context once and its 4 endings from the context's keys and values (PrefixCache): contexts of
-one length form an unpadded block, and the endings, right-padded, follow in a second pass. With
-causal attention a pad token only follows the real tokens, so it cannot change their outputs, and
-pad positions are never scored. Items cropped to the model's context (their rows crop
+each context once, packed in one row with its 4 endings (scoring.PackedRows: each ending takes
+the positions after the context and sees only the context and itself); rows are sorted by length
+and right-padded, and pad positions are never scored. Items cropped to the model's context (their rows crop
 differently) and other modules run whole rows instead (score_rows).
 
 Sharding: the batches are cut the same way for any world size and batch b runs on rank b %
@@ -510,7 +509,7 @@ def evaluate_hellaswag(
     items_or_path: a jsonl path, a list of HellaSwagItem or item dicts, or render_hellaswag's
     output. batch_size: items per forward pass (8 rows each). autocast: a context manager factory
     (e.g. Runtime.autocast) or None, entered per batch. share_context (a gptlab GPT only): run
-    each item's 2 contexts once and its 8 endings from their keys/values (False: 8 whole rows an
+    each item's 2 contexts once, each packed with its 4 endings in one row (False: 8 whole rows an
     item, the former path, kept for comparison). When a process group is up every rank must call
     this; the ranks share the batches and the result is the same on every rank.
     Items longer than the model's context are cropped from the left and counted in "cropped".

@@ -10,9 +10,10 @@ gptlab run, checkpoint, model directory, Hugging Face directory or hub id:
 three request types:
 
 - loglikelihood: requests become context groups (scoring.ContextGroup): each distinct context
-  runs once and its continuations follow from its keys and values; groups are sorted by length
-  and batched (--batch-size continuations a forward pass). A context + continuation longer than
-  the model's context keeps its last seq_len + 1 tokens, as the harness's HFLM does.
+  runs once, packed in one row with its continuations (scoring.PackedRows); groups are sorted
+  by packed length and batched (--batch-size continuations a forward pass). A context +
+  continuation longer than the model's context keeps its last seq_len + 1 tokens, as the
+  harness's HFLM does.
 - loglikelihood_rolling: the harness's own windows (utils.get_rolling_token_windows with
   context_len=1, made disjoint), scored as loglikelihood requests and summed per document.
 - generate_until: gptlab.generate's KV-cache loop, one request at a time, greedy unless the task

@@ -47,7 +47,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         past = 0
-        # a cache of rows at different lengths (serve_engine.BatchCache) says which keys each row sees
+        # a cache of rows at different lengths (serve_engine.BatchCache) or of packed rows
+        # (scoring.PackedRows) says which keys each query sees
         row_mask = getattr(cache, "attn_mask", None)
         if cache is not None:
             past = cache.pos
@@ -138,12 +139,14 @@ class GPT(nn.Module):
         this is registered as a forward method (parallel.py), so calling it directly is safe."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than the context ({self.config.seq_len})"
-            )
-        pos = getattr(cache, "positions", None)  # (B, T) per-row positions of a ragged batch, if any
+        # (B, T) per-token positions of a ragged or packed batch, if any: their provider keeps them
+        # within the context (a packed row may be longer than the context; its positions are not)
+        pos = getattr(cache, "positions", None)
         if pos is None:
+            if start + T > self.config.seq_len:
+                raise ValueError(
+                    f"sequence of {start + T} tokens is longer than the context ({self.config.seq_len})"
+                )
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)

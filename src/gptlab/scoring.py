@@ -4,9 +4,9 @@ lm-evaluation-harness model (harness.py).
 Two ways to score:
 - score_rows: whole rows (context + continuation each), right-padded, one forward pass. Works for
   any module with GPT's call signature.
-- score_shared: a gptlab GPT runs each context once and all of its continuations from the
-  context's keys and values (PrefixCache); contexts of one length form an unpadded block, and
-  the continuations, right-padded, follow in a second pass.
+- score_shared: a gptlab GPT runs each context once with all of its continuations packed after
+  it in one row (PackedRows: per-token positions and an attention mask that keeps continuations
+  apart); rows of any lengths, sorted and right-padded, share one forward pass.
 
 With causal attention a pad token only follows the real tokens, so it cannot change their
 outputs, and pad positions are never scored. Only scored positions go through the output layer.
@@ -90,31 +90,33 @@ def _row_sums(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, R: i
 
 # ----------------------------------------------------------------------------- shared contexts
 
-class PrefixCache:
-    """A model.Cache that runs a block of contexts once, then many continuations of each.
+PACK_TOKENS = 1024
+"""A packed row holds one context and as many of its continuations as fit in this many tokens
+(at least one): attention over a packed row costs its length squared."""
 
-    First `GPT.hidden(contexts (n, Lc), cache)`: attention stores each layer's keys and values
-    (n, H, Lc, hd) and, at position 0, is plain causal attention over the contexts. Then
-    `fan_out(src)` maps continuation row r to context src[r], and the second `hidden(conts (R, Tc),
-    cache)` gives row r the keys/values of context src[r] followed by its own, at positions Lc..:
-    each row computes what the whole sequence context + continuation would, without running the
-    context again."""
 
-    def __init__(self) -> None:
+class PackedRows:
+    """A model.Cache that stores nothing: it hands GPT.hidden per-token `positions` (B, T) and an
+    `attn_mask` (B, 1, T, T), so that one forward pass runs packed rows.
+
+    A packed row is a context followed by several continuations (each without its last token,
+    which is never an input). A continuation's tokens take the positions that follow the context,
+    as if each were alone after it, and see the context and their own earlier tokens only, never
+    another continuation's: every token computes exactly what it would in the whole row context +
+    continuation, while the context runs once. Pad tokens (after the row's end) see only the
+    row's first token, so no attention row is empty, and are never scored."""
+
+    def __init__(self, positions: torch.Tensor, segments: torch.Tensor) -> None:
+        # segments: 0 context, k >= 1 the k-th continuation of the row, -1 padding
         self.pos = 0
-        self._k: dict[int, torch.Tensor] = {}
-        self._v: dict[int, torch.Tensor] = {}
-        self._src: torch.Tensor | None = None
-
-    def fan_out(self, src: torch.Tensor) -> None:
-        self._src = src
+        self.positions = positions
+        q_pos, k_pos = positions[:, :, None], positions[:, None, :]
+        q_seg, k_seg = segments[:, :, None], segments[:, None, :]
+        visible = (k_pos <= q_pos) & ((k_seg == 0) | ((k_seg == q_seg) & (k_seg > 0)))
+        self.attn_mask = visible[:, None]  # (B, 1, T, T), the same for every head
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._src is None:  # the contexts
-            self._k[layer], self._v[layer] = k, v
-            return k, v
-        # (R, H, Lc + Tc, hd): one layer at a time, so the fanned-out copy never exists for all layers
-        return (torch.cat([self._k[layer][self._src], k], 2), torch.cat([self._v[layer][self._src], v], 2))
+        return k, v
 
 
 @dataclass(frozen=True)
@@ -125,21 +127,22 @@ class ContextGroup:
     context: tuple[int, ...]
     continuations: tuple[tuple[int, ...], ...]
 
+    @property
+    def packed_len(self) -> int:
+        """Tokens of the context and all continuations packed in one row."""
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
 
 def plan_shared_batches(groups: Sequence[ContextGroup], max_rows: int) -> list[list[int]]:
-    """Indices of groups cut into batches for score_shared: the contexts of a batch have one
-    length (they run as one unpadded (n, Lc) block), a batch holds at most max_rows continuations
-    (a larger group is a batch alone), and groups are sorted by context and then continuation
-    length, so the continuations' right-padding stays small. Depends on nothing but `groups`."""
-    def key(g: int) -> tuple[int, int, int]:
-        return len(groups[g].context), max(len(c) for c in groups[g].continuations), g
-
+    """Indices of groups cut into batches for score_shared: groups sorted by their packed length
+    (so that the rows' right-padding stays small), at most max_rows continuations a batch (a
+    larger group is a batch alone). Depends on nothing but `groups`."""
     batches: list[list[int]] = []
     cur: list[int] = []
     rows = 0
-    for g in sorted(range(len(groups)), key=key):
+    for g in sorted(range(len(groups)), key=lambda g: (groups[g].packed_len, g)):
         n = len(groups[g].continuations)
-        if cur and (len(groups[g].context) != len(groups[cur[0]].context) or rows + n > max_rows):
+        if cur and rows + n > max_rows:
             batches.append(cur)
             cur, rows = [], 0
         cur.append(g)
@@ -149,38 +152,72 @@ def plan_shared_batches(groups: Sequence[ContextGroup], max_rows: int) -> list[l
     return batches
 
 
+def _pack(groups: Sequence[ContextGroup]) -> list[tuple[tuple[int, ...], list[tuple[int, ...]]]]:
+    """Groups as packed rows (context, continuations): a group whose packing exceeds PACK_TOKENS
+    is cut into several rows that each repeat its context. Continuations stay in order."""
+    rows = []
+    for g in groups:
+        cur: list[tuple[int, ...]] = []
+        n = len(g.context)
+        for c in g.continuations:
+            if cur and n + len(c) - 1 > PACK_TOKENS:
+                rows.append((g.context, cur))
+                cur, n = [], len(g.context)
+            cur.append(c)
+            n += len(c) - 1
+        rows.append((g.context, cur))
+    return rows
+
+
 def score_shared(model: GPT, groups: Sequence[ContextGroup], device,
                  greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Summed log-likelihood of every continuation of `groups` (contexts of one length), each
-    context run once: the contexts in one pass, then all continuations from their keys/values.
+    """Summed log-likelihood of every continuation of `groups`, each context run once: a group
+    is one packed row (PackedRows), the rows right-padded into one forward pass, and only the
+    scored positions go through the output layer.
 
     Returns (R,) float32 sums, in the order of the groups' continuations, and with `greedy`
     (R,) bools (every continuation token was the most likely one), on the CPU."""
     dev = torch.device(device)
+    rows = _pack(groups)
+    T = max(len(ctx) + sum(len(c) - 1 for c in cs) for ctx, cs in rows)
+    idx = torch.full((len(rows), T), EOT_TOKEN, dtype=torch.long)
+    positions = torch.zeros(len(rows), T, dtype=torch.long)
+    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    at_b: list[int] = []  # scored token k is predicted by the hidden state at (at_b[k], at_t[k])
+    at_t: list[int] = []
+    tgt: list[int] = []
+    sum_r: list[int] = []  # ... and is token sum_c[k] of continuation sum_r[k]
+    sum_c: list[int] = []
+    r = 0
+    for b, (ctx, conts) in enumerate(rows):
+        Lc = len(ctx)
+        idx[b, :Lc] = torch.tensor(ctx, dtype=torch.long)
+        positions[b, :Lc] = torch.arange(Lc)
+        segments[b, :Lc] = 0
+        off = Lc
+        for s, c in enumerate(conts, 1):
+            n = len(c) - 1
+            if n:
+                idx[b, off:off + n] = torch.tensor(c[:-1], dtype=torch.long)
+                positions[b, off:off + n] = torch.arange(Lc, Lc + n)
+                segments[b, off:off + n] = s
+            # token 0 is predicted by the context's last state, token j >= 1 by token j - 1
+            at_b.extend([b] * len(c))
+            at_t.append(Lc - 1)
+            at_t.extend(range(off, off + n))
+            tgt.extend(c)
+            sum_r.extend([r] * len(c))
+            sum_c.extend(range(len(c)))
+            off += n
+            r += 1
     as_t = functools.partial(torch.tensor, dtype=torch.long, device=dev)
-    conts = [(i, c) for i, g in enumerate(groups) for c in g.continuations]
-    R, width = len(conts), max(len(c) for _, c in conts)
-    cache = PrefixCache()
-    h_last = model.hidden(as_t([g.context for g in groups]), cache)[:, -1]  # (n, C)
-    src = as_t([i for i, _ in conts])
-    # scored token j of row r: j = 0 is predicted by its context's last state, j >= 1 by the
-    # continuation pass at position j - 1 (the continuation's last token is never an input)
-    r_idx = [r for r, (_, c) in enumerate(conts) for _ in range(len(c) - 1)]
-    c_idx = [j for _, c in conts for j in range(1, len(c))]
-    tgt = [c[0] for _, c in conts] + [t for _, c in conts for t in c[1:]]
-    h = h_last[src]  # (R, C)
-    if width > 1:
-        inp = torch.full((R, width - 1), EOT_TOKEN, dtype=torch.long)  # right-padded: pads only follow
-        for r, (_, c) in enumerate(conts):                              # real tokens, never precede them
-            inp[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-        cache.fan_out(src)
-        h_cont = model.hidden(inp.to(dev), cache)  # (R, width - 1, C)
-        h = torch.cat([h, h_cont[as_t(r_idx), as_t(c_idx) - 1]])  # (K, C)
+    layout = PackedRows(positions.to(dev), segments.to(dev))
+    h = model.hidden(idx.to(dev), layout)[as_t(at_b), as_t(at_t)]  # (K, C)
     lp, hit = _head_logprobs(model, h, as_t(tgt), greedy)
-    rows = torch.cat([torch.arange(R, device=dev), as_t(r_idx)])
-    cols = torch.cat([torch.zeros(R, dtype=torch.long, device=dev), as_t(c_idx)])
-    sums = _row_sums(lp, rows, cols, R, width).cpu()
+    rows_t, cols_t = as_t(sum_r), as_t(sum_c)
+    width = max(sum_c) + 1
+    sums = _row_sums(lp, rows_t, cols_t, r, width).cpu()
     if not greedy:
         return sums, None
-    misses = _row_sums((~hit).float(), rows, cols, R, width)
+    misses = _row_sums((~hit).float(), rows_t, cols_t, r, width)
     return sums, (misses == 0).cpu()
