@@ -1,5 +1,5 @@
 """HellaSwag evaluation throughput (items/s) of gptlab.evaluate on random-weight models: the
-shared-context path (each item's 2 contexts run once, the 8 endings from their keys/values)
+shared-context path (each item's 2 contexts run once, each packed with its 4 endings in one row)
 against the former whole-row path (8 rows of context + ending an item), side by side on the
 same model and items, and the largest difference between their row log-likelihoods.
 
@@ -83,7 +83,7 @@ def time_path(model, rendered, batch_size: int, share: bool) -> tuple[float, dic
     res = evaluate_hellaswag(model, rendered, device="cpu", batch_size=batch_size, show_progress=False,
                              share_context=share)
     dt = time.perf_counter() - t0
-    print(f"  {'shared contexts' if share else 'whole rows'}: {dt:.1f} s, load {os.getloadavg()[0]:.1f}",
+    print(f"  {'packed contexts' if share else 'whole rows'}: {dt:.1f} s, load {os.getloadavg()[0]:.1f}",
           file=sys.stderr, flush=True)
     return dt, res
 
@@ -134,7 +134,7 @@ def main() -> None:
         t_old2, _ = time_path(model, rendered, args.batch_size, share=False)
         t_old = (t_old1 + t_old2) / 2
         n = len(rendered)
-        for path, dt, res in (("whole rows (before)", t_old, r_old), ("shared contexts (now)", t_new, r_new)):
+        for path, dt, res in (("whole rows (before)", t_old, r_old), ("packed contexts (now)", t_new, r_new)):
             rows.append(f"| {preset} | {path} | {n} | {args.batch_size} | {dt:.1f} | {n / dt:.2f} | "
                         f"{t_old / dt:.2f}x | {res['completion']['acc_norm']:.4f} | {res['harness']['acc_norm']:.4f} |")
             print(rows[-1], file=sys.stderr, flush=True)

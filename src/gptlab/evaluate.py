@@ -53,7 +53,7 @@ from gptlab.data.stream import is_remote
 from gptlab.config import EOT_TOKEN, HELLASWAG_REFERENCES, VAL_LOSS_REFERENCES, preset_for_shape
 from gptlab.errors import UserError
 from gptlab.model import GPT
-from gptlab.scoring import ContextGroup, plan_shared_batches, score_rows, score_shared
+from gptlab.scoring import ContextGroup, plan_shared_batches, score_rows, score_shared, sum_dtype
 
 # ----------------------------------------------------------------------------- data files
 
@@ -450,12 +450,12 @@ def _tally_hellaswag(rendered: Sequence[RenderedItem], scores: Sequence[Sequence
 def hellaswag_row_scores(net: torch.nn.Module, rendered: Sequence[RenderedItem], rows: Sequence[tuple],
                          shared: Sequence[bool], *, device, batch_size: int = 16,
                          autocast: Callable[[], Any] | None = None, show_progress: bool = False) -> torch.Tensor:
-    """Summed log-likelihood of every item's 8 rows -> (items, 8) float32 on `device`, the same on
+    """Summed log-likelihood of every item's 8 rows -> (items, 8) float64 on `device`, the same on
     every rank. rows: _crop_items' rows; shared[i]: item i shares its contexts (a GPT only)."""
     rank, world = _rank_world()
     mine, n_chunks = _rank_plan(_plan_hellaswag(rows, shared, batch_size), rows, rank, world, _sharded(net))
     # every rank fills its own items' rows and zeros elsewhere; one sum makes the whole table, exactly
-    scores = torch.zeros(len(rendered), 8, dtype=torch.float32, device=device)
+    scores = torch.zeros(len(rendered), 8, dtype=sum_dtype(device), device=device)
     ctx = _autocast_or_null(autocast)
     with _progress(sum(len(b.slots) or 8 * len(b.items) for b, w in mine if w) / 8, "hellaswag", "item",
                    show_progress and rank == 0) as bar, _eval_mode(net), torch.no_grad():

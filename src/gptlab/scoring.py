@@ -61,7 +61,7 @@ def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]]
     over whole rows (context + continuation each).
 
     rows: (ids, n_cont) with ids = context + continuation, already cropped to the model's context + 1.
-    Returns (R,) float32 sums and (R,) int64 counts, on the CPU."""
+    Returns (R,) sums (float64; float32 on MPS) and (R,) int64 counts, on the CPU."""
     lengths = [len(r) - 1 for r, _ in rows]  # inputs are row[:-1]
     idx = torch.full((len(rows), max(lengths)), EOT_TOKEN, dtype=torch.long)  # (R, T), right-padded
     r_idx, c_idx, p_idx, tgt = [], [], [], []
@@ -82,10 +82,18 @@ def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]]
 
 def _row_sums(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, R: int, width: int) -> torch.Tensor:
     """Sum values[k] into row rows[k] through a zero-padded (R, width) table: a fixed-order sum,
-    where index_add_ would accumulate with atomics on a GPU and could differ from run to run."""
-    table = torch.zeros(R, width, dtype=values.dtype, device=values.device)
-    table[rows, cols] = values
+    where index_add_ would accumulate with atomics on a GPU and could differ from run to run.
+    Summed in sum_dtype."""
+    acc = sum_dtype(values.device)
+    table = torch.zeros(R, width, dtype=acc, device=values.device)
+    table[rows, cols] = values.to(acc)
     return table.sum(1)
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for summed log-likelihoods (a float32 sum of ~100 is only good to ~1e-5), except
+    on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 # ----------------------------------------------------------------------------- shared contexts
@@ -175,7 +183,7 @@ def score_shared(model: GPT, groups: Sequence[ContextGroup], device,
     is one packed row (PackedRows), the rows right-padded into one forward pass, and only the
     scored positions go through the output layer.
 
-    Returns (R,) float32 sums, in the order of the groups' continuations, and with `greedy`
+    Returns (R,) sums (float64; float32 on MPS), in the order of the groups' continuations, and with `greedy`
     (R,) bools (every continuation token was the most likely one), on the CPU."""
     dev = torch.device(device)
     rows = _pack(groups)
