@@ -39,9 +39,10 @@ test-fast: setup chromium
 # Muon on the blocks' matrices (AdamW, lr 6e-3, on the embeddings and gains), 450 steps of 1,024 tokens
 # (461K tokens, val 4.88): small steps, because this early in training more updates beat bigger
 # batches (225 steps of 2,048 tokens: 4.91); AdamW's lr doubled from the preset's 3e-3 (at step 300 of
-# 450: 5.06 against 5.12; 1e-2: 5.12; Muon lr 0.04: 5.21); a 1/10 warm-up; few, short evaluations.
+# 450: 5.06 against 5.12; 1e-2: 5.12; Muon lr 0.04: 5.21); a 1/10 warm-up; two evaluations, each
+# over the whole val split (the same 40,960 tokens as the `gptlab eval` that follows).
 DEMO_TRAIN := --model tiny --optimizer muon --max-steps 450 --total-batch-tokens 1024 --batch-size 8 \
-	--warmup-steps 45 --lr 6e-3 --muon-lr 0.02 --eval-every 150 --eval-tokens 16384 --checkpoint-every 150
+	--warmup-steps 45 --lr 6e-3 --muon-lr 0.02 --eval-every 225 --eval-tokens 40960 --checkpoint-every 225
 demo: $(CORE)
 	$(BIN)/gptlab prepare shakespeare --out data/shakespeare
 	rm -rf runs/demo
