@@ -190,3 +190,64 @@ def test_lm_eval_cli_runs_a_task_on_a_gptlab_model(hf_dir, tasks_dir, tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gl_mc" in out.stdout and "acc" in out.stdout
+
+
+# ----------------------------------------------------------------------------- during training
+
+@pytest.mark.slow
+def test_eval_tasks_during_training_are_logged_plotted_and_match_gptlab_eval(tasks_dir, tmp_path):
+    """--eval-tasks at each evaluation: a "tasks" record a step, a tasks.png, and the last record
+    equal to what the harness says of the final checkpoint with the same limit."""
+    from conftest import make_toy_data
+    from gptlab.config import resolve_train_config
+    from gptlab.train import train
+
+    data = make_toy_data(tmp_path / "data", 4096, 40_000)
+    run = tmp_path / "run"
+    train(resolve_train_config(dict(
+        model="tiny", n_layer=1, n_head=2, n_embd=32, seq_len=32, data=str(data), out=str(run), batch_size=4,
+        total_batch_tokens=256, max_steps=4, lr=1e-2, warmup_steps=1, eval_every=2, eval_tokens=512,
+        sample_tokens=0, checkpoint_every=0, device="cpu", eval_tasks="gl_mc,gl_ppl",
+        eval_include_path=str(tasks_dir), eval_tasks_limit=6)))
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tasks = [r for r in recs if r["kind"] == "tasks"]
+    assert [r["step"] for r in tasks] == [2, 4]
+    assert {"acc", "acc_norm"} <= tasks[0]["tasks"]["gl_mc"].keys()
+    assert tasks[0]["tasks"]["gl_ppl"]["word_perplexity"] != tasks[1]["tasks"]["gl_ppl"]["word_perplexity"]
+    assert (run / "plots" / "tasks.png").stat().st_size > 0
+    final = harness.run_tasks(harness.GptlabLM(pretrained=str(run), device="cpu"), ["gl_mc", "gl_ppl"],
+                              include_path=str(tasks_dir), limit=6, bootstrap_iters=0)
+    for task, row in final.items():
+        for metric, value in row.items():
+            assert tasks[-1]["tasks"][task][metric] == pytest.approx(value, rel=1e-6), (task, metric)
+
+
+def test_tasks_during_training_leave_every_rng_as_it_was(gptlab_lm, tasks_dir):
+    """The harness seeds python's, numpy's and torch's generators; the trainer's draws must not
+    change because tasks ran in between."""
+    import numpy as np
+
+    runner = harness.TaskRunner(["gl_mc"], include_path=str(tasks_dir), limit=3)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    runner.run_during_training(gptlab_lm.model, "cpu", "fp32")
+    after = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    assert after == (random.random(), float(np.random.rand()), float(torch.rand(())))
+
+
+def test_eval_tasks_mistakes_are_one_line_before_training(tasks_dir, tmp_path):
+    from conftest import make_toy_data, run_gptlab
+
+    data = make_toy_data(tmp_path / "data", 4096, 40_000)
+    common = ["train", "--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+              "--data", str(data), "--device", "cpu", "--max-steps", "2"]
+    r = run_gptlab(*common, "--out", str(tmp_path / "a"), "--eval-tasks", "gl_mc,nope",
+                   "--eval-include-path", str(tasks_dir))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown harness task nope" in r.stderr, r.stderr
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    r = run_gptlab(*common, "--out", str(tmp_path / "b"), "--eval-tasks", "gl_mc", "--fsdp")
+    assert r.returncode == 2 and "--eval-tasks" in r.stderr and "--fsdp" in r.stderr, r.stderr

@@ -71,6 +71,17 @@ def test_all_charts_written(tmp_path):
     assert_pngs(files, run / "plots", ALL_CHARTS)
 
 
+def test_harness_task_records_get_their_own_chart(tmp_path):
+    """A panel per task and metric, stderrs and non-numbers left out."""
+    tasks = [{"step": s, "kind": "tasks", "tokens": s, "tasks": {"mc": {"acc": 0.3 + s / 100, "acc_stderr": 0.1},
+                                                                 "ppl": {"word_perplexity": 900.0 - s, "alias": "x"}}}
+             for s in (0, 5, 9)]
+    files = plot_run(write_run(tmp_path / "run", full_records(10) + tasks))
+    assert_pngs(files, tmp_path / "run" / "plots", ["loss.png", "lr.png", "hellaswag.png", "tasks.png", "throughput.png"])
+    assert plot_mod.task_series(tasks) == [("mc", "acc", ([0.0, 5.0, 9.0], [0.3, 0.35, 0.39])),
+                                           ("ppl", "word_perplexity", ([0.0, 5.0, 9.0], [900.0, 895.0, 891.0]))]
+
+
 def test_out_dir_and_unknown_model_size(tmp_path):
     tiny = {"n_layer": 4, "n_head": 4, "n_embd": 128, "seq_len": 128}
     run = write_run(tmp_path / "run", full_records(), model=tiny)

@@ -215,6 +215,10 @@ class TrainConfig:
     hellaswag: bool = _f(False, "also run HellaSwag at each evaluation (needs a file or a cached copy)")
     hellaswag_file: str | None = _f(None, "local HellaSwag jsonl file")
     hellaswag_limit: int | None = _f(None, "evaluate only the first N HellaSwag items")
+    eval_tasks: str | None = _f(None, "also run these lm-evaluation-harness tasks (T1,T2) at each evaluation, "
+                                      "on rank 0 (needs the eval extra)")
+    eval_tasks_limit: int = _f(100, "--eval-tasks: the first N documents of each task (0: all)")
+    eval_include_path: str | None = _f(None, "--eval-tasks: a directory of your own task YAML files")
     sample_tokens: int = _f(32, "tokens per sample drawn at each evaluation (0 turns samples off)")
     num_samples: int = _f(2, "samples per prompt at each evaluation")
     checkpoint_every: int = _f(1000, "write a checkpoint every N steps (0: only at the end and on signals)")

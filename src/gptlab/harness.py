@@ -60,7 +60,7 @@ class GptlabLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = None,
                  batch_size: int | str | None = None, max_batch_size: int | None = None,
-                 max_gen_toks: int = 256, model: GPT | None = None) -> None:
+                 max_gen_toks: int = 256, model: GPT | None = None, quiet: bool = False) -> None:
         super().__init__()
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm_eval's command line asks for cuda:0 unless told otherwise; like its HFLM, use what exists
@@ -80,6 +80,7 @@ class GptlabLM(TemplateLM):
         self.enc = get_encoding()
         self.batch_size = _parse_batch_size(batch_size)
         self._max_gen_toks = int(max_gen_toks)
+        self.quiet = quiet  # no progress bars (the trainer's own bar is on screen)
 
     # -------------------------------------------------------------------- tokens
 
@@ -122,7 +123,7 @@ class GptlabLM(TemplateLM):
         owners = list(by_context.values())
         groups = [ContextGroup(c, tuple(tuple(requests[i][2]) for i in idx)) for c, idx in by_context.items()]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or self.rank != 0)
+        bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or self.quiet or self.rank != 0)
         with bar, torch.no_grad():
             for batch in plan_shared_batches(groups, self.batch_size):
                 with self._autocast():
@@ -156,7 +157,7 @@ class GptlabLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
         eos = self.tok_decode([EOT_TOKEN])
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or self.rank != 0):
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or self.quiet or self.rank != 0):
             context, gen_kwargs = req.args
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -225,23 +226,64 @@ def task_metrics(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+class TaskRunner:
+    """Harness tasks (names, groups or tags; plus the YAML tasks under include_path), checked once
+    and run as often as asked: by `gptlab eval --tasks` once, by the trainer (--eval-tasks) at each
+    evaluation on the model it is training. Unknown task names are a UserError."""
+
+    def __init__(self, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
+                 num_fewshot: int | None = None) -> None:
+        from lm_eval.tasks import TaskManager
+
+        self.manager = TaskManager(include_path=include_path)  # indexing every task: seconds, so once
+        known = set(self.manager.all_tasks)
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            where = f" or under {include_path}" if include_path else ""
+            raise UserError(f"unknown harness task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                            f"(not among lm_eval's tasks{where}; `lm_eval ls tasks` lists them)")
+        self.tasks, self.limit, self.num_fewshot = list(tasks), limit, num_fewshot
+
+    def run(self, lm: GptlabLM, bootstrap_iters: int = 100_000) -> dict[str, dict[str, float]]:
+        """task_metrics of one run of the tasks on `lm` (bootstrap_iters 0: no stderrs, faster)."""
+        from lm_eval import evaluator
+
+        results = evaluator.simple_evaluate(model=lm, tasks=self.tasks, num_fewshot=self.num_fewshot,
+                                            limit=self.limit, task_manager=self.manager, log_samples=False,
+                                            bootstrap_iters=bootstrap_iters)
+        return task_metrics(results)
+
+    def run_during_training(self, model: GPT, device, dtype: str | None) -> dict[str, dict[str, float]]:
+        """The tasks on a model that is being trained: quietly (no progress bars, the harness's log
+        at warnings), without stderrs, and leaving every random number generator as it was (the
+        harness seeds python's, numpy's and torch's), so that training goes on exactly as without."""
+        import logging
+        import random
+
+        import numpy as np
+
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+        log = logging.getLogger("lm_eval")
+        level = log.level
+        log.setLevel(logging.WARNING)
+        try:
+            lm = GptlabLM(model=model, device=str(device), dtype=dtype, quiet=True)
+            return self.run(lm, bootstrap_iters=0)
+        finally:
+            log.setLevel(level)
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+            if states[3] is not None:
+                torch.cuda.set_rng_state_all(states[3])
+
+
 def run_tasks(lm: GptlabLM, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
               num_fewshot: int | None = None, bootstrap_iters: int = 100_000) -> dict[str, dict[str, float]]:
-    """Run harness tasks (names, groups or tags; plus the YAML tasks under include_path) on `lm`.
-    Returns task_metrics of the results. Unknown task names are a UserError."""
-    from lm_eval import evaluator
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=include_path)
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        where = f" or under {include_path}" if include_path else ""
-        raise UserError(f"unknown harness task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                        f"(not among lm_eval's tasks{where}; `lm_eval ls tasks` lists them)")
-    results = evaluator.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                        task_manager=manager, log_samples=False, bootstrap_iters=bootstrap_iters)
-    return task_metrics(results)
+    """Run harness tasks once on `lm` (see TaskRunner); returns task_metrics of the results."""
+    return TaskRunner(tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot).run(
+        lm, bootstrap_iters=bootstrap_iters)
 
 
 def format_tasks(metrics: dict[str, dict[str, float]]) -> str:

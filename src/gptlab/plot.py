@@ -33,7 +33,7 @@ REFERENCES: dict[str, dict[str, float]] = {
 }
 LABELS = {"gpt2": "124M"}
 
-CHARTS = ("loss.png", "lr.png", "hellaswag.png", "throughput.png")
+CHARTS = ("loss.png", "lr.png", "hellaswag.png", "tasks.png", "throughput.png")
 _MAX_WARNINGS = 10
 
 
@@ -252,6 +252,39 @@ def _plot_hellaswag(metrics: dict, refs: dict, size: str | None, title: str, pat
     return _save(fig, path)
 
 
+def task_series(recs: list[dict[str, Any]]) -> list[tuple[str, str, tuple[list[float], list[float]]]]:
+    """(task, metric, (steps, values)) of "tasks" records, in first-seen order: numbers only,
+    stderrs left out."""
+    keys: list[tuple[str, str]] = []
+    for rec in recs:
+        for task, row in (rec.get("tasks") or {}).items():
+            if isinstance(row, dict):
+                keys += [(task, m) for m in row if "stderr" not in m and (task, m) not in keys]
+    panels = [(t, m, _series(recs, "step", "tasks", t, m)) for t, m in keys]
+    return [p for p in panels if p[2][1]]
+
+
+def _plot_tasks(metrics: dict, title: str, path: Path) -> Path | None:
+    """--eval-tasks records: one panel per harness task and metric (stderrs left out), two columns,
+    since accuracies and perplexities do not share a scale."""
+    from matplotlib.figure import Figure
+
+    panels = task_series(metrics.get("tasks", []))
+    if not panels:
+        return None
+    cols = 1 if len(panels) == 1 else 2
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(5 * cols, 1 + 2.6 * rows), layout="constrained")
+    fig.suptitle(f"harness tasks — {title}")
+    for i, (task, metric, (xs, ys)) in enumerate(panels, 1):
+        ax = fig.add_subplot(rows, cols, i)
+        ax.grid(True, alpha=0.3)
+        ax.plot(xs, ys, lw=1.6, color=f"C{(i - 1) % 10}", marker="o" if len(ys) <= 50 else None, ms=3)
+        ax.set_title(f"{task}: {metric}", fontsize=10)
+        ax.set_xlabel("step")
+    return _save(fig, path)
+
+
 def _plot_throughput(metrics: dict, title: str, path: Path) -> Path | None:
     from matplotlib.ticker import EngFormatter, PercentFormatter
 
@@ -300,6 +333,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         _plot_loss(metrics, refs, size, title, out / "loss.png"),
         _plot_lr(metrics, title, out / "lr.png"),
         _plot_hellaswag(metrics, refs, size, title, out / "hellaswag.png"),
+        _plot_tasks(metrics, title, out / "tasks.png"),
         _plot_throughput(metrics, title, out / "throughput.png"),
     ]
     files = [p for p in written if p is not None]

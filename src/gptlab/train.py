@@ -159,6 +159,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.muon_lr > 0 and 0 <= cfg.muon_momentum < 1 and cfg.muon_weight_decay >= 0,
          "--muon-lr must be positive, --muon-momentum in [0, 1), --muon-weight-decay >= 0"),
         # torch.optim.Muon orthogonalises whole matrices; FSDP hands it this rank's row shard only
+        (cfg.eval_tasks_limit >= 0, "--eval-tasks-limit must be >= 0"),
+        (not (cfg.fsdp and cfg.eval_tasks), "--eval-tasks runs the whole model in one process and does not "
+                                            "work with --fsdp; evaluate a checkpoint with `gptlab eval RUN --tasks`"),
         (not (cfg.fsdp and cfg.optimizer == "muon"),
          "--optimizer muon does not work with --fsdp (torch.optim.Muon needs whole matrices, FSDP "
          "shards them); use DDP (drop --fsdp) or --optimizer adamw"),
@@ -276,6 +279,8 @@ class Session:
     tokens: int = 0
     logger: MetricsLogger | None = None
     hellaswag_path: Path | None = None
+    tasks: Any = None
+    """harness.TaskRunner of --eval-tasks (rank 0), or None"""
     saved: Path | None = None
     saver: ckpt_mod.ShardedSaver | None = None
     skipped: int = 0
@@ -387,7 +392,23 @@ def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: 
                                  config={"model": model.config.to_dict(), "train": cfg.to_dict()})
         _announce(s, n_params, ckpt)
     s.hellaswag_path = _find_hellaswag(s) if cfg.hellaswag else None
+    s.tasks = _task_runner(cfg) if cfg.eval_tasks and env.is_main else None
     return s
+
+
+def _task_runner(cfg: TrainConfig):
+    """--eval-tasks checked before the first step: the harness installed, every task known."""
+    tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--eval-tasks needs at least one task name (T1,T2)")
+    if cfg.eval_include_path is not None and not Path(cfg.eval_include_path).is_dir():
+        raise UserError(f"{cfg.eval_include_path}: no such task directory (--eval-include-path)")
+    try:
+        from gptlab import harness
+    except ImportError as e:
+        raise UserError(f"--eval-tasks needs lm-evaluation-harness ({e.name} is missing): "
+                        "pip install 'gptlab[eval]'") from None
+    return harness.TaskRunner(tasks, include_path=cfg.eval_include_path, limit=cfg.eval_tasks_limit or None)
 
 
 def _restore(s: Session, ckpt: Path) -> None:
@@ -604,11 +625,27 @@ def _evaluate(s: Session) -> float | None:
                           "completion": hs["completion"], "harness": hs["harness"]})
         s.say(f"step {step}: hellaswag acc_norm {hs['completion']['acc_norm']:.4f} (completion), "
               f"{hs['harness']['acc_norm']:.4f} (harness), n={hs['completion']['n']}")
+    if cfg.eval_tasks:
+        _evaluate_tasks(s)
     if cfg.sample_tokens > 0 and (env.is_main or cfg.fsdp):
         # under FSDP every rank takes part in the sharded forward passes; rank 0 writes
         _write_samples(s)
     s.model.train()
     return val_loss
+
+
+def _evaluate_tasks(s: Session) -> None:
+    """--eval-tasks on rank 0 (the harness runs in one process), logged as a "tasks" record; the
+    other ranks wait for it."""
+    if s.tasks is not None:
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[s.rt.dtype]
+        metrics = s.tasks.run_during_training(ckpt_mod.raw_model(s.model), s.rt.device, dtype)
+        if s.logger is not None:
+            s.logger.log({"step": s.step, "kind": "tasks", "tokens": s.tokens, "tasks": metrics})
+        for task, row in metrics.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if "stderr" not in k)
+            s.say(f"step {s.step}: {task}: {shown}")
+    dist.barrier()
 
 
 def _val_tokens(s: Session) -> int:
