@@ -336,6 +336,8 @@ def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, A
         raise UserError(f"{cfg.data}: no such data directory; prepare one with `gptlab prepare shakespeare`")
     if not is_remote(cfg.data):
         cfg.data = os.path.abspath(cfg.data)  # config.json must work from any directory
+    if cfg.eval_include_path is not None:
+        cfg.eval_include_path = os.path.abspath(cfg.eval_include_path)
     if is_main:  # we hold the lock
         run.remove_stale_temps()  # what a killed save left behind
         if ckpt is None:
