@@ -9,6 +9,7 @@ had its learning rate decayed yet), and, with --short, checked directly by a Muo
 
     python benchmarks/muon.py --setting tiny --data data/shakespeare --seeds 1337 1338 --steps 150
     python benchmarks/muon.py --setting 20m --data data/legal --seeds 1337 --steps 120
+    python benchmarks/muon.py --setting tiny --step-cost     # one Muon step: torch's bf16 iteration vs fp32
 
 Finished runs (a checkpoint at the last step) are reused, so an interrupted benchmark continues.
 """
@@ -111,6 +112,52 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def step_cost(setting: str, repeats: int = 5) -> int:
+    """One Muon step over the setting's block matrices: torch.optim.Muon (its Newton-Schulz in bf16)
+    against gptlab.optim.Muon with the iteration in fp32, side by side, and the largest difference
+    of their updates (the step after 3 equal warm-up steps)."""
+    import torch
+
+    from gptlab.config import model_preset
+    from gptlab.model import GPT
+    from gptlab.optim import Muon, muon_split
+    from gptlab.runtime import native_bf16_matmul
+
+    model_flags = dict(SETTINGS[setting][0])
+    cfg = model_preset(model_flags.pop("model"), **model_flags)
+    kw = dict(lr=MUON_LR, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr_fn="original")
+    torch.manual_seed(0)
+    grads = None
+    results = {}
+    for name, make in (("torch.optim.Muon (bf16 Newton-Schulz)", lambda ps: torch.optim.Muon(ps, **kw)),
+                       ("gptlab.optim.Muon (fp32 Newton-Schulz)", lambda ps: Muon(ps, ns_fp32=True, **kw))):
+        torch.manual_seed(0)
+        params, _ = muon_split(GPT(cfg))
+        if grads is None:
+            grads = [torch.randn_like(p) for p in params]
+        opt = make(params)
+        times = []
+        for i in range(3 + repeats):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            before = [p.detach().clone() for p in params]
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        results[name] = (statistics.median(times[3:]), [b - p.detach() for b, p in zip(before, params)])
+    print(f"{setting}: {len(grads)} block matrices, {sum(g.numel() for g in grads):,} weights; "
+          f"native bf16 matmuls on this CPU: {native_bf16_matmul('cpu')}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("| optimizer | seconds per step (median of %d) |" % repeats)
+    print("|---|---|")
+    for name, (t, _) in results.items():
+        print(f"| {name} | {t:.4f} |")
+    (_, a), (_, b) = results.values()
+    diff = max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+    print(f"largest difference of the two updates, relative to the update's largest entry: {diff:.2e}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="tiny")
@@ -123,7 +170,11 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=None, help="tokens per step (default: the setting's)")
     ap.add_argument("--eval-every", type=int, default=None, help="steps between val evaluations")
     ap.add_argument("--eval-tokens", type=int, default=None, help="val tokens per evaluation")
+    ap.add_argument("--step-cost", action="store_true",
+                    help="only time one Muon step: torch's bf16 Newton-Schulz against gptlab's fp32 one")
     args = ap.parse_args()
+    if args.step_cost:
+        return step_cost(args.setting)
     root = Path(args.out) / args.setting
     batch = args.batch_tokens or SETTINGS[args.setting][1]
     tokens = args.steps * batch
