@@ -68,7 +68,7 @@ def run_bench(cfg: BenchConfig) -> dict | None:
         return None
     return {
         "model": cfg.model, "params": n_params, "device": rt.describe().split(", dtype")[0].removeprefix("device "),
-        "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[rt.dtype],
+        "dtype": rt.dtype_name,
         "compiled": placed.compiled, "fsdp": cfg.fsdp, "ranks": env.world_size, "batch_size": B, "seq_len": T,
         "steps": cfg.steps, "step_time_s": elapsed / cfg.steps, "tokens_per_s": tok_s,
         "flops_per_token": flops, "peak_flops": peak,

@@ -17,8 +17,8 @@ reported:
 Each item has 2 contexts (one per style) and 8 rows (4 endings x 2 styles). A gptlab GPT runs
 each context once, packed in one row with its 4 endings (scoring.PackedRows: each ending takes
 the positions after the context and sees only the context and itself); rows are sorted by length
-and right-padded, and pad positions are never scored. Items cropped to the model's context (their rows crop
-differently) and other modules run whole rows instead (score_rows).
+and right-padded, and pad positions are never scored. Items cropped to the model's context (their
+rows crop differently) and other modules run whole rows instead (score_rows).
 
 Sharding: the batches are cut the same way for any world size and batch b runs on rank b %
 world_size; each rank writes its rows' log-likelihoods into a zeroed (items, 8) table, and one sum

@@ -96,12 +96,16 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    @property
+    def dtype_name(self) -> str:
+        """fp32, bf16 or fp16: the name --dtype takes."""
+        return _DTYPE_KEY[self.dtype]
+
     def describe(self) -> str:
         name = self.device.type
         if self.device.type == "cuda":
             name = f"cuda ({torch.cuda.get_device_name(self.device)})"
-        dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-        return f"device {name}, dtype {dt}, compile {'on' if self.compile else 'off'}"
+        return f"device {name}, dtype {self.dtype_name}, compile {'on' if self.compile else 'off'}"
 
     def peak_flops(self) -> float | None:
         """The device's peak FLOP/s in the chosen dtype where known, for MFU; None otherwise."""

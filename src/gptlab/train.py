@@ -640,8 +640,7 @@ def _evaluate_tasks(s: Session) -> None:
     """--eval-tasks on rank 0 (the harness runs in one process), logged as a "tasks" record; the
     other ranks wait for it."""
     if s.tasks is not None:
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[s.rt.dtype]
-        metrics = s.tasks.run_during_training(ckpt_mod.raw_model(s.model), s.rt.device, dtype)
+        metrics = s.tasks.run_during_training(ckpt_mod.raw_model(s.model), s.rt.device, s.rt.dtype_name)
         if s.logger is not None:
             s.logger.log({"step": s.step, "kind": "tasks", "tokens": s.tokens, "tasks": metrics})
         for task, row in metrics.items():
