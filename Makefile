@@ -37,7 +37,7 @@ test-fast: setup chromium
 # The set-up-and-run command: prepare the embedded corpus, train `tiny` with Muon on the CPU for about
 # six minutes, evaluate, sample and plot. runs/demo is the demo's own directory and is replaced.
 # Muon on the blocks' matrices (AdamW, lr 6e-3, on the embeddings and gains), 450 steps of 1,024 tokens
-# (461K tokens, val 4.88): small steps, because this early in training more updates beat bigger
+# (461K tokens, val 4.87): small steps, because this early in training more updates beat bigger
 # batches (225 steps of 2,048 tokens: 4.91); AdamW's lr doubled from the preset's 3e-3 (at step 300 of
 # 450: 5.06 against 5.12; 1e-2: 5.12; Muon lr 0.04: 5.21); a 1/10 warm-up; two evaluations, each
 # over the whole val split (the same 40,960 tokens as the `gptlab eval` that follows).
