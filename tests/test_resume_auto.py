@@ -4,6 +4,7 @@ and a spot-instance supervisor need, since each runs the same command again."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,7 +97,6 @@ def test_killed_before_the_first_save_starts_afresh(data_dir, tmp_path, unbroken
     ckdir = run / "checkpoints"
     for p in ckdir.iterdir():
         if p.is_dir():
-            import shutil
             shutil.rmtree(p)
         else:
             p.unlink()
