@@ -112,6 +112,16 @@ def wait_for(what: str, check, timeout: float, log: Path):
     pytest.fail(f"timed out waiting for {what}; the job's log ends:\n{tail}")
 
 
+def time_limit_signal() -> str:
+    """The signal the example asks for before its time limit; it must go to the batch script (B:),
+    and the job must be requeueable, with one log over its starts."""
+    directives = re.findall(r"^#SBATCH (\S+)", SBATCH.read_text(), flags=re.M)
+    assert "--requeue" in directives and "--open-mode=append" in directives, directives
+    found = [m.group(1) for d in directives if (m := re.fullmatch(r"--signal=B:(\w+)@\d+", d))]
+    assert len(found) == 1, directives
+    return found[0]
+
+
 def steps_logged(run: Path) -> int:
     try:
         return sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line)
@@ -134,8 +144,8 @@ def test_requeued_job_finishes_equal_to_an_unbroken_run(cluster, data_dir, unbro
         wait_for("the job to train 8 steps", lambda: steps_logged(run) >= 8, 300, log)
         if interrupt == "scontrol requeue":  # SIGTERM to every process of the job, SIGKILL KillWait later
             cmd = ["scontrol", "requeue", job]
-        else:  # what --signal=B:USR1@120 sends before the time limit: the script alone
-            cmd = ["scancel", "--signal=USR1", "--batch", job]
+        else:  # what the script's --signal=B:SIG@SECONDS sends before the time limit: to the script alone
+            cmd = ["scancel", f"--signal={time_limit_signal()}", "--batch", job]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
         assert r.returncode == 0, r.stderr
         final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
