@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test test-fast chromium demo bench clean
+.PHONY: setup test test-fast chromium slurm demo bench clean
 
 CORE    := $(VENV)/.installed-core
 
@@ -24,12 +24,17 @@ $(STAMP): $(CORE)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval]"
 	touch $(STAMP)
 
-test: setup chromium
+test: setup chromium slurm
 	$(BIN)/python -m pytest tests
 
 # The playground's browser test drives Debian's chromium (never a browser download).
 chromium:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+# The SLURM test (tests/test_slurm.py) runs a real single-node cluster from Debian's packages
+# (slurmctld slurmd slurm-client munge); the install starts no service, the test starts its own.
+slurm:
+	tests/slurm/install.sh
 
 test-fast: setup chromium
 	$(BIN)/python -m pytest tests -m "not slow"

@@ -428,10 +428,30 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "tiny trains visibly on a CPU in minutes. Multi-GPU: torchrun --nproc_per_node=N -m gptlab train ..."
     )
     p.add_argument("--config", default=None, help="a JSON file of training settings (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue the run in --out from its latest checkpoint; --resume auto: continue it "
+                        "when it has a complete checkpoint, else start it, so that one command line both "
+                        "starts and continues a run (for schedulers, requeues and restarts)")
     _config_flags(p, TrainConfig, types={"total_batch_tokens": count, "max_tokens": count,
                                          "eval_tokens": count, "batch_size": batch_size_arg,
                                          "max_steps": positive_int, "data_disk_budget": size})
+
+
+def _resume_mode(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"{value!r}: give --resume alone, or --resume auto")
+    return value
+
+
+def _auto_resume_flags(flags: dict, config_file: str | None) -> dict:
+    """What --resume auto checks against a run's saved config: the --config file's settings under the
+    flags given, as if every one had been given as a flag (the same command line as the first run)."""
+    from gptlab.config import read_json
+
+    file_values = read_json(config_file) if config_file else {}
+    if isinstance(file_values.get("train"), dict):
+        file_values = file_values["train"]  # a RUN/config.json (as resolve_train_config reads it)
+    return {**file_values, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -451,7 +471,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         flags["nproc"] = None  # one process, or already under torchrun: train here
     from gptlab.train import train
 
-    if args.resume:
+    if args.resume == "auto":  # start the run, or continue it: the same command line does both
+        if flags.get("out") is None:
+            raise UserError("--resume auto needs --out RUN, the run directory to start or continue")
+        cfg = resolve_train_config(flags, args.config)
+        result = train(cfg, resume="auto", resume_flags=_auto_resume_flags(flags, args.config))
+    elif args.resume:
         if flags.get("out") is None:
             raise UserError("--resume needs --out RUN, the run directory to continue")
         if args.config:
@@ -473,13 +498,19 @@ def _print_plan(args: argparse.Namespace, flags: dict) -> int:
     from gptlab.config import resolve_train_config
     from gptlab.plan import plan_from_train_config
 
-    if args.resume:
+    auto = args.resume == "auto" and flags.get("out") is not None
+    if auto:
+        from gptlab.rundir import RunDir
+
+        auto = RunDir(flags["out"]).latest_checkpoint() is not None  # else it plans a new run
+    if args.resume is True or auto:
         from gptlab.rundir import RunDir
         from gptlab.train import resume_config
 
         if flags.get("out") is None:
             raise UserError("--resume needs --out RUN, the run directory to continue")
-        cfg = resume_config(RunDir(flags["out"]), {k: v for k, v in flags.items() if k != "dry_run"})
+        given = _auto_resume_flags(flags, args.config) if auto else flags
+        cfg = resume_config(RunDir(flags["out"]), {k: v for k, v in given.items() if k != "dry_run"})
     else:
         cfg = resolve_train_config(flags, args.config)
     if flags.get("nproc") is not None:

@@ -296,10 +296,15 @@ class Session:
             tqdm.write(msg, file=sys.stderr)  # above the progress bar, which is on stderr too
 
 
-def train(cfg: TrainConfig, resume: bool = False, resume_flags: dict[str, Any] | None = None) -> TrainResult:
-    """Train a GPT-2 as `cfg` says. With resume, cfg.out names the run to continue."""
+def train(cfg: TrainConfig, resume: bool | str = False, resume_flags: dict[str, Any] | None = None) -> TrainResult:
+    """Train a GPT-2 as `cfg` says. With resume, cfg.out names the run to continue. With
+    resume="auto", cfg is the run as a new one and resume_flags its settings: the run in cfg.out is
+    continued when it holds a complete checkpoint (the flags checked as resume_config does), else
+    started as cfg says."""
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"resume={resume!r}: False, True or 'auto'")
     run = RunDir(cfg.out)
-    if resume and not run.has_config():
+    if resume is True and not run.has_config():
         raise UserError(f"{run.path}: nothing to resume (no {run.config_path.name}); start it without --resume")
     env = dist.env_from_torchrun()
     if env.is_main:
@@ -318,9 +323,14 @@ def train(cfg: TrainConfig, resume: bool = False, resume_flags: dict[str, Any] |
         run.unlock()
 
 
-def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool, flags: dict[str, Any],
+def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool | str, flags: dict[str, Any],
                  is_main: bool = True) -> tuple[TrainConfig, Path | None]:
     """The configuration to train with and the checkpoint to start from (None: a new run)."""
+    if resume == "auto":
+        # Every rank decides before dist.init, and no checkpoint can appear before every rank has
+        # joined the first step, so all ranks decide alike. Killed before its first complete save,
+        # the run starts again (its temporaries and logs are cleared below).
+        resume = run.latest_checkpoint() is not None
     if resume:
         cfg = resume_config(run, flags)
         ckpt = run.latest_checkpoint()
