@@ -1,7 +1,8 @@
 """Atomic file-system writes and file digests, shared by every format owner: things appear whole
 or not at all. No torch here (data preparation uses it).
 
-Two ways to write, and the ONLY code in the package that renames a temporary into place:
+Two ways to write; this is the ONLY module that renames a temporary into place (a test in
+tests/test_atomic.py holds every other module to it):
 
     with replaced_file(path, "wb") as f: ...   a file: written to a temporary next to `path`,
                                                 flushed, fsync'd, then os.replace()d over it
@@ -115,13 +116,12 @@ def fsync_dir(directory: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- temporary names
 
-TMP_TAG = ".tmp-"
 _TEMPORARY = re.compile(r"\..+\.tmp-\d+")
 
 
 def temp_name(name: str) -> str:
     """The temporary name under which this process writes `name`: .NAME.tmp-PID."""
-    return f".{name}{TMP_TAG}{os.getpid()}"
+    return f".{name}.tmp-{os.getpid()}"
 
 
 def temp_path(path: str | Path) -> Path:
@@ -223,9 +223,9 @@ class StagedDir:
         return self.tmp
 
     def publish(self) -> Path:
-        """fsync every file, then rename the temporary directory to `path` (see replace_dir)."""
+        """fsync every file, then rename the temporary directory to `path` (see _replace_dir)."""
         with disk_full_guard(self.path):
-            replace_dir(self.tmp, self.path)
+            _replace_dir(self.tmp, self.path)
         return self.path
 
     def discard(self) -> None:
@@ -257,10 +257,10 @@ def _fsync_tree(root: Path) -> None:
     fsync_dir(root)
 
 
-def replace_dir(tmp: Path, path: Path) -> None:
+def _replace_dir(tmp: Path, path: Path) -> None:
     """Flush every file of the finished directory `tmp`, then rename it to `path`, replacing an
     existing `path` only once the new one is complete: the old one is first renamed aside
-    (.NAME.old.tmp-PID) and deleted after. Use StagedDir / staged_dir rather than this."""
+    (.NAME.old.tmp-PID) and deleted after, or put back if the last rename fails."""
     tmp, path = Path(tmp), Path(path)
     _fsync_tree(tmp)
     if path.exists():
