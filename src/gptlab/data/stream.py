@@ -9,8 +9,8 @@ Two kinds of source stand where a dataset directory may stand (`--data`, `gptlab
                                      whose token counts come from their headers (range requests)
 
 A ShardStream keeps the shards one process needs in its own cache directory. A background thread
-fetches them ahead in the order the loader will use them; each download goes to a temporary file
-(atomic.replaced_file), is verified (size, header, and the manifest's sha256 and document count, or the header and the
+fetches them ahead in the order the loader will use them; each one goes to `.NAME.tmp-PID`, is
+verified (size, header, and the manifest's sha256 and document count, or the header and the
 listed size for hub shards without a manifest) and only then renamed to `NAME`, so a partly
 downloaded or damaged shard is never read. A shard is deleted as soon as the loader moves past it.
 Space is reserved before a download starts: the val split (kept for evaluations) plus the shards
