@@ -7,6 +7,7 @@ import ast
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,11 +51,15 @@ def test_remove_leftovers_takes_temporaries_and_only_the_named_old_spellings(tmp
     (tmp_path / "a.json.tmp").write_text("{")
     (tmp_path / "other.tmp").write_text("mine")
     (tmp_path / "a.json").write_text("{}")
-    import re
     removed = remove_leftovers(tmp_path, re.compile(r"a\.json\.tmp"))
     assert [p.name for p in removed] == [".a.json.tmp-6", ".big.tmp-5", "a.json.tmp"]
     assert names(tmp_path) == ["a.json", "other.tmp"]
     assert remove_leftovers(tmp_path / "missing") == []
+    for name in (".a.json.tmp-7", ".notes.txt.tmp-7"):
+        (tmp_path / name).write_text("x")
+    removed = remove_leftovers(tmp_path, targets=re.compile(r"a\.json"))  # only the temporaries of a.json
+    assert [p.name for p in removed] == [".a.json.tmp-7"]
+    assert names(tmp_path) == [".notes.txt.tmp-7", "a.json", "other.tmp"]
 
 
 # ----------------------------------------------------------------------------- a replaced file

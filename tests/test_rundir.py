@@ -108,6 +108,7 @@ def test_only_gptlab_temporaries_are_removed(tmp_path):
     run = RunDir(tmp_path)
     run.checkpoint_path(1).mkdir(parents=True)
     keep = [tmp_path / "notes.tmp", tmp_path / ".tmp-notes", tmp_path / "data.tmp-12",
+            tmp_path / ".notes.txt.tmp-12",  # the one spelling, but not for a file of the run's
             run.checkpoints_dir / "mine.tmp", run.checkpoints_dir / ".step_000001.tmp-abc"]
     for p in keep:
         p.write_text("mine")

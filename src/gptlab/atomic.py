@@ -116,7 +116,7 @@ def fsync_dir(directory: str | Path) -> None:
 
 # ----------------------------------------------------------------------------- temporary names
 
-_TEMPORARY = re.compile(r"\..+\.tmp-\d+")
+_TEMPORARY = re.compile(r"\.(.+)\.tmp-\d+")
 
 
 def temp_name(name: str) -> str:
@@ -135,18 +135,21 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY.fullmatch(name) is not None
 
 
-def remove_leftovers(directory: str | Path, also: re.Pattern | None = None) -> list[Path]:
+def remove_leftovers(directory: str | Path, also: re.Pattern | None = None,
+                     targets: re.Pattern | None = None) -> list[Path]:
     """Remove every temporary (.NAME.tmp-PID, file or directory) directly inside `directory`, and
     every entry whose whole name `also` matches (the older spellings of what the caller writes
-    there). Returns what was removed, sorted.
-    Call it only where no other writer is live (e.g. holding the directory's lock): a live
-    writer's temporaries look the same."""
+    there). With `targets`, only temporaries whose NAME it matches (a directory that may hold
+    other programs' files). Returns what was removed, sorted. Call it only where no other writer
+    is live (e.g. holding the directory's lock): a live writer's temporaries look the same."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     removed = []
     for p in sorted(directory.iterdir()):
-        if is_temporary(p.name) or (also is not None and also.fullmatch(p.name)):
+        m = _TEMPORARY.fullmatch(p.name)
+        if ((m and (targets is None or targets.fullmatch(m.group(1))))
+                or (also is not None and also.fullmatch(p.name))):
             _remove(p)
             removed.append(p)
     return removed

@@ -41,6 +41,8 @@ STEP_PREFIX = "step_"
 # exact shapes are known to be gptlab's
 _OLD_TEMPS_CHECKPOINTS = re.compile(r"\.tmp-(deleting-)?step_\d+-\d+|\.step_\d+\.old-\d+|\.latest\.tmp")
 _OLD_TEMPS_RUN = re.compile(r"(config\.json|metrics\.jsonl)\.tmp")
+# the run directory may be one the user shares with other files: only its own files' temporaries
+_RUN_FILES = re.compile("|".join(re.escape(n) for n in (CONFIG, METRICS, SAMPLES)))
 _OLD_TEMPS_PLOTS = re.compile(r"\..+\.png\.\d+\.tmp")
 
 
@@ -153,12 +155,12 @@ class RunDir:
         self._lock_fd = fd
 
     def remove_stale_temps(self) -> list[Path]:
-        """Remove what a killed writer left behind; call it holding the lock. In the run directory,
-        checkpoints/ and plots/: every temporary (.NAME.tmp-PID: an unfinished save, `latest`,
-        config or chart; a replaced or pruned checkpoint not yet deleted), and the temporaries of
-        earlier versions (.tmp-step_*-PID, .step_*.old-PID, .latest.tmp, config.json.tmp, ...).
-        Returns what was removed."""
-        return (remove_leftovers(self.path, _OLD_TEMPS_RUN)
+        """Remove what a killed writer left behind; call it holding the lock. In checkpoints/ and
+        plots/: every temporary (.NAME.tmp-PID: an unfinished save, `latest` or chart; a replaced
+        or pruned checkpoint not yet deleted); in the run directory, those of the run's own files
+        (.config.json.tmp-PID, ...); and the temporaries of earlier versions (.tmp-step_*-PID,
+        .step_*.old-PID, .latest.tmp, config.json.tmp, ...). Returns what was removed."""
+        return (remove_leftovers(self.path, _OLD_TEMPS_RUN, targets=_RUN_FILES)
                 + remove_leftovers(self.checkpoints_dir, _OLD_TEMPS_CHECKPOINTS)
                 + remove_leftovers(self.plots_dir, _OLD_TEMPS_PLOTS))
 
