@@ -19,6 +19,7 @@ import torch
 
 from conftest import markov_tokens, run_gptlab, make_toy_data
 from gptlab import checkpoint as ck
+from gptlab.atomic import is_temporary
 from gptlab.config import resolve_train_config
 from gptlab.errors import UserError
 from gptlab.rundir import RunDir
@@ -65,7 +66,7 @@ def assert_same_run(run: Path, ref: Path) -> None:
 def assert_no_leftovers(run: Path) -> None:
     names = os.listdir(run / "checkpoints")
     assert all(n == "latest" or n.startswith("step_") for n in names), names
-    assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(run) if n.endswith(".tmp") or is_temporary(n)]
 
 
 def start(*args) -> subprocess.Popen:

@@ -20,6 +20,7 @@ import torch.distributed as tdist
 
 from conftest import run_gptlab, make_toy_data
 from gptlab import checkpoint as ckpt_mod
+from gptlab.atomic import is_temporary
 from gptlab.checkpoint import ShardedSaver, load_model, load_sharded_checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import UserError
@@ -147,7 +148,7 @@ def test_async_save_overlapping_steps_loses_nothing(tmp_path, monkeypatch):
     assert not torch.equal(model.transformer.wte.weight, want_model["transformer.wte.weight"])
     assert saver.wait() == final
     assert run.latest_checkpoint() == final and ckpt_mod.is_sharded_checkpoint(final)
-    assert not list(run.checkpoints_dir.glob(".tmp-*"))
+    assert not [p for p in run.checkpoints_dir.iterdir() if is_temporary(p.name)]
 
     fresh, fresh_opt = _trained(seed=1)  # other weights, no optimizer state yet
     load_sharded_checkpoint(final, fresh, fresh_opt)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gptlab.atomic import is_temporary
 from gptlab.errors import UserError
 from conftest import run_gptlab
 from gptlab import plot as plot_mod
@@ -61,7 +62,7 @@ def assert_pngs(files: list, out: Path, names: list) -> None:
         data = (out / n).read_bytes()
         assert data[:8] == PNG_MAGIC, n
         assert len(data) > 1000, n
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+    assert not [p for p in out.iterdir() if is_temporary(p.name)], "temporary files left behind"
 
 
 def test_all_charts_written(tmp_path):

@@ -190,6 +190,29 @@ def test_interrupted_prepare_resumes_identically(tmp_path, monkeypatch, event, s
         assert (tmp_path / "part" / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def test_a_continued_prepare_removes_the_temporaries_a_kill_left(tmp_path, monkeypatch):
+    """Shards and progress being written when the prepare died, in atomic's one spelling and in
+    the spellings of earlier versions: gone when it continues; the result is the same bytes."""
+    texts = make_texts(120, seed=5)
+    ref, _ = run(tmp_path, texts, out="ref", shard_tokens=400)
+
+    def hook(ev, n):
+        if ev == "progress" and n == 3:
+            raise _Interrupt
+
+    monkeypatch.setattr(prep, "_kill_hook", hook)
+    with pytest.raises(_Interrupt):
+        run(tmp_path, texts, out="part", shard_tokens=400)
+    part = tmp_path / "part"
+    for name in (".ds_train_000004.bin.tmp-99999", ".progress.json.tmp-99999",  # the one spelling
+                 "ds_train_000004.bin.tmp", "progress.json.tmp"):  # as earlier versions spelt them
+        (part / name).write_bytes(b"half")
+    monkeypatch.setattr(prep, "_kill_hook", lambda ev, n: None)
+    _, result = run(tmp_path, texts, out="part", shard_tokens=400)
+    assert result["status"] == "resumed"
+    assert sorted(p.name for p in part.iterdir()) == sorted(p.name for p in ref.iterdir())
+
+
 def test_sigkilled_prepare_resumes_identically(tmp_path):
     """A real SIGKILL (test hook) in a subprocess with worker processes; the rerun gives the same bytes."""
     corpus = write_jsonl(tmp_path / "c.jsonl", make_texts(300, seed=6))

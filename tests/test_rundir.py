@@ -1,13 +1,14 @@
 """RunDir: the one owner of a run directory's paths, its `latest` pointer and its lock."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from gptlab import rundir as rundir_module
+from gptlab import atomic
 from gptlab.errors import UserError
 from gptlab.metrics import MetricsLogger
 from gptlab.rundir import RunDir
@@ -43,7 +44,7 @@ def test_latest_never_points_outside_the_run(tmp_path):
 
 def test_stale_temps_removed(tmp_path):
     run = RunDir(tmp_path)
-    (run.checkpoints_dir / ".tmp-step_000002-999").mkdir(parents=True)
+    (run.checkpoints_dir / ".step_000002.tmp-999").mkdir(parents=True)
     run.checkpoint_path(1).mkdir()
     run.remove_stale_temps()
     assert [p.name for p in run.checkpoints_dir.iterdir()] == ["step_000001"]
@@ -77,20 +78,42 @@ def test_out_naming_a_file_is_one_error(tmp_path):
 
 
 def test_every_kind_of_leftover_is_removed(tmp_path):
+    """The one spelling (.NAME.tmp-PID) everywhere in a run, and what today's main left."""
     run = RunDir(tmp_path)
     run.checkpoint_path(1).mkdir(parents=True)
+    run.plots_dir.mkdir()
+    (run.plots_dir / "loss.png").write_bytes(b"png")
     (run.checkpoints_dir / "latest").write_text("step_000001\n")
-    leftovers = [run.checkpoints_dir / ".tmp-step_000002-999", run.checkpoints_dir / ".step_000001.old-999",
-                 run.checkpoints_dir / ".tmp-deleting-step_000000-999"]
+    leftovers = [run.checkpoints_dir / n for n in (
+        ".step_000002.tmp-999", ".step_000001.old.tmp-999", ".step_000000.deleting.tmp-999",  # this spelling
+        ".tmp-step_000002-998", ".step_000001.old-998", ".tmp-deleting-step_000000-998")]  # the old ones
     for p in leftovers:
         p.mkdir()
         (p / "model.safetensors").write_bytes(b"x" * 100)
-    (run.checkpoints_dir / ".latest.tmp").write_text("step_000002")
-    (tmp_path / "config.json.tmp").write_text("{")
-    (tmp_path / "metrics.jsonl.tmp").write_text("{")
-    run.remove_stale_temps()
+    for p in (run.checkpoints_dir / ".latest.tmp-999", run.checkpoints_dir / ".latest.tmp",
+              tmp_path / ".config.json.tmp-999", tmp_path / ".metrics.jsonl.tmp-999",
+              tmp_path / "config.json.tmp", tmp_path / "metrics.jsonl.tmp",
+              run.plots_dir / ".loss.png.tmp-999", run.plots_dir / ".lr.png.998.tmp"):
+        p.write_text("{")
+    removed = run.remove_stale_temps()
+    assert len(removed) == 14
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["latest", "step_000001"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "plots"]
+    assert [p.name for p in run.plots_dir.iterdir()] == ["loss.png"]
+
+
+def test_only_gptlab_temporaries_are_removed(tmp_path):
+    """Files of the user's that merely look temporary stay: only the one spelling and the exact
+    names earlier versions wrote are removed."""
+    run = RunDir(tmp_path)
+    run.checkpoint_path(1).mkdir(parents=True)
+    keep = [tmp_path / "notes.tmp", tmp_path / ".tmp-notes", tmp_path / "data.tmp-12",
+            tmp_path / ".notes.txt.tmp-12",  # the one spelling, but not for a file of the run's
+            run.checkpoints_dir / "mine.tmp", run.checkpoints_dir / ".step_000001.tmp-abc"]
+    for p in keep:
+        p.write_text("mine")
+    assert run.remove_stale_temps() == []
+    assert all(p.exists() for p in keep)
 
 
 def test_prune_never_leaves_a_partial_checkpoint(tmp_path, monkeypatch):
@@ -100,10 +123,12 @@ def test_prune_never_leaves_a_partial_checkpoint(tmp_path, monkeypatch):
         (run.checkpoint_path(s) / "model.safetensors").write_bytes(b"x")
     deleted = []
     # a kill in the middle of deleting: the directory being deleted already has its temporary name
-    monkeypatch.setattr(rundir_module.shutil, "rmtree", lambda p, ignore_errors=False: deleted.append(p))
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda p, ignore_errors=False: deleted.append(p))
     run.prune(2)
     assert [p.name for p in run.checkpoints()] == ["step_000002", "step_000003"]
-    assert deleted and deleted[0].name.startswith(".tmp-deleting-step_000001")
+    assert deleted and deleted[0].name == f".step_000001.deleting.tmp-{os.getpid()}"
+    monkeypatch.undo()
+    assert run.remove_stale_temps() == deleted  # the next start clears what the kill left
 
 
 def _records(path):
@@ -150,7 +175,7 @@ def test_full_disk_writing_the_config_is_one_error_and_keeps_the_old_one(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomic.json, "dump", full)
-    with pytest.raises(DiskFullError, match=f"no space left on the disk mounted at .* while writing {run.config_path}.tmp"):
+    with pytest.raises(DiskFullError, match=f"no space left on the disk mounted at .* while writing {run.config_path}$"):
         run.write_config({"n_layer": 2}, {"lr": 2.0})
     assert run.config_path.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

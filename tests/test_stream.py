@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import run_gptlab, sigterm_after
+from gptlab.atomic import is_temporary
 from gptlab.config import EOT_TOKEN
 from gptlab.data import shards as sh
 from gptlab.data import stream as st
@@ -213,7 +214,7 @@ def test_server_dying_mid_run_is_one_error_not_a_hang(server, tmp_path):
     assert time.time() - t0 < 20
     msg = str(err.value)
     assert "\n" not in msg and "cannot connect" in msg and "gave up after 3 attempts" in msg
-    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert not [p for p in (tmp_path / "cache").rglob("*") if is_temporary(p.name)]
     ld.close()
 
 

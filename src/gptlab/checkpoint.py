@@ -11,9 +11,7 @@ Nothing is ever unpickled from a file.
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,13 +27,13 @@ from safetensors import SafetensorError as SafetensorsError  # the class is Safe
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gptlab.atomic import disk_full_guard, replace_dir, write_json
+from gptlab.atomic import StagedDir, staged_dir, write_json
 from gptlab.config import ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.weights import clean_state_dict, load_weights, model_state_dict, raw_model
 from gptlab import hf
-from gptlab.rundir import TMP_PREFIX, RunDir
+from gptlab.rundir import RunDir
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -55,15 +53,10 @@ def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, to
 
 
 def save_model(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write a model directory atomically (a temporary directory renamed into place)."""
+    """Write a model directory whole or not at all (atomic.staged_dir)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _write_model_files(model, tmp)
-    replace_dir(tmp, path)
+    with staged_dir(path) as tmp:
+        _write_model_files(model, tmp)
     return path
 
 
@@ -221,32 +214,23 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_checkpoint(final: str | Path, model: torch.nn.Module, optimizer_state: dict | None, state: dict,
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint directory at `final` whole or not at all (a temporary sibling, flushed,
-    then renamed). `state` must be JSON-serialisable. `weights`, when given, is the model's
-    already-gathered full state dict (FSDP). Where checkpoints live is the run directory's business.
-    A full disk is one DiskFullError naming it; the temporary directory is removed either way."""
+    """Write a checkpoint directory at `final` whole or not at all (atomic.staged_dir: a temporary
+    sibling, flushed, then renamed). `state` must be JSON-serialisable. `weights`, when given, is
+    the model's already-gathered full state dict (FSDP). Where checkpoints live is the run
+    directory's business. A full disk is one DiskFullError naming it; the temporary directory is
+    removed either way."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        with disk_full_guard(final):
-            tmp.mkdir()
-            _write_model_files(model, tmp, weights)
-            state = dict(state)
-            if optimizer_state is not None:
-                tensors, meta = optimizer_to_files(optimizer_state)
-                # the names and shapes, so a resume can tell a truncated or swapped optimizer.pt
-                meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
-                with open(tmp / OPTIMIZER, "wb") as f:  # a file object: a failed write is an OSError
-                    torch.save(tensors, f)
-                state["optimizer"] = meta
-            write_json(tmp / STATE, state)
-            replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(final) as tmp:
+        _write_model_files(model, tmp, weights)
+        state = dict(state)
+        if optimizer_state is not None:
+            tensors, meta = optimizer_to_files(optimizer_state)
+            # the names and shapes, so a resume can tell a truncated or swapped optimizer.pt
+            meta["tensors"] = {k: list(v.shape) for k, v in tensors.items()}
+            with open(tmp / OPTIMIZER, "wb") as f:  # a file object: a failed write is an OSError
+                torch.save(tensors, f)
+            state["optimizer"] = meta
+        write_json(tmp / STATE, state)
     return final
 
 
@@ -481,6 +465,7 @@ class ShardedSaver:
     def __init__(self, run: RunDir, keep: int, rank: int, use_async: bool = True):
         self.run, self.keep, self.rank, self.use_async = run, keep, rank, use_async
         self.pending: tuple[Any, Path, Path] | None = None  # (future, temp dir, final dir)
+        self._stage: StagedDir | None = None  # rank 0: the directory being written
         self.group = None
         if tdist.is_available() and tdist.is_initialized():
             # the background writer's own gloo group: its collectives never interleave with training's
@@ -517,30 +502,27 @@ class ShardedSaver:
         """Block until the save in flight is written, then publish it (rank 0)."""
         if self.pending is None:
             return None
-        fut, tmp, final = self.pending
+        fut, _, final = self.pending
         self.pending = None
         try:
             if fut is not None:
                 fut.result()
         except BaseException:
             if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                self._stage.discard()
             raise
         if self.rank == 0:
-            replace_dir(tmp, final)
+            self._stage.publish()
             self.run.mark_latest(final)
             self.run.prune(self.keep)
         return final
 
     def _temp_dir(self, final: Path) -> Path:
         """One temporary directory for every rank: rank 0 names and creates it, then tells the others."""
-        name = [f"{TMP_PREFIX}{final.name}-{os.getpid()}"]
+        name = [""]
         if self.rank == 0:
-            tmp = final.parent / name[0]
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            self._stage = StagedDir(final)
+            name[0] = self._stage.create().name
         if self.group is not None:
             tdist.broadcast_object_list(name, src=0, group=self.group)  # also: the directory exists now
         return final.parent / name[0]

@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from gptlab.atomic import sha256_file
+from gptlab.atomic import replaced_file, sha256_file
 from gptlab.errors import UserError
 
 CACHE_ENV = "GPTLAB_CACHE"
@@ -30,15 +29,14 @@ def cache_dir(override: str | Path | None = None) -> Path:
 
 def download(url: str, dest: Path, sha256: str | None, *, timeout: float = 60.0, show_progress: bool = False,
              hint: str = "") -> Path:
-    """Fetch url to dest through a temporary file in the same folder; dest appears only once its
-    sha256 matches (when one is given). `hint` ends the error message (what to do instead)."""
+    """Fetch url to dest through a temporary file in the same folder (atomic.replaced_file); dest
+    appears only once its sha256 matches (when one is given). `hint` ends the error message (what
+    to do instead)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     h = hashlib.sha256()
-    try:
+    with replaced_file(dest, "wb") as f:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, os.fdopen(fd, "wb") as f:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
                           file=sys.stderr, disable=not show_progress) as bar:
@@ -52,9 +50,6 @@ def download(url: str, dest: Path, sha256: str | None, *, timeout: float = 60.0,
         got = h.hexdigest()
         if sha256 is not None and got != sha256:
             raise UserError(f"{url}: downloaded file has sha256 {got}, expected {sha256}")
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

@@ -8,15 +8,13 @@ This module owns the Hugging Face directory format; checkpoint.py owns gptlab's 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from gptlab.atomic import replace_dir
+from gptlab.atomic import staged_dir
 from gptlab.config import EOT_TOKEN, ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
@@ -254,7 +252,8 @@ def _is_replaceable(out: Path) -> bool:
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
     """Write model as a Hugging Face GPT-2 directory (GPT2LMHeadModel + GPT2Tokenizer), whole or
-    not at all: everything goes to a temporary sibling directory that is then renamed into place."""
+    not at all: everything goes to a temporary sibling directory that is then renamed into place
+    (atomic.staged_dir)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -265,19 +264,10 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
     cfg: ModelConfig = raw_model(model).config
     sd = gptlab_to_hf_state_dict(model)
     dtype = sd["transformer.wte.weight"].dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         save_file(sd, str(tmp / HF_SAFETENSORS), metadata={"format": "pt", "producer": _PRODUCER})
         files = {HF_CONFIG: (json.dumps(hf_config(cfg, dtype), indent=2) + "\n").encode()}
         files.update(_tokenizer_files(cfg.seq_len))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from gptlab.atomic import disk_full_guard, fsync_dir
+from gptlab.atomic import disk_full_guard, write_text
 from gptlab.errors import UserError
 from gptlab.rundir import RunDir
 
@@ -46,13 +45,7 @@ def repair_metrics(path: Path, keep_through: int) -> int:
     dropped = sum(1 for ln in lines if ln.strip()) - len(kept)
     if dropped == 0 and (not lines or lines[-1] == ""):
         return 0
-    tmp = path.with_name(path.name + ".tmp")
-    with disk_full_guard(tmp), open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(ln + "\n" for ln in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_text(path, "".join(ln + "\n" for ln in kept))
     return dropped
 
 

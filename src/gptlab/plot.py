@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
 
+from gptlab.atomic import replaced_file
 from gptlab.config import HELLASWAG_REFERENCES, VAL_LOSS_REFERENCES, preset_for_shape
 from gptlab.errors import UserError
 from gptlab.rundir import RunDir
@@ -151,15 +151,12 @@ def smooth(values: list[float], window: int | None = None) -> list[float]:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Write the figure as PNG atomically: a temporary name in the same directory, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write the figure as PNG whole or not at all (atomic.replaced_file)."""
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        with replaced_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
     except OSError as e:
         raise UserError(f"{path}: cannot write: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -9,7 +9,9 @@
     RUN/.lock                    held (flock) by the one process writing the run
 
 A checkpoint directory appears whole (checkpoint.py writes it under a temporary name and renames
-it), so every step_* directory here is complete; `latest` is moved only after that.
+it), so every step_* directory here is complete; `latest` is moved only after that. Temporary
+names are atomic.py's one spelling (.NAME.tmp-PID); remove_stale_temps() clears them at startup,
+and the spellings of earlier versions too.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
-from gptlab.atomic import disk_full_guard, fsync_dir, write_json
+from gptlab.atomic import remove_dir, remove_leftovers, write_json, write_text
 from gptlab.config import read_json
 from gptlab.errors import UserError
 
@@ -34,7 +36,14 @@ PLOTS = "plots"
 TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 STEP_PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
+
+# what earlier versions' writers left (before atomic.py's one spelling), by directory: only these
+# exact shapes are known to be gptlab's
+_OLD_TEMPS_CHECKPOINTS = re.compile(r"\.tmp-(deleting-)?step_\d+-\d+|\.step_\d+\.old-\d+|\.latest\.tmp")
+_OLD_TEMPS_RUN = re.compile(r"(config\.json|metrics\.jsonl)\.tmp")
+# the run directory may be one the user shares with other files: only its own files' temporaries
+_RUN_FILES = re.compile("|".join(re.escape(n) for n in (CONFIG, METRICS, SAMPLES)))
+_OLD_TEMPS_PLOTS = re.compile(r"\..+\.png\.\d+\.tmp")
 
 
 class RunDir:
@@ -71,10 +80,6 @@ class RunDir:
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints_dir / f"{STEP_PREFIX}{step:06d}"
-
-    def temp_path(self, name: str) -> Path:
-        """A temporary sibling under checkpoints/ for writing `name` before it is renamed into place."""
-        return self.checkpoints_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
 
     # ------------------------------------------------------------------ config
     def create(self) -> None:
@@ -117,26 +122,18 @@ class RunDir:
 
     def mark_latest(self, ckpt: Path) -> None:
         """Point `latest` at ckpt, atomically and durably."""
-        tmp = self.checkpoints_dir / f".{LATEST}.tmp"
-        with disk_full_guard(tmp), open(tmp, "w", encoding="utf-8") as f:
-            f.write(ckpt.name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.checkpoints_dir / LATEST)
-        fsync_dir(self.checkpoints_dir)
+        write_text(self.checkpoints_dir / LATEST, ckpt.name + "\n")
 
     def prune(self, keep: int) -> None:
         """Keep the newest `keep` checkpoints (0 keeps all), and always the one `latest` names.
-        A checkpoint is renamed to a temporary name before it is deleted, so a kill halfway
-        through never leaves a partial step_* directory that looks complete."""
+        A checkpoint is renamed to a temporary name before it is deleted (atomic.remove_dir), so a
+        kill halfway through never leaves a partial step_* directory that looks complete."""
         if keep <= 0:
             return
         latest = self.latest_checkpoint()
         for old in self.checkpoints()[:-keep]:
             if old != latest:
-                doomed = self.temp_path(f"deleting-{old.name}")
-                old.rename(doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                remove_dir(old)
 
     # ------------------------------------------------------------------ the lock
     def lock(self) -> None:
@@ -157,21 +154,15 @@ class RunDir:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    def remove_stale_temps(self) -> None:
-        """Remove what a killed writer left behind; call it holding the lock. Under checkpoints/:
-        unfinished saves (.tmp-*), replaced checkpoints not yet deleted (.step_*.old-*), an
-        unfinished `latest` (.latest.tmp); in the run directory: unfinished JSON files (*.tmp)."""
-        leftovers: list[Path] = []
-        if self.checkpoints_dir.is_dir():
-            for pattern in (f"{TMP_PREFIX}*", f".{STEP_PREFIX}*.old-*", f".{LATEST}.tmp"):
-                leftovers += self.checkpoints_dir.glob(pattern)
-        if self.path.is_dir():
-            leftovers += [p for p in self.path.glob("*.tmp") if p.is_file()]
-        for p in leftovers:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+    def remove_stale_temps(self) -> list[Path]:
+        """Remove what a killed writer left behind; call it holding the lock. In checkpoints/ and
+        plots/: every temporary (.NAME.tmp-PID: an unfinished save, `latest` or chart; a replaced
+        or pruned checkpoint not yet deleted); in the run directory, those of the run's own files
+        (.config.json.tmp-PID, ...); and the temporaries of earlier versions (.tmp-step_*-PID,
+        .step_*.old-PID, .latest.tmp, config.json.tmp, ...). Returns what was removed."""
+        return (remove_leftovers(self.path, _OLD_TEMPS_RUN, targets=_RUN_FILES)
+                + remove_leftovers(self.checkpoints_dir, _OLD_TEMPS_CHECKPOINTS)
+                + remove_leftovers(self.plots_dir, _OLD_TEMPS_PLOTS))
 
     def start_fresh_logs(self) -> None:
         """A new run in this directory (no checkpoint to continue) starts its own metrics and

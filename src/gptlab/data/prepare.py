@@ -23,6 +23,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -34,7 +35,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from gptlab import tokenizer as tk
-from gptlab.atomic import disk_full_guard, write_json
+from gptlab.atomic import disk_full_guard, remove_leftovers, write_json
 from gptlab.config import EOT_TOKEN, read_json
 from gptlab.data import shards as sh
 from gptlab.data.sources import Source
@@ -46,6 +47,8 @@ DEFAULT_VAL_TOKENS_CAP = 10_000_000
 BATCH_CHARS = 1 << 20  # characters sent to a worker at a time: large enough to amortise IPC
 BATCH_DOCS = 4096
 KILL_ENV = "GPTLAB_TEST_KILL"  # test hook: "shard:N" or "progress:N" SIGKILLs this process
+# what a prepare of an earlier version left when killed (before atomic.py's one spelling)
+_OLD_TEMPS = re.compile(r".+\.bin\.tmp|(progress|manifest)\.json\.tmp")
 
 
 def available_cores() -> int:
@@ -395,8 +398,7 @@ def _unfinished_state(out: Path, params: dict[str, Any]) -> dict[str, Any]:
             raise UserError(f"{out} holds an unfinished prepare with {_describe_diff(state.get('params') or {}, params)}; "
                             f"rerun it with its own parameters, or choose another --out")
         _check_written(out, state["shards"])
-        for stray in out.glob("*.tmp"):
-            stray.unlink()
+        remove_leftovers(out, _OLD_TEMPS)  # unfinished shards and progress of the killed prepare
         return state
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")

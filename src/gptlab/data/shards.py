@@ -18,7 +18,6 @@ This module does not import torch.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gptlab.atomic import fsync_dir, sha256_file, write_json
+from gptlab.atomic import replaced_file, sha256_file, write_json
 from gptlab.config import EOT_TOKEN, GPT2_VOCAB_SIZE, read_json
 from gptlab.errors import UserError
 
@@ -70,8 +69,8 @@ def _header(n_tokens: int) -> bytes:
 
 
 def write_shard(path: str | Path, tokens: np.ndarray) -> str:
-    """Write tokens (n,) as a shard that appears whole or not at all (temporary file, fsync,
-    rename). Returns the sha256 of the file's bytes."""
+    """Write tokens (n,) as a shard that appears whole or not at all (atomic.replaced_file).
+    Returns the sha256 of the file's bytes."""
     path = Path(path)
     tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
     if tokens.ndim != 1:
@@ -82,14 +81,9 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> str:
     h = hashlib.sha256(header)
     body = memoryview(tokens).cast("B")
     h.update(body)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replaced_file(path, "wb") as f:
         f.write(header)
         f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
     return h.hexdigest()
 
 

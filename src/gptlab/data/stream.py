@@ -9,7 +9,7 @@ Two kinds of source stand where a dataset directory may stand (`--data`, `gptlab
                                      whose token counts come from their headers (range requests)
 
 A ShardStream keeps the shards one process needs in its own cache directory. A background thread
-fetches them ahead in the order the loader will use them; each download goes to `NAME.part`, is
+fetches them ahead in the order the loader will use them; each one goes to `.NAME.tmp-PID`, is
 verified (size, header, and the manifest's sha256 and document count, or the header and the
 listed size for hub shards without a manifest) and only then renamed to `NAME`, so a partly
 downloaded or damaged shard is never read. A shard is deleted as soon as the loader moves past it.
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from gptlab import downloads
-from gptlab.atomic import sha256_file
+from gptlab.atomic import replaced_file, sha256_file, temp_path
 from gptlab.data import shards as sh
 from gptlab.errors import UserError
 
@@ -275,17 +275,10 @@ def _open_hub(source: str, retry: Retry) -> RemoteDataset:
 # ---------------------------------------------------------------------------------- downloading
 def download(ds: RemoteDataset, entry: sh.Entry, dest: Path, retry: Retry,
              stop: threading.Event | None = None) -> None:
-    """Fetch one shard to dest through dest.part, verified before the rename; retried."""
-    part = dest.with_name(dest.name + ".part")
-
+    """Fetch one shard to dest through a temporary file, verified before the rename; retried."""
     def once() -> None:
-        try:
-            with open(part, "wb") as f:
-                _stream_into(ds, entry, retry.timeout, f.write, stop)
-            os.replace(part, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+        with replaced_file(dest, "wb") as f:
+            _stream_into(ds, entry, retry.timeout, f.write, stop)
     with_retries(f"{ds.where}: shard {entry.file}", once, retry, stop)
 
 
@@ -534,7 +527,7 @@ class ShardStream:
             self._thread.join(timeout=self.retry.timeout + 5)
         with self._cv:
             for s in list(self._files):
-                for p in (self.dir / self.train[s].file, self.dir / (self.train[s].file + ".part")):
+                for p in (self.dir / self.train[s].file, temp_path(self.dir / self.train[s].file)):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
                 self._reserved -= self.train[s].size
