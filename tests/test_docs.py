@@ -23,6 +23,7 @@ FOREIGN_FLAGS = {
     "--no-deps",  # pip
     "--directory",  # python -m http.server
     "--model_args",  # lm_eval
+    "--nodes", "--gpus-per-node", "--cpus-per-task", "--time", "--requeue", "--open-mode", "--signal",  # sbatch
 }
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
