@@ -305,7 +305,9 @@ class PlanOptions:
 
 @dataclass
 class TrainConfig(_Saved, PlanOptions, LaunchOptions, RuntimeOptions, BatchOptions, ModelShapeOptions):
-    """Everything `gptlab train` needs beyond the model's shape. Flags are --kebab-case forms."""
+    """Everything `gptlab train` needs: the shared groups (model shape, batch, runtime, launch, the
+    memory plan) and the recipe below. Flags are the --kebab-case forms of the fields; config.json
+    holds to_dict(), every field but the launch-only ones."""
 
     GROUP = "training"
     data: str = option("data/shakespeare", "prepared dataset directory (from `gptlab prepare`), or streamed: an "
