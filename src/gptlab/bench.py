@@ -7,16 +7,14 @@ training gets. Under torchrun (or --nproc N) every rank runs it and rank 0 repor
 
 from __future__ import annotations
 
-import dataclasses
 import resource
 import sys
 import time
-from typing import Any
 
 import torch
 
 from gptlab import dist
-from gptlab.config import BenchConfig, model_preset
+from gptlab.config import BenchConfig
 from gptlab.model import GPT
 from gptlab.optim import make_adamw
 from gptlab.parallel import find_batch_size, place, train_step
@@ -26,9 +24,9 @@ from gptlab.runtime import Runtime, get_runtime
 def run_bench(cfg: BenchConfig) -> dict | None:
     """Measure; the result on rank 0, None on the other ranks."""
     cfg.validate()
-    mcfg = model_preset(cfg.model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, seq_len=cfg.seq_len)
+    mcfg = cfg.model_config()
     rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
-    env = dist.init(rt.device.type)
+    env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
     if env.is_distributed and rt.device.type == "cuda":
         rt.device = torch.device("cuda", env.local_rank)
     try:
@@ -109,10 +107,3 @@ def format_table(res: dict) -> str:
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
-
-def config_from_flags(flags: dict[str, Any]) -> BenchConfig:
-    return BenchConfig(**{k: v for k, v in flags.items() if v is not None})
-
-
-def bench_fields() -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(BenchConfig)

