@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gptlab import checkpoint as ckpt_mod
-from gptlab import dist, evaluate, guards
+from gptlab import dist, evaluate, guards, hellaswag
 from gptlab.atomic import DiskFullError
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
 from gptlab.data.loader import TrainLoader, val_windows
@@ -596,7 +596,7 @@ def _agree_to_stop(local: bool, env: dist.DistEnv) -> bool:
 
 def _find_hellaswag(s: Session) -> Path | None:
     try:
-        return evaluate.find_hellaswag(s.cfg.hellaswag_file, download=False)
+        return hellaswag.find_hellaswag(s.cfg.hellaswag_file, download=False)
     except UserError as e:
         s.say(f"HellaSwag skipped during training: {e}")
         return None
@@ -619,9 +619,9 @@ def _evaluate(s: Session) -> float | None:
     except UserError as e:
         s.say(f"step {step}: val loss skipped: {e}")
     if s.hellaswag_path is not None:  # every rank takes part (under FSDP each forward is a collective)
-        hs = evaluate.evaluate_hellaswag(s.model, s.hellaswag_path, device=s.rt.device, limit=cfg.hellaswag_limit,
-                                         batch_size=max(1, s.batch_size // 4), autocast=s.rt.autocast,
-                                         show_progress=False)
+        hs = hellaswag.evaluate_hellaswag(s.model, s.hellaswag_path, device=s.rt.device, limit=cfg.hellaswag_limit,
+                                          batch_size=max(1, s.batch_size // 4), autocast=s.rt.autocast,
+                                          show_progress=False)
         if s.logger is not None:
             s.logger.log({"step": step, "kind": "hellaswag", "tokens": s.tokens,
                           "completion": hs["completion"], "harness": hs["harness"]})
