@@ -392,24 +392,39 @@ def test_missing_file_is_a_user_error(tmp_path):
 
 
 @pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server over tmp_path/www; yields its base URL."""
+def http_server(tmp_path, monkeypatch):
+    """A local HTTP server over tmp_path/www; yields its root, base URL and a list of paths whose
+    next GET fails once with HTTP 503 (each entry is used up by one failure). Downloads are
+    retried quickly here."""
+    monkeypatch.setenv("GPTLAB_STREAM_RETRIES", "2")
+    monkeypatch.setenv("GPTLAB_STREAM_BACKOFF", "0.01")
     root = tmp_path / "www"
     root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
+    fail_once: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path in fail_once:
+                fail_once.remove(self.path)
+                self.send_error(503)
+                return
+            super().do_GET()
+
+        def log_message(self, *a, **k):
+            pass
+    handler = functools.partial(Handler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+        yield root, f"http://127.0.0.1:{server.server_address[1]}", fail_once
     finally:
         server.shutdown()
         server.server_close()
 
 
 def test_download_checks_sha256_and_caches(tmp_path, http_server, monkeypatch):
-    root, base = http_server
+    root, base, _ = http_server
     write_jsonl(root / "hellaswag_val.jsonl", some_items(3))
     digest = hashlib.sha256((root / "hellaswag_val.jsonl").read_bytes()).hexdigest()
     url = base + "/hellaswag_{split}.jsonl"
@@ -436,6 +451,23 @@ def test_download_checks_sha256_and_caches(tmp_path, http_server, monkeypatch):
 
     with pytest.raises(UserError, match="cannot download"):
         ev.find_hellaswag(cache_dir=cache, split="test", url=url, show_progress=False)  # 404
+
+
+def test_a_download_that_fails_once_is_retried(tmp_path, http_server):
+    """Downloads go through the retrying HTTP layer (they were fetched once, without retries)."""
+    root, base, fail_once = http_server
+    write_jsonl(root / "hellaswag_val.jsonl", some_items(3))
+    digest = hashlib.sha256((root / "hellaswag_val.jsonl").read_bytes()).hexdigest()
+    fail_once.append("/hellaswag_val.jsonl")
+    got = ev.find_hellaswag(cache_dir=tmp_path / "c", url=base + "/hellaswag_{split}.jsonl",
+                            expected_sha256=digest, show_progress=False)
+    assert got.read_bytes() == (root / "hellaswag_val.jsonl").read_bytes() and not fail_once
+    assert not list((tmp_path / "c").rglob("*.part"))
+    fail_once += ["/hellaswag_train.jsonl"] * 2  # as often as the 2 attempts allowed: one clear error
+    with pytest.raises(UserError, match=r"cannot download .*HTTP 503.*gave up after 2 attempts"):
+        ev.find_hellaswag(cache_dir=tmp_path / "c", split="train", url=base + "/hellaswag_{split}.jsonl",
+                          show_progress=False)
+    assert not list((tmp_path / "c").rglob("*.part")) and not list((tmp_path / "c").rglob("*train*"))
 
 
 def test_pinned_hashes_are_well_formed():

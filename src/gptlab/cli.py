@@ -68,7 +68,7 @@ def count(text: str) -> int:
 
 def size(text: str) -> int:
     """Bytes, with an optional K/M/G/T suffix (powers of 1024): 500M, 2G, 1.5G."""
-    from gptlab.data.stream import parse_size
+    from gptlab.units import parse_size
 
     try:
         return parse_size(text)
@@ -315,10 +315,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from gptlab.data import stream
+    from gptlab.data import remote
 
     if args.data_command == "info":
-        s = stream.summary(args.dir)
+        s = remote.summary(args.dir)
         print(f"{s['directory']}: {_human(s['tokens'])} tokens ({s['tokens']:,}), "
               f"{_human(s['documents'])} documents")
         print(f"  source: {s['source']}")
@@ -326,7 +326,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(f"  tokenizer: {s['tokenizer']}")
         _print_splits(s["splits"])
         return 0
-    r = stream.verify(args.dir, progress=not args.no_progress)
+    r = remote.verify(args.dir, progress=not args.no_progress)
     if r["hashed"]:
         print(f"{args.dir}: OK, {r['shards']} shards match the manifest ({r['tokens']:,} tokens)")
     else:

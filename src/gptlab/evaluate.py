@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gptlab import dist, hellaswag as hs
 from gptlab.config import VAL_LOSS_REFERENCES, preset_for_shape
-from gptlab.data.stream import is_remote
+from gptlab.data.remote import is_remote
 from gptlab.errors import UserError
 from gptlab.scoring import autocast_or_null, context_len, eval_mode, progress, rank_world
 from gptlab.weights import raw_model
@@ -30,7 +30,7 @@ from gptlab.weights import raw_model
 
 def evaluate_val_loss(
     model: torch.nn.Module,
-    data_dir: str | Path,
+    data,
     *,
     device,
     seq_len: int,
@@ -43,8 +43,10 @@ def evaluate_val_loss(
     perplexity. When a process group is up every rank must call this: each takes its share of
     the windows from the loader, and the token-weighted sums are reduced once at the end, so any
     number of ranks gives the 1-rank number up to float summation order.
+    data: a dataset directory, a remote source (its val split fetched on its own), or the ValSplit
+    to read (a train loader's, TrainLoader.val_split(): a streamed run's copy in its own cache).
     Returns {"loss", "perplexity", "tokens"}."""
-    from gptlab.data.loader import iter_val_batches, val_windows
+    from gptlab.data.loader import iter_val_batches, open_val, val_windows
 
     if seq_len <= 0 or batch_size <= 0:
         raise UserError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
@@ -53,15 +55,16 @@ def evaluate_val_loss(
     if T is not None and seq_len > T:
         raise UserError(f"seq_len {seq_len} is longer than the model's context ({T})")
     rank, world = rank_world()
+    val = open_val(data)  # once: a remote source's val split is checked (and fetched) here
     # float64 sums keep 1e8 tokens' worth of losses exact enough; MPS has no float64
     acc = torch.float32 if torch.device(device).type == "mps" else torch.float64
     loss_sum = torch.zeros((), dtype=acc, device=device)
     tokens = 0
     ctx = autocast_or_null(autocast)
-    bar = progress(val_windows(data_dir, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
-                    "val loss", "tok", show_progress and rank == 0, unit_scale=True)  # rank 0's share
+    bar = progress(val_windows(val, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
+                   "val loss", "tok", show_progress and rank == 0, unit_scale=True)  # rank 0's share
     with bar, eval_mode(net), torch.no_grad():
-        for x, y in iter_val_batches(data_dir, seq_len=seq_len, batch_size=batch_size,
+        for x, y in iter_val_batches(val, seq_len=seq_len, batch_size=batch_size,
                                      max_tokens=max_tokens, rank=rank, world_size=world):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with ctx():
@@ -75,10 +78,9 @@ def evaluate_val_loss(
     dist.all_reduce_sum(t)
     total_loss, total_tokens = t.tolist()
     if total_tokens == 0:
-        raise UserError(f"{data_dir}: the val split has no complete window of {seq_len + 1} tokens")
+        raise UserError(f"{val.where}: the val split has no complete window of {seq_len + 1} tokens")
     loss = total_loss / total_tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(total_tokens)}
-
 
 
 # ----------------------------------------------------------------------------- the report

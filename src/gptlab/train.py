@@ -608,7 +608,7 @@ def _evaluate(s: Session) -> float | None:
     s.model.eval()
     val_loss = None
     try:
-        res = evaluate.evaluate_val_loss(s.model, cfg.data, device=s.rt.device, seq_len=s.model.config.seq_len,
+        res = evaluate.evaluate_val_loss(s.model, s.loader.val_split(), device=s.rt.device, seq_len=s.model.config.seq_len,
                                          batch_size=s.batch_size, max_tokens=_val_tokens(s),
                                          autocast=s.rt.autocast)
         val_loss = res["loss"]
@@ -655,7 +655,7 @@ def _val_tokens(s: Session) -> int:
     if not s.cfg.fsdp:
         return s.cfg.eval_tokens
     T = s.model.config.seq_len
-    n = val_windows(s.cfg.data, seq_len=T, max_tokens=s.cfg.eval_tokens)
+    n = val_windows(s.loader.val_split(), seq_len=T, max_tokens=s.cfg.eval_tokens)
     n = n // (s.env.world_size * s.batch_size) * (s.env.world_size * s.batch_size)
     if n == 0:
         raise UserError(f"the val split has fewer than {s.env.world_size * s.batch_size} windows for FSDP")
