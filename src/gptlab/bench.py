@@ -29,8 +29,7 @@ def run_bench(cfg: BenchConfig) -> dict | None:
     mcfg = model_preset(cfg.model, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, seq_len=cfg.seq_len)
     rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
     env = dist.init(rt.device.type)
-    if env.is_distributed and rt.device.type == "cuda":
-        rt.device = torch.device("cuda", env.local_rank)
+    rt.device = env.device(rt.device)
     try:
         torch.manual_seed(cfg.seed)
         model = GPT(mcfg)

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, require_extra
 
 
 def positive_int(text: str) -> int:
@@ -538,11 +538,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from gptlab.serve import ServeConfig, run_server
-    except ImportError as e:
-        raise UserError(f"gptlab serve needs the serve extra ({e.name} is missing): "
-                        "pip install 'gptlab[serve]'") from None
+    serve = require_extra("gptlab.serve", "serve", "gptlab serve needs the serve extra")
+    ServeConfig, run_server = serve.ServeConfig, serve.run_server
 
     cfg = ServeConfig(model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
                       api_key=args.api_key, max_batch=args.max_batch, max_tokens_cap=args.max_tokens_cap,

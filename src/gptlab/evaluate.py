@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from gptlab import dist, hellaswag as hs
 from gptlab.config import VAL_LOSS_REFERENCES, preset_for_shape
 from gptlab.data.remote import is_remote
-from gptlab.errors import UserError
+from gptlab.errors import UserError, require_extra
 from gptlab.scoring import autocast_or_null, context_len, eval_mode, progress, rank_world
 from gptlab.weights import raw_model
 
@@ -129,11 +129,7 @@ def _run_tasks(net, where: str, tasks: TaskOptions, *, device, dtype: str | None
                batch_size: int | None, distributed: bool) -> dict:
     if distributed:
         raise UserError("--tasks runs in one process; start it without torchrun")
-    try:
-        from gptlab import harness
-    except ImportError as e:
-        raise UserError(f"harness tasks need lm-evaluation-harness ({e.name} is missing): "
-                        "pip install 'gptlab[eval]'") from None
+    harness = require_extra("gptlab.harness", "eval", "harness tasks need lm-evaluation-harness")
     lm = harness.GptlabLM(pretrained=where, model=net, device=str(device), dtype=dtype, batch_size=batch_size)
     return harness.run_tasks(lm, tasks.tasks, include_path=tasks.include_path, limit=limit,
                              num_fewshot=tasks.num_fewshot)
@@ -186,9 +182,7 @@ def run_eval(
     rt = get_runtime(device, dtype, compile=False)
     env = dist.init(rt.device_type)
     try:
-        dev = rt.device
-        if dev.type == "cuda" and env.is_distributed:
-            dev = torch.device("cuda", env.local_rank)
+        dev = env.device(rt.device)
         items = None
         if hellaswag:
             path = hs.find_on_all_ranks(env, dev, path=hellaswag_file, cache_dir=cache, split=split)

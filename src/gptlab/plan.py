@@ -31,6 +31,7 @@ from pathlib import Path
 
 from gptlab.config import PRESETS, ModelConfig, TrainConfig, read_json
 from gptlab.errors import UserError
+from gptlab.hf_config import GPT2_HUB_NAMES, model_config_from_hf
 from gptlab.units import parse_size
 
 GIB = 1 << 30
@@ -148,26 +149,22 @@ def plan_for(model: ModelConfig, *, world_size: int, fsdp: bool, dtype: str, bat
     return plan
 
 
-_HUB_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
-
-
 def model_for_plan(cfg: TrainConfig) -> ModelConfig:
     """The model a run would train: the preset (with overrides), or the shape of --init-from when it
     names a GPT-2 hub id, a gptlab model directory or a Hugging Face directory (no weights are read)."""
     if not cfg.init_from:
         return cfg.model_config()
     name = cfg.init_from.split("/")[-1] if cfg.init_from.startswith("openai-community/") else cfg.init_from
-    if name in _HUB_PRESETS:
-        base = PRESETS[_HUB_PRESETS[name]].to_dict()
+    if name in GPT2_HUB_NAMES:
+        base = PRESETS[name].to_dict()
     else:
         found = [p for p in (Path(cfg.init_from), Path(cfg.init_from) / "model") if (p / "config.json").is_file()]
         if not found:
             raise UserError(f"--init-from {cfg.init_from}: the plan needs its shape; give a local model directory "
                             f"or a gpt2* hub id")
         raw = read_json(found[0] / "config.json")
-        if "n_positions" in raw:  # a Hugging Face GPT-2 config
-            base = {"n_layer": raw["n_layer"], "n_head": raw["n_head"], "n_embd": raw["n_embd"],
-                    "seq_len": raw["n_positions"], "vocab_size": raw["vocab_size"]}
+        if "model_type" in raw or "n_positions" in raw:  # a Hugging Face GPT-2 config
+            base = model_config_from_hf(found[0], raw).to_dict()
         else:
             base = ModelConfig.from_dict(raw).to_dict()
     if cfg.seq_len is not None:

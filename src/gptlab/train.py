@@ -27,7 +27,7 @@ from gptlab.atomic import DiskFullError
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
 from gptlab.data.loader import TrainLoader, val_windows
 from gptlab.data.stream import is_remote
-from gptlab.errors import UserError
+from gptlab.errors import UserError, require_extra
 from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar
 from gptlab.model import GPT
@@ -308,8 +308,7 @@ def train(cfg: TrainConfig, resume: bool = False, resume_flags: dict[str, Any] |
         cfg, ckpt = _resolve_run(cfg, run, resume, resume_flags or {}, env.is_main)
         rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
         env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
-        if env.is_distributed and rt.device.type == "cuda":
-            rt.device = torch.device("cuda", env.local_rank)
+        rt.device = env.device(rt.device)
         try:
             return _loop(_setup(cfg, rt, env, run, ckpt))
         finally:
@@ -405,11 +404,7 @@ def _task_runner(cfg: TrainConfig):
         raise UserError("--eval-tasks needs at least one task name (T1,T2)")
     if cfg.eval_include_path is not None and not Path(cfg.eval_include_path).is_dir():
         raise UserError(f"{cfg.eval_include_path}: no such task directory (--eval-include-path)")
-    try:
-        from gptlab import harness
-    except ImportError as e:
-        raise UserError(f"--eval-tasks needs lm-evaluation-harness ({e.name} is missing): "
-                        "pip install 'gptlab[eval]'") from None
+    harness = require_extra("gptlab.harness", "eval", "--eval-tasks needs lm-evaluation-harness")
     return harness.TaskRunner(tasks, include_path=cfg.eval_include_path, limit=cfg.eval_tasks_limit or None)
 
 
