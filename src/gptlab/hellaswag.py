@@ -483,7 +483,7 @@ GPT2_NAMES = {"gpt2": "OpenAI GPT-2 124M", "gpt2-medium": "OpenAI GPT-2 350M",
               "gpt2-large": "OpenAI GPT-2 774M", "gpt2-xl": "OpenAI GPT-2 1558M"}
 
 
-def fmt(v: float | None) -> str:
+def _fmt(v: float | None) -> str:
     """A score in the report's tables, '-' for none."""
     return "     -" if v is None else f"{v:.4f}"
 
@@ -496,13 +496,13 @@ def format_hellaswag(hs: dict, *, preset: str | None = None, split: str = "val")
     lines.append(f"{'HellaSwag ' + split + f', {n:,} items':<40} {'acc':>7} {'acc_norm':>9}")
     for style, title in (("completion", "completion (build-nanogpt style)"),
                          ("harness", "harness (lm-eval-harness style)")):
-        lines.append(f"  {title:<38} {fmt(hs[style]['acc']):>7} {fmt(hs[style]['acc_norm']):>9}")
+        lines.append(f"  {title:<38} {_fmt(hs[style]['acc']):>7} {_fmt(hs[style]['acc_norm']):>9}")
         if style in refs:
             acc, acc_norm = refs[style]
-            lines.append(f"    {GPT2_NAMES[preset]:<36} {fmt(acc):>7} {fmt(acc_norm):>9}")
+            lines.append(f"    {GPT2_NAMES[preset]:<36} {_fmt(acc):>7} {_fmt(acc_norm):>9}")
     if "gpt3" in refs:
         name, value = refs["gpt3"]
-        lines.append(f"  {name + ' (paper, zero-shot)':<38} {fmt(None):>7} {fmt(value):>9}")
+        lines.append(f"  {name + ' (paper, zero-shot)':<38} {_fmt(None):>7} {_fmt(value):>9}")
     if hs.get("cropped"):
         lines.append(f"  note: {hs['cropped']} items were longer than the model's context and were "
                      "cropped from the left")
