@@ -1,4 +1,4 @@
-"""HellaSwag evaluation throughput (items/s) of gptlab.evaluate on random-weight models: the
+"""HellaSwag evaluation throughput (items/s) of gptlab.hellaswag on random-weight models: the
 shared-context path (each item's 2 contexts run once, each packed with its 4 endings in one row)
 against the former whole-row path (8 rows of context + ending an item), side by side on the
 same model and items, and the largest difference between their row log-likelihoods.
@@ -39,7 +39,7 @@ DEFAULT_FILE = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val_fu
 def read_items(path: Path, limit: int | None) -> list[dict]:
     """Items from a jsonl file, or from the 6-lines-an-item text layout (.txt or .txt.bz2)."""
     if path.suffix == ".jsonl":
-        from gptlab.evaluate import load_hellaswag
+        from gptlab.hellaswag import load_hellaswag
 
         return [dict(ctx=i.ctx, ctx_a=i.ctx_a, ctx_b=i.ctx_b, activity_label=i.activity_label,
                      endings=list(i.endings), label=i.label) for i in load_hellaswag(path, limit)]
@@ -77,7 +77,7 @@ def naive_items_per_s(model, rendered) -> float:
 
 
 def time_path(model, rendered, batch_size: int, share: bool) -> tuple[float, dict]:
-    from gptlab.evaluate import evaluate_hellaswag
+    from gptlab.hellaswag import evaluate_hellaswag
 
     t0 = time.perf_counter()
     res = evaluate_hellaswag(model, rendered, device="cpu", batch_size=batch_size, show_progress=False,
@@ -90,7 +90,7 @@ def time_path(model, rendered, batch_size: int, share: bool) -> tuple[float, dic
 
 def max_row_difference(model, rendered, batch_size: int) -> float:
     """Largest |shared - whole rows| row log-likelihood over the items (both scored here)."""
-    from gptlab import evaluate as ev
+    from gptlab import hellaswag as ev
 
     rows, cropped = ev._crop_items(rendered, model.config.seq_len)
     kept = [i for i, c in enumerate(cropped) if not c]
@@ -111,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from gptlab.config import PRESETS
-    from gptlab.evaluate import render_hellaswag
+    from gptlab.hellaswag import render_hellaswag
     from gptlab.model import GPT
 
     if not args.file.is_file():

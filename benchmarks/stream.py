@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from gptlab.config import EOT_TOKEN, resolve_train_config  # noqa: E402
 from gptlab.data import shards as sh  # noqa: E402
-from gptlab.data.stream import parse_size  # noqa: E402
+from gptlab.units import parse_size  # noqa: E402
 from gptlab.train import train  # noqa: E402
 from shard_server import ShardServer  # noqa: E402
 

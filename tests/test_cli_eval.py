@@ -184,7 +184,8 @@ def serve(root: Path):
 def test_the_evaluation_is_the_library_function(gptlab_model_dir, hs_file):
     """cmd_eval only forwards flags: run_eval gives the same numbers as the CLI and the library."""
     from gptlab.checkpoint import load_model
-    from gptlab.evaluate import evaluate_hellaswag, run_eval
+    from gptlab.evaluate import run_eval
+    from gptlab.hellaswag import evaluate_hellaswag
 
     res = run_eval(str(gptlab_model_dir), hellaswag_file=str(hs_file), as_json=True, out=open(os.devnull, "w"))
     model, _ = load_model(gptlab_model_dir, "cpu")

@@ -11,7 +11,7 @@ from conftest import run_gptlab, make_toy_data
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.model import GPT, FusedHeadLoss
 from gptlab.train import train
-from test_evaluate import some_items, write_jsonl
+from test_hellaswag import some_items, write_jsonl
 
 pytestmark = pytest.mark.gpu
 

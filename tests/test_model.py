@@ -84,6 +84,24 @@ def test_too_long_raises(make_gptlab):
         m(torch.zeros(1, 33, dtype=torch.long))
 
 
+def test_every_cache_type_satisfies_the_one_protocol(make_gptlab):
+    """model.Cache declares all the model reads (pos, positions, attn_mask, update); the three
+    cache types provide it, and an object missing a declared member is not a Cache."""
+    from gptlab.model import Cache
+    from gptlab.scoring import PackedRows
+    from gptlab.serve_engine import BatchCache
+
+    m = make_gptlab(**CFG)
+    caches = [KVCache.for_model(m, batch_size=2), BatchCache(m, 2),
+              PackedRows(torch.arange(4).repeat(2, 1), torch.zeros(2, 4, dtype=torch.long))]
+    for c in caches:
+        assert isinstance(c, Cache), type(c).__name__
+    kv = caches[0]
+    assert kv.positions is None and kv.attn_mask is None  # the plain causal path
+    del kv.attn_mask
+    assert not isinstance(kv, Cache)
+
+
 def test_cache_in_chunks_equals_full_forward(make_gptlab):
     """Prefill, then a multi-token chunk after cached ones (the masked path), then single tokens."""
     m = make_gptlab(**CFG)

@@ -22,7 +22,7 @@ from gptlab.model import GPT
 from gptlab.parallel import find_batch_size, place, state_to_param_device, train_step
 from gptlab.runtime import get_runtime
 from gptlab.train import train
-from test_evaluate import some_items, write_jsonl
+from test_hellaswag import some_items, write_jsonl
 
 MICRO = dict(model="tiny", n_layer=2, n_head=4, n_embd=32, seq_len=32, batch_size=4, total_batch_tokens=128,
              lr=1e-2, warmup_steps=1, eval_tokens=256, sample_tokens=4, num_samples=1, device="cpu")

@@ -158,6 +158,8 @@ class _Server:
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("GPTLAB_STREAM_RETRIES", "2")  # downloads are retried: quickly, here
+    monkeypatch.setenv("GPTLAB_STREAM_BACKOFF", "0.01")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     www = tmp_path / "www"
     www.mkdir()

@@ -16,14 +16,16 @@ from conftest import run_gptlab, sigterm_after
 from gptlab.atomic import is_temporary
 from gptlab.config import EOT_TOKEN
 from gptlab.data import shards as sh
-from gptlab.data import stream as st
-from gptlab.data.loader import TrainLoader, iter_val_batches, val_windows
+from gptlab.data import remote, stream as st
+from gptlab.data.loader import TrainLoader, iter_val_batches, open_val, val_windows
 from gptlab.errors import UserError
+from gptlab.net import Retry
+from gptlab.units import parse_size
 from shard_server import ShardServer
 
 T = 16
 TRAIN_SIZES = (1000, 701, 517, 900, 333, 1201)
-FAST = st.Retry(attempts=3, backoff=0.05, timeout=2.0)
+FAST = Retry(attempts=3, backoff=0.05, timeout=2.0)
 CLI_ENV = {"GPTLAB_STREAM_RETRIES": "2", "GPTLAB_STREAM_BACKOFF": "0.05", "GPTLAB_STREAM_TIMEOUT": "2"}
 
 
@@ -166,7 +168,7 @@ def test_budget_is_never_exceeded(server, tmp_path):
         for _ in range(3 * ld.windows_per_epoch // 4):  # three epochs, the val split fetched midway
             ld.next_batch()
             if ld.step == ld.windows_per_epoch // 4:
-                assert len(list(iter_val_batches(url, seq_len=T, batch_size=4))) == (300 - 1) // T // 4 + 1
+                assert len(list(iter_val_batches(ld.val_split(), seq_len=T, batch_size=4))) == (300 - 1) // T // 4 + 1
     finally:
         stop.set()
         t.join()
@@ -241,7 +243,7 @@ def test_bad_download_is_retried(server, tmp_path, fault):
 def test_persistent_bad_download_is_one_error(server, tmp_path, fault, message):
     for p in (tmp_path / "www" / "ds").glob("*_train_*"):
         server.faults[p.name] = fault
-    ld = loader(f"{server.url}/ds", tmp_path, retry=st.Retry(attempts=2, backoff=0.01, timeout=1.0))
+    ld = loader(f"{server.url}/ds", tmp_path, retry=Retry(attempts=2, backoff=0.01, timeout=1.0))
     t0 = time.time()
     with pytest.raises(UserError, match=message) as err:
         ld.next_batch()
@@ -277,7 +279,7 @@ def hub(server, monkeypatch):
 
 def test_hub_listing_headers_and_order(hub, tmp_path):
     src = "hf://datasets/owner/shards/hub"
-    ds = st.open_remote(src, FAST)
+    ds = remote.open_remote(src, FAST)
     assert ds.manifest is None and [e.tokens for e in ds.split("train")] == list(TRAIN_SIZES)
     assert any(r.startswith("/api/datasets/owner/shards/tree/main") for r in hub.requests)
     assert all(not r.endswith(".bin") or r.startswith("/datasets/owner/shards/resolve/main/hub/")
@@ -296,23 +298,32 @@ def test_hub_listing_headers_and_order(hub, tmp_path):
             ld.next_batch()
     ld.close()
     with pytest.raises(UserError, match="listing files"):
-        st.open_remote("hf://datasets/owner/missing", FAST)
+        remote.open_remote("hf://datasets/owner/missing", FAST)
 
 
 def test_val_split_from_stream(server, tmp_path, monkeypatch):
+    """A loader hands out its own copy of the val split (in its cache, within its budget); a source
+    on its own is fetched into the default cache, even while a loader of it is open: nothing is
+    passed through a module-level table."""
     url = f"{server.url}/ds"
     local = tmp_path / "www" / "ds"
     want = [x for x, _ in iter_val_batches(local, seq_len=T, batch_size=4)]
     ld = loader(url, tmp_path)
-    assert val_windows(url, seq_len=T) == val_windows(local, seq_len=T)
-    got = [x for x, _ in iter_val_batches(url, seq_len=T, batch_size=4)]
+    val = ld.val_split()
+    assert val.where == url and all((tmp_path / "cache") in s.path.parents for s in val.shards)
+    assert val_windows(val, seq_len=T) == val_windows(local, seq_len=T)
+    got = [x for x, _ in iter_val_batches(val, seq_len=T, batch_size=4)]
     assert all(torch.equal(a, b) for a, b in zip(want, got)) and len(got) == len(want)
     assert list((tmp_path / "cache").rglob("r_val_000000.bin"))  # in the loader's cache
-    ld.close()
-    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "home"))  # no loader: fetched into the default cache
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "home"))  # the URL alone: fetched into the default cache
     got = [x for x, _ in iter_val_batches(url, seq_len=T, batch_size=4)]
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     assert list((tmp_path / "home" / "data").rglob("r_val_000000.bin"))
+    ld.close()
+    assert not hasattr(st, "_OPEN")
+    # a local loader's val split is the directory's
+    assert [s.path for s in loader(local, tmp_path).val_split().shards] == [s.path for s in
+                                                                           open_val(local).shards]
 
 
 def test_cli_data_info_and_verify(server, tmp_path, gptlab_cli):
@@ -333,11 +344,11 @@ def test_cli_data_info_and_verify(server, tmp_path, gptlab_cli):
 
 
 def test_parse_size():
-    assert st.parse_size("10G") == 10 << 30 and st.parse_size("1.5M") == 3 << 19
-    assert st.parse_size("20K") == 20480 and st.parse_size("2GiB") == 2 << 30 and st.parse_size(4096) == 4096
+    assert parse_size("10G") == 10 << 30 and parse_size("1.5M") == 3 << 19
+    assert parse_size("20K") == 20480 and parse_size("2GiB") == 2 << 30 and parse_size(4096) == 4096
     for bad in ("x", "0", "-1G", "1Q"):
         with pytest.raises(UserError):
-            st.parse_size(bad)
+            parse_size(bad)
 
 
 # ------------------------------------------------------------------------------- training end to end

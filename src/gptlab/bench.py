@@ -27,8 +27,7 @@ def run_bench(cfg: BenchConfig) -> dict | None:
     mcfg = cfg.model_config()
     rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
     env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
-    if env.is_distributed and rt.device.type == "cuda":
-        rt.device = torch.device("cuda", env.local_rank)
+    rt.device = env.device(rt.device)
     try:
         torch.manual_seed(cfg.seed)
         model = GPT(mcfg)

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from gptlab.errors import UserError
+from gptlab.errors import UserError, require_extra
 
 
 def positive_int(text: str) -> int:
@@ -67,7 +67,7 @@ def count(text: str) -> int:
 
 def size(text: str) -> int:
     """Bytes, with an optional K/M/G/T suffix (powers of 1024): 500M, 2G, 1.5G."""
-    from gptlab.data.stream import parse_size
+    from gptlab.units import parse_size
 
     try:
         return parse_size(text)
@@ -322,10 +322,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from gptlab.data import stream
+    from gptlab.data import remote
 
     if args.data_command == "info":
-        s = stream.summary(args.dir)
+        s = remote.summary(args.dir)
         print(f"{s['directory']}: {_human(s['tokens'])} tokens ({s['tokens']:,}), "
               f"{_human(s['documents'])} documents")
         print(f"  source: {s['source']}")
@@ -333,7 +333,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(f"  tokenizer: {s['tokenizer']}")
         _print_splits(s["splits"])
         return 0
-    r = stream.verify(args.dir, progress=not args.no_progress)
+    r = remote.verify(args.dir, progress=not args.no_progress)
     if r["hashed"]:
         print(f"{args.dir}: OK, {r['shards']} shards match the manifest ({r['tokens']:,} tokens)")
     else:
@@ -501,11 +501,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gptlab.config import ServeConfig
 
-    try:
-        from gptlab.serve import run_server
-    except ImportError as e:
-        raise UserError(f"gptlab serve needs the serve extra ({e.name} is missing): "
-                        "pip install 'gptlab[serve]'") from None
+    run_server = require_extra("gptlab.serve", "serve", "gptlab serve needs the serve extra").run_server
 
     cfg = ServeConfig(**given(config_flags(args, ServeConfig)))
     run_server(cfg, status=lambda msg: print(f"gptlab serve: {msg}", file=sys.stderr, flush=True))

@@ -30,6 +30,12 @@ class DistEnv:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    def device(self, device: torch.device) -> torch.device:
+        """This rank's device: cuda:LOCAL_RANK under torchrun on CUDA (one GPU a process), else `device`."""
+        if device.type == "cuda" and self.is_distributed:
+            return torch.device("cuda", self.local_rank)
+        return device
+
 
 def env_from_torchrun() -> DistEnv:
     """Read RANK/LOCAL_RANK/WORLD_SIZE as torchrun sets them (a single process otherwise)."""
@@ -52,7 +58,7 @@ def init(device_type: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
         kwargs = {}
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
-            kwargs["device_id"] = torch.device("cuda", env.local_rank)
+            kwargs["device_id"] = env.device(torch.device("cuda"))
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return env
 

@@ -1,18 +1,17 @@
 """Downloads that users' data comes from: the cache directory, and fetching a URL into it with a
 pinned sha256, whole or not at all (a partial or wrong download never looks like a cached copy).
-No torch here."""
+The transfer goes through gptlab.net, retried like every other request. No torch here."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
+from gptlab import net
 from gptlab.atomic import replaced_file, sha256_file
 from gptlab.errors import UserError
 
@@ -27,28 +26,40 @@ def cache_dir(override: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gptlab"
 
 
-def download(url: str, dest: Path, sha256: str | None, *, timeout: float = 60.0, show_progress: bool = False,
-             hint: str = "") -> Path:
+def download(url: str, dest: Path, sha256: str | None, *, retry: net.Retry | None = None,
+             show_progress: bool = False, hint: str = "") -> Path:
     """Fetch url to dest through a temporary file in the same folder (atomic.replaced_file); dest
-    appears only once its sha256 matches (when one is given). `hint` ends the error message (what
-    to do instead)."""
+    appears only once its sha256 matches (when one is given). Network errors are retried (retry:
+    default net.Retry.from_env()); a wrong sha256 is not. `hint` ends the error message (what to do
+    instead)."""
+    retry = retry or net.Retry.from_env()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    with replaced_file(dest, "wb") as f:
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, file=sys.stderr,
+              disable=not show_progress) as bar, replaced_file(dest, "wb") as f:
+        h = hashlib.sha256()
+
+        def once() -> None:  # each attempt starts the file, the hash and the bar over
+            nonlocal h
+            f.seek(0)
+            f.truncate()
+            h = hashlib.sha256()
+            bar.reset()
+
+            def sink(block: bytes) -> None:
+                f.write(block)
+                h.update(block)
+                bar.update(len(block))
+
+            def on_length(n: int | None) -> None:
+                bar.total = n
+                bar.refresh()
+            net.read_into(url, {}, retry.timeout, sink, on_length=on_length, block=1 << 20)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
-                total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-                          file=sys.stderr, disable=not show_progress) as bar:
-                    while block := resp.read(1 << 20):
-                        f.write(block)
-                        h.update(block)
-                        bar.update(len(block))
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise UserError(f"cannot download {url} ({reason}){hint}") from None
+            net.with_retries(f"cannot download {url}", once, retry)
+        except UserError as e:
+            raise UserError(f"{e}{hint}") from None
         got = h.hexdigest()
-        if sha256 is not None and got != sha256:
+        if sha256 is not None and got != sha256:  # raised inside: the temporary is removed
             raise UserError(f"{url}: downloaded file has sha256 {got}, expected {sha256}")
     return dest
 

@@ -41,6 +41,8 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.positions: torch.Tensor | None = None  # every row at pos, pos+1, ... (model.Cache)
+        self.attn_mask: torch.Tensor | None = None  # causal (model.Cache)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int | None = None,

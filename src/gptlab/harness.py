@@ -48,8 +48,6 @@ from gptlab.tokenizer import get_encoding
 DEFAULT_BATCH_SIZE = 32  # continuations a forward pass
 # generation settings that gptlab's sampler understands; others are reported once and ignored
 _SAMPLING_KEYS = {"do_sample", "temperature", "top_k", "top_p", "seed"}
-# Hugging Face style dtype names (what lm_eval users write) -> gptlab's
-_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "None": None}
 
 
 @register_model("gptlab")
@@ -67,7 +65,9 @@ class GptlabLM(TemplateLM):
             warnings.warn(f"device {device} asked for, but CUDA is not available; choosing the device "
                           "automatically", stacklevel=2)
             device = None
-        rt = get_runtime(device, _DTYPE_NAMES.get(str(dtype), dtype), compile=False)
+        # runtime.DTYPES reads Hugging Face style names (float32, bfloat16, float16) as well as gptlab's;
+        # lm_eval's --model_args spell "no dtype" as the string None
+        rt = get_runtime(device, None if str(dtype) == "None" else dtype, compile=False)
         if model is None:
             if pretrained is None:
                 raise UserError("the gptlab model needs pretrained=MODEL (a run, checkpoint or model directory)")

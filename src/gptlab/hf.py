@@ -17,16 +17,13 @@ import torch
 from gptlab.atomic import staged_dir
 from gptlab.config import EOT_TOKEN, ModelConfig, read_json
 from gptlab.errors import UserError
+from gptlab.hf_config import GPT2_HUB_NAMES, HF_CONFIG, HF_SAFETENSORS, model_config_from_hf
 from gptlab.model import GPT
 from gptlab.weights import gptlab_to_hf_state_dict, hf_to_gptlab_state_dict, load_weights, raw_model
 
-HF_CONFIG = "config.json"
-HF_SAFETENSORS = "model.safetensors"
 HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
 HF_PYTORCH_BIN = "pytorch_model.bin"
 
-# The four bare names OpenAI published, now under the openai-community organisation.
-GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 _PRODUCER = "gptlab"  # safetensors metadata of our exports: what export_hf may overwrite
@@ -92,39 +89,6 @@ def load_hub(repo_id: str, revision: str | None = None) -> GPT:
     return load_hf_dir(config_path.parent)
 
 
-def _model_config_from_hf(path: Path, hf: dict) -> ModelConfig:
-    """gptlab's ModelConfig from a transformers GPT2Config dict, refusing what gptlab cannot run."""
-    model_type = hf.get("model_type")
-    if model_type is None:
-        if "seq_len" in hf and "n_layer" in hf:
-            raise UserError(f"{path}: a gptlab model directory without its weights ({HF_SAFETENSORS})")
-        raise UserError(f"{path}: {HF_CONFIG} has no model_type; not a Hugging Face GPT-2 directory")
-    if model_type != "gpt2":
-        raise UserError(f"{path}: model_type {model_type!r} is not supported; gptlab loads GPT-2 models (model_type 'gpt2')")
-    n_embd = hf.get("n_embd", 768)
-    unsupported = []
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        unsupported.append(f"activation_function {hf['activation_function']!r}")
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        unsupported.append(f"n_inner {hf['n_inner']} (gptlab uses 4 * n_embd)")
-    if abs(float(hf.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
-        unsupported.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']}")
-    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
-        unsupported.append("non-standard attention scaling")
-    if hf.get("add_cross_attention", False):
-        unsupported.append("cross-attention")
-    if unsupported:
-        raise UserError(f"{path}: this GPT-2 variant is not supported: {', '.join(unsupported)}")
-    # defaults are GPT2Config's, which transformers also applies to a missing field
-    return ModelConfig(
-        n_layer=hf.get("n_layer", 12),
-        n_head=hf.get("n_head", 12),
-        n_embd=n_embd,
-        seq_len=hf.get("n_positions", 1024),
-        vocab_size=hf.get("vocab_size", 50257),
-    )
-
-
 def _read_hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict of a HF directory (safetensors, sharded safetensors or pytorch_model.bin)."""
     from safetensors import SafetensorError
@@ -163,7 +127,7 @@ def load_hf_dir(path: str | Path) -> GPT:
     path = Path(path)
     if not (path / HF_CONFIG).is_file():
         raise UserError(f"{path}: not a model directory (no {HF_CONFIG})")
-    cfg = _model_config_from_hf(path, read_json(path / HF_CONFIG, max_bytes=CONFIG_MAX_BYTES))
+    cfg = model_config_from_hf(path, read_json(path / HF_CONFIG, max_bytes=CONFIG_MAX_BYTES))
     sd, source = _read_hf_weights(path)
     note_dtypes(sd, source)
     sd = hf_to_gptlab_state_dict(sd, cfg, source)

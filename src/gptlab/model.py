@@ -8,7 +8,7 @@ are a key map plus the Conv1D transposes (in hf.py).
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -17,10 +17,19 @@ import torch.nn.functional as F
 from gptlab.config import ModelConfig
 
 
+@runtime_checkable
 class Cache(Protocol):
-    """What attention needs from a KV cache (see generate.KVCache)."""
+    """Everything the model reads from a cache, one protocol for the three kinds:
+    generate.KVCache (one batch, all rows at the same length), serve_engine.BatchCache (rows at
+    different lengths) and scoring.PackedRows (stores nothing; packed rows in one pass)."""
 
     pos: int
+    """Cached positions so far; GPT.hidden advances it by T after each call."""
+    positions: torch.Tensor | None
+    """(B, T) per-token positions of a ragged or packed batch, or None: pos, pos+1, ... for every row.
+    Whoever sets it keeps them within the context."""
+    attn_mask: torch.Tensor | None
+    """Which keys each query sees, broadcastable to (B, H, T, keys), or None: causal after pos."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, hd) at positions pos..pos+T and return all keys/values so far."""
@@ -49,7 +58,7 @@ class CausalSelfAttention(nn.Module):
         past = 0
         # a cache of rows at different lengths (serve_engine.BatchCache) or of packed rows
         # (scoring.PackedRows) says which keys each query sees
-        row_mask = getattr(cache, "attn_mask", None)
+        row_mask = cache.attn_mask if cache is not None else None
         if cache is not None:
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, H, past+T, hd)
@@ -141,7 +150,7 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         # (B, T) per-token positions of a ragged or packed batch, if any: their provider keeps them
         # within the context (a packed row may be longer than the context; its positions are not)
-        pos = getattr(cache, "positions", None)
+        pos = cache.positions if cache is not None else None
         if pos is None:
             if start + T > self.config.seq_len:
                 raise ValueError(

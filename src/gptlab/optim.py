@@ -180,7 +180,10 @@ def lr_at(step: int, *, schedule: str, max_lr: float, total_steps: int, warmup_s
     raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
-def as_list(optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+def as_list(optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None) -> list[torch.optim.Optimizer]:
+    """One optimizer, several (Muon's pair) or none, as a list."""
+    if optimizers is None:
+        return []
     return [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
 
 

@@ -24,6 +24,7 @@ from gptlab import dist
 from gptlab.config import ModelConfig
 from gptlab.errors import UserError
 from gptlab.model import GPT
+from gptlab.optim import as_list
 from gptlab.runtime import Runtime
 
 
@@ -141,12 +142,6 @@ class StepResult:
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
 
-def _as_list(optimizer: Optimizers | None) -> list[torch.optim.Optimizer]:
-    if optimizer is None:
-        return []
-    return [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
-
-
 def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int,
                optimizer: Optimizers | None = None, scaler: torch.amp.GradScaler | None = None,
                grad_clip: float = 0.0) -> StepResult:
@@ -161,7 +156,7 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
             loss_sum += _guarded_forward_backward(placed, rt, x, y, accum, scaler)
     dist.all_reduce_mean(loss_sum)
     loss_val = float(loss_sum.item())
-    opts = _as_list(optimizer)
+    opts = as_list(optimizer)
     if not opts:
         return StepResult(loss_val, None, applied=False)
     for opt in opts if scaler is not None else ():
@@ -299,14 +294,14 @@ def gather_state(placed: Placed, optimizer: Optimizers):
     optimizers (AdamW + Muon) give one state: their parameters' states and all their param groups."""
     opts = _full_state_options()
     weights = get_model_state_dict(placed.model, options=opts) if placed.fsdp else None
-    return weights, get_optimizer_state_dict(placed.model, _as_list(optimizer), options=opts)
+    return weights, get_optimizer_state_dict(placed.model, as_list(optimizer), options=opts)
 
 
 def load_optimizer(placed: Placed, optimizer: Optimizers, full_state: dict) -> None:
     """Restore optimizers from a full, name-keyed state (any world size, with or without FSDP)."""
     # the saving device's implementation choices must not override this device's, nor the saved
     # peak lr this run's --lr / --muon-lr
-    opts = _as_list(optimizer)
+    opts = as_list(optimizer)
     keep = [{k: g[k] for k in ("fused", "foreach", "capturable", "peak_lr") if k in g}
             for opt in opts for g in opt.param_groups]
     set_optimizer_state_dict(placed.model, opts, full_state, options=_full_state_options())
@@ -403,7 +398,7 @@ def state_to_param_device(optimizer: Optimizers) -> None:
     """Every state tensor on its parameter's device. torch placed `step` by the saved run's flags:
     on the CPU for a run that was not fused, where a fused (or capturable) AdamW needs it on the
     parameters' device. Other optimizers keep `step` on the CPU, as torch wants it."""
-    for opt in _as_list(optimizer):
+    for opt in as_list(optimizer):
         _state_to_param_device(opt)
 
 

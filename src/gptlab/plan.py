@@ -26,12 +26,13 @@ Checked against measured peak memory of CPU runs in benchmarks/plan_memory.py (s
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab.config import PRESETS, ModelConfig, TrainConfig, read_json
 from gptlab.errors import UserError
+from gptlab.hf_config import GPT2_HUB_NAMES, model_config_from_hf
+from gptlab.units import parse_size
 
 GIB = 1 << 30
 RESERVE = 1 * GIB  # CUDA context, cuBLAS workspaces, caching-allocator slack
@@ -128,22 +129,6 @@ def _gib(n: int) -> str:
     return f"{n / GIB:8.2f} GiB"
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'80GB', '24GiB', '80g', '40960M' -> bytes. GPU memory is quoted in binary units (an
-    '80 GB' H100 has 80 GiB), so G and GB both mean GiB here."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise UserError(f"--gpu-memory {text!r}: expected a size such as 80GB, 24GiB or 40960M")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    n = int(value * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": GIB, "t": 1 << 40}[unit])
-    if n <= 0:
-        raise UserError(f"--gpu-memory {text!r}: must be positive")
-    return n
-
-
 def plan_for(model: ModelConfig, *, world_size: int, fsdp: bool, dtype: str, batch_size: int | str,
              compiled: bool, gpu_memory: str | None) -> MemoryPlan:
     """A plan from train settings; batch_size 'auto' plans the largest that fits --gpu-memory."""
@@ -153,7 +138,7 @@ def plan_for(model: ModelConfig, *, world_size: int, fsdp: bool, dtype: str, bat
         raise UserError(f"--dtype {dtype!r}: choose fp32, bf16 or fp16")
     if world_size < 1:
         raise UserError("the world size must be at least 1")
-    mem = parse_size(gpu_memory) if gpu_memory is not None else None
+    mem = parse_size(gpu_memory, "--gpu-memory") if gpu_memory is not None else None
     plan = MemoryPlan(model, world_size, fsdp, dtype, 1, compiled, mem)
     if batch_size == "auto":
         if mem is None:
@@ -164,26 +149,22 @@ def plan_for(model: ModelConfig, *, world_size: int, fsdp: bool, dtype: str, bat
     return plan
 
 
-_HUB_PRESETS = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
-
-
 def model_for_plan(cfg: TrainConfig) -> ModelConfig:
     """The model a run would train: the preset (with overrides), or the shape of --init-from when it
     names a GPT-2 hub id, a gptlab model directory or a Hugging Face directory (no weights are read)."""
     if not cfg.init_from:
         return cfg.model_config()
     name = cfg.init_from.split("/")[-1] if cfg.init_from.startswith("openai-community/") else cfg.init_from
-    if name in _HUB_PRESETS:
-        base = PRESETS[_HUB_PRESETS[name]].to_dict()
+    if name in GPT2_HUB_NAMES:
+        base = PRESETS[name].to_dict()
     else:
         found = [p for p in (Path(cfg.init_from), Path(cfg.init_from) / "model") if (p / "config.json").is_file()]
         if not found:
             raise UserError(f"--init-from {cfg.init_from}: the plan needs its shape; give a local model directory "
                             f"or a gpt2* hub id")
         raw = read_json(found[0] / "config.json")
-        if "n_positions" in raw:  # a Hugging Face GPT-2 config
-            base = {"n_layer": raw["n_layer"], "n_head": raw["n_head"], "n_embd": raw["n_embd"],
-                    "seq_len": raw["n_positions"], "vocab_size": raw["vocab_size"]}
+        if "model_type" in raw or "n_positions" in raw:  # a Hugging Face GPT-2 config
+            base = model_config_from_hf(found[0], raw).to_dict()
         else:
             base = ModelConfig.from_dict(raw).to_dict()
     if cfg.seq_len is not None:

@@ -10,16 +10,22 @@ Two ways to score:
 
 With causal attention a pad token only follows the real tokens, so it cannot change their
 outputs, and pad positions are never scored. Only scored positions go through the output layer.
+
+The end of the module holds what every evaluation shares (HellaSwag, validation loss): the mode
+switch, the rank and world size, the progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from gptlab import dist
 from gptlab.config import EOT_TOKEN
 from gptlab.model import GPT
 
@@ -229,3 +235,45 @@ def score_shared(model: GPT, groups: Sequence[ContextGroup], device,
         return sums, None
     misses = _row_sums((~hit).float(), rows_t, cols_t, r, width)
     return sums, (misses == 0).cpu()
+
+
+# ----------------------------------------------------------------------------- shared by evaluations
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """eval() for the duration, then every submodule back to the mode it had."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of the process group (0, 1 without one). Read from
+    the group itself, so a group started outside dist.init() is sharded correctly too."""
+    if dist.is_initialized():
+        import torch.distributed as tdist
+
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def context_len(model: torch.nn.Module) -> int | None:
+    """The model's context length (config.seq_len), None for a module without one."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "seq_len", None)
+
+
+def progress(total: float, desc: str, unit: str, enabled: bool, **kw):
+    """A tqdm bar on stderr (the same look for every evaluation); disabled unless `enabled`."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=not enabled, **kw)
+
+
+def autocast_or_null(autocast: Callable[[], Any] | None) -> Callable[[], Any]:
+    """The autocast factory, or one that does nothing."""
+    return autocast if autocast is not None else contextlib.nullcontext

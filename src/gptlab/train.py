@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from gptlab import checkpoint as ckpt_mod
-from gptlab import dist, evaluate, guards
+from gptlab import dist, evaluate, guards, hellaswag
 from gptlab.atomic import DiskFullError
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
 from gptlab.data.loader import TrainLoader, val_windows
 from gptlab.data.stream import is_remote
-from gptlab.errors import UserError
+from gptlab.errors import UserError, require_extra
 from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar
 from gptlab.model import GPT
@@ -255,8 +255,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, resume_flags: dict[str, 
         cfg, ckpt = _resolve_run(cfg, run, resume, resume_flags or {}, env.is_main)
         rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
         env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
-        if env.is_distributed and rt.device.type == "cuda":
-            rt.device = torch.device("cuda", env.local_rank)
+        rt.device = env.device(rt.device)
         try:
             return _loop(_setup(cfg, rt, env, run, ckpt))
         finally:
@@ -357,11 +356,7 @@ def _task_runner(cfg: TrainConfig):
         raise UserError("--eval-tasks needs at least one task name (T1,T2)")
     if cfg.eval_include_path is not None and not Path(cfg.eval_include_path).is_dir():
         raise UserError(f"{cfg.eval_include_path}: no such task directory (--eval-include-path)")
-    try:
-        from gptlab import harness
-    except ImportError as e:
-        raise UserError(f"--eval-tasks needs lm-evaluation-harness ({e.name} is missing): "
-                        "pip install 'gptlab[eval]'") from None
+    harness = require_extra("gptlab.harness", "eval", "--eval-tasks needs lm-evaluation-harness")
     return harness.TaskRunner(tasks, include_path=cfg.eval_include_path, limit=cfg.eval_tasks_limit or None)
 
 
@@ -548,7 +543,7 @@ def _agree_to_stop(local: bool, env: dist.DistEnv) -> bool:
 
 def _find_hellaswag(s: Session) -> Path | None:
     try:
-        return evaluate.find_hellaswag(s.cfg.hellaswag_file, download=False)
+        return hellaswag.find_hellaswag(s.cfg.hellaswag_file, download=False)
     except UserError as e:
         s.say(f"HellaSwag skipped during training: {e}")
         return None
@@ -560,7 +555,7 @@ def _evaluate(s: Session) -> float | None:
     s.model.eval()
     val_loss = None
     try:
-        res = evaluate.evaluate_val_loss(s.model, cfg.data, device=s.rt.device, seq_len=s.model.config.seq_len,
+        res = evaluate.evaluate_val_loss(s.model, s.loader.val_split(), device=s.rt.device, seq_len=s.model.config.seq_len,
                                          batch_size=s.batch_size, max_tokens=_val_tokens(s),
                                          autocast=s.rt.autocast)
         val_loss = res["loss"]
@@ -571,9 +566,9 @@ def _evaluate(s: Session) -> float | None:
     except UserError as e:
         s.say(f"step {step}: val loss skipped: {e}")
     if s.hellaswag_path is not None:  # every rank takes part (under FSDP each forward is a collective)
-        hs = evaluate.evaluate_hellaswag(s.model, s.hellaswag_path, device=s.rt.device, limit=cfg.hellaswag_limit,
-                                         batch_size=max(1, s.batch_size // 4), autocast=s.rt.autocast,
-                                         show_progress=False)
+        hs = hellaswag.evaluate_hellaswag(s.model, s.hellaswag_path, device=s.rt.device, limit=cfg.hellaswag_limit,
+                                          batch_size=max(1, s.batch_size // 4), autocast=s.rt.autocast,
+                                          show_progress=False)
         if s.logger is not None:
             s.logger.log({"step": step, "kind": "hellaswag", "tokens": s.tokens,
                           "completion": hs["completion"], "harness": hs["harness"]})
@@ -607,7 +602,7 @@ def _val_tokens(s: Session) -> int:
     if not s.cfg.fsdp:
         return s.cfg.eval_tokens
     T = s.model.config.seq_len
-    n = val_windows(s.cfg.data, seq_len=T, max_tokens=s.cfg.eval_tokens)
+    n = val_windows(s.loader.val_split(), seq_len=T, max_tokens=s.cfg.eval_tokens)
     n = n // (s.env.world_size * s.batch_size) * (s.env.world_size * s.batch_size)
     if n == 0:
         raise UserError(f"the val split has fewer than {s.env.world_size * s.batch_size} windows for FSDP")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -215,6 +216,22 @@ def _split_shards(data_dir: str | Path, split: str) -> list[sh.Shard]:
     return shards
 
 
+@dataclass(frozen=True)
+class ValSplit:
+    """A val split on local disk, handed to evaluations explicitly: its shards, and the source they
+    come from (for messages). From open_val(data) or a train loader's val_split()."""
+
+    where: str
+    shards: tuple[sh.Shard, ...]
+
+
+def open_val(data) -> ValSplit:
+    """The val split of a dataset directory or a remote source (fetched on its own); a ValSplit as it is."""
+    if isinstance(data, ValSplit):
+        return data
+    return ValSplit(str(data), tuple(_split_shards(data, "val")))
+
+
 def _check_positive(**values: int) -> None:
     for name, v in values.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -268,6 +285,16 @@ class TrainLoader:
         self._fp = _fingerprint(stream.train)
         self._current: tuple[int, np.ndarray] | None = None  # (use, tokens) of the shard being read
         self._planned_from: tuple[int, int] | None = None
+
+    def val_split(self) -> ValSplit:
+        """The val split of this loader's data: a streaming loader's own copy (in its cache, within
+        its disk budget, fetched on the first call), else the directory's."""
+        if self._stream is None:
+            return open_val(self.data_dir)
+        shards = self._stream.val_split()
+        if not shards:
+            raise UserError(f"{self.data_dir}: no val split")
+        return ValSplit(self.data_dir, tuple(shards))
 
     def close(self) -> None:
         """Stop a streaming loader's fetching and delete its train shards (local loaders: nothing)."""
@@ -399,20 +426,22 @@ class TrainLoader:
         return [self.batch_size, self.grad_accum, self.world_size]
 
 
-def iter_val_batches(data_dir, *, seq_len: int, batch_size: int, max_tokens: int | None = None,
+def iter_val_batches(data, *, seq_len: int, batch_size: int, max_tokens: int | None = None,
                      rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """x, y (b, T) int64 batches of the val split's first windows in order (b = batch_size, the
     last batch of a rank may be smaller). max_tokens limits the windows to max_tokens // T. The
     windows are cut into world_size contiguous parts, so their union is the same for any world
-    size; ranks may get one batch more or fewer, so sum losses and counts, then reduce once."""
+    size; ranks may get one batch more or fewer, so sum losses and counts, then reduce once.
+    data: a dataset directory, a remote source or a ValSplit (see open_val)."""
     _check_positive(seq_len=seq_len, batch_size=batch_size, world_size=world_size)
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise UserError(f"rank must be in [0, {world_size}), got {rank!r}")
-    windows = _Windows(_split_shards(data_dir, "val"), seq_len)
+    val = open_val(data)
+    windows = _Windows(list(val.shards), seq_len)
     n = windows.count
     if n == 0:
         total = sum(s.tokens for s in windows.shards)
-        raise UserError(f"{data_dir}: the val split has {total} tokens, fewer than one window of {seq_len + 1}")
+        raise UserError(f"{val.where}: the val split has {total} tokens, fewer than one window of {seq_len + 1}")
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
     lo, hi = rank * n // world_size, (rank + 1) * n // world_size
@@ -420,9 +449,9 @@ def iter_val_batches(data_dir, *, seq_len: int, batch_size: int, max_tokens: int
         yield windows.gather(np.arange(a, min(a + batch_size, hi), dtype=np.int64))
 
 
-def val_windows(data_dir, *, seq_len: int, max_tokens: int | None = None) -> int:
+def val_windows(data, *, seq_len: int, max_tokens: int | None = None) -> int:
     """How many windows iter_val_batches yields over all ranks together."""
-    windows = _Windows(_split_shards(data_dir, "val"), seq_len)
+    windows = _Windows(list(open_val(data).shards), seq_len)
     n = windows.count
     return n if max_tokens is None else min(n, max(1, max_tokens // seq_len))
 

@@ -1,22 +1,16 @@
-"""Remote token shards: list them, fetch them ahead into a bounded cache, delete them once used.
+"""Streamed token shards: fetch them ahead into a bounded cache, delete them once used.
 
-Two kinds of source stand where a dataset directory may stand (`--data`, `gptlab data`):
+A remote source (gptlab.data.remote: an http(s) URL or hf://) stands where a dataset directory may
+stand. A ShardStream keeps the shards one process needs in its own cache directory. A background
+thread fetches them ahead in the order the loader will use them; each download is verified before
+it is renamed into place (remote.download_shard), so a partly downloaded or damaged shard is never
+read. A shard is deleted as soon as the loader moves past it. Space is reserved before a download
+starts: the val split (kept for evaluations) plus the shards in use, on disk and being fetched
+never exceed the disk budget. Failures are retried with backoff (gptlab.net), then become one
+UserError; nothing waits without a timeout.
 
-    http(s)://HOST/PATH              a prepared dataset directory served over HTTP: PATH/manifest.json
-                                     and the shards it lists (as `gptlab prepare` writes them)
-    hf://datasets/OWNER/NAME[/DIR]   a Hugging Face dataset repo (optionally @REVISION after NAME):
-                                     its manifest.json if DIR holds one, else its llm.c `.bin` shards,
-                                     whose token counts come from their headers (range requests)
-
-A ShardStream keeps the shards one process needs in its own cache directory. A background thread
-fetches them ahead in the order the loader will use them; each one goes to `.NAME.tmp-PID`, is
-verified (size, header, and the manifest's sha256 and document count, or the header and the
-listed size for hub shards without a manifest) and only then renamed to `NAME`, so a partly
-downloaded or damaged shard is never read. A shard is deleted as soon as the loader moves past it.
-Space is reserved before a download starts: the val split (kept for evaluations) plus the shards
-in use, on disk and being fetched never exceed the disk budget. Failures (unreachable host, HTTP
-errors, truncated or corrupt downloads, socket timeouts) are retried with exponential backoff, then
-become one UserError; nothing waits without a timeout.
+The val split is handed out explicitly: ShardStream.val_split() for the stream a train loader
+opened (TrainLoader.val_split()), val_split(source) for a source on its own.
 
 This module does not import torch; the shard layout and manifest stay in gptlab.data.shards.
 """
@@ -25,311 +19,33 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
-import json
-import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 from gptlab import downloads
-from gptlab.atomic import replaced_file, sha256_file, temp_path
+from gptlab.atomic import sha256_file, temp_path
 from gptlab.data import shards as sh
+from gptlab.data.remote import RemoteDataset, download_shard, is_remote, open_remote  # noqa: F401 (is_remote: callers read it here)
 from gptlab.errors import UserError
+from gptlab.net import Retry, Stopped, describe
+from gptlab.units import human, parse_size
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; one process per cache directory is then up to the user
     fcntl = None
 
-REMOTE_PREFIXES = ("http://", "https://", "hf://")
 DEFAULT_BUDGET = "10G"
 DEFAULT_AHEAD = 4  # shards fetched ahead of the one in use, when the budget has room
-_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def is_remote(data: Any) -> bool:
-    return isinstance(data, str) and data.startswith(REMOTE_PREFIXES)
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or a size such as 500M, 1.5G, 20K, 2GiB (K/M/G/T are powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", str(value).upper())
-        if not m:
-            raise UserError(f"expected a size such as 500M, 2G or 1048576, got {value!r}")
-        n = int(float(m.group(1)) * _SUFFIXES[m.group(2)])
-    if n <= 0:
-        raise UserError(f"a disk budget must be positive, got {value!r}")
-    return n
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def default_cache() -> Path:
     """$GPTLAB_CACHE/data, else ~/.cache/gptlab/data."""
     return downloads.cache_dir() / "data"
-
-
-# ------------------------------------------------------------------------------------------ HTTP
-@dataclass(frozen=True)
-class Retry:
-    """How hard to try: attempts per request, first backoff (doubling, capped at 30 s), socket timeout."""
-
-    attempts: int = 5
-    backoff: float = 1.0
-    timeout: float = 30.0
-
-    @classmethod
-    def from_env(cls) -> "Retry":
-        """Defaults, overridden by $GPTLAB_STREAM_RETRIES, $GPTLAB_STREAM_BACKOFF, $GPTLAB_STREAM_TIMEOUT."""
-        env = os.environ
-        try:
-            return cls(attempts=max(1, int(env.get("GPTLAB_STREAM_RETRIES", cls.attempts))),
-                       backoff=float(env.get("GPTLAB_STREAM_BACKOFF", cls.backoff)),
-                       timeout=float(env.get("GPTLAB_STREAM_TIMEOUT", cls.timeout)))
-        except ValueError as e:
-            raise UserError(f"$GPTLAB_STREAM_*: {e}") from None
-
-    def delays(self) -> Iterator[float]:
-        """The pause before each attempt: 0, then backoff, 2*backoff, ..."""
-        yield 0.0
-        for i in range(self.attempts - 1):
-            yield min(30.0, self.backoff * 2**i)
-
-
-class _Stopped(Exception):
-    """The stream was closed while a download was under way."""
-
-
-class _KeepAuthOnSameHost(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, but drop the Authorization header when one leads to another host (a CDN)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-            new.remove_header("Authorization")
-        return new
-
-
-_OPENER = urllib.request.build_opener(_KeepAuthOnSameHost())
-
-
-def _describe(e: BaseException, timeout: float) -> str:
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
-    if isinstance(e, urllib.error.URLError):
-        reason = e.reason
-        if isinstance(reason, TimeoutError):
-            return f"no answer within {timeout:g} s"
-        return f"cannot connect ({getattr(reason, 'strerror', None) or reason})"
-    if isinstance(e, TimeoutError):
-        return f"no data within {timeout:g} s"
-    if isinstance(e, UserError):
-        return str(e)
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    if isinstance(e, http.client.IncompleteRead):
-        return f"connection closed early ({len(e.partial)} bytes read)"
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-def with_retries(what: str, fn: Callable[[], Any], retry: Retry, stop: threading.Event | None = None) -> Any:
-    """fn() until it succeeds; network and verification errors are retried with backoff, then
-    become one UserError naming `what`."""
-    last = ""
-    for delay in retry.delays():
-        if delay and (stop.wait(delay) if stop is not None else time.sleep(delay)):
-            raise _Stopped
-        try:
-            return fn()
-        except _Stopped:
-            raise
-        except (OSError, http.client.HTTPException, UserError, ValueError) as e:
-            last = _describe(e, retry.timeout)
-    raise UserError(f"{what}: {last} (gave up after {retry.attempts} attempts)")
-
-
-def _open(url: str, headers: dict[str, str], timeout: float, byte_range: tuple[int, int] | None = None):
-    req = urllib.request.Request(url, headers=dict(headers))
-    if byte_range is not None:
-        req.add_header("Range", f"bytes={byte_range[0]}-{byte_range[1] - 1}")
-    return _OPENER.open(req, timeout=timeout)
-
-
-def fetch_bytes(url: str, headers: dict[str, str], retry: Retry, limit: int | None = None) -> bytes:
-    """The body of url (its first `limit` bytes, asked for with a range request)."""
-    def once() -> bytes:
-        with _open(url, headers, retry.timeout, None if limit is None else (0, limit)) as r:
-            body = r.read() if limit is None else r.read(limit)
-        if limit is not None and len(body) < limit:
-            raise UserError(f"only {len(body)} of the first {limit} bytes came back")
-        return body
-    return with_retries(url, once, retry)
-
-
-# --------------------------------------------------------------------------------------- sources
-@dataclass
-class RemoteDataset:
-    """A listed remote dataset: its shards (sh.Entry), their URLs, its manifest (None for hub shards)."""
-
-    where: str
-    entries: list[sh.Entry]
-    urls: dict[str, str]
-    manifest: dict[str, Any] | None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def split(self, name: str) -> list[sh.Entry]:
-        return [e for e in self.entries if e.split == name]
-
-
-def open_remote(source: str, retry: Retry | None = None) -> RemoteDataset:
-    retry = retry or Retry.from_env()
-    if source.startswith("hf://"):
-        return _open_hub(source, retry)
-    base = source.rstrip("/")
-    raw = fetch_bytes(f"{base}/{sh.MANIFEST}", {}, retry)
-    return _from_manifest(source, raw, lambda name: f"{base}/{urllib.parse.quote(name)}", {})
-
-
-def _from_manifest(source: str, raw: bytes, url_of: Callable[[str], str], headers: dict[str, str]) -> RemoteDataset:
-    where = f"{source.rstrip('/')}/{sh.MANIFEST}"
-    try:
-        m = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{where}: not valid JSON ({e})") from None
-    entries = sh.manifest_entries(sh.check_manifest(m, where))
-    if not entries:
-        raise UserError(f"{where}: the manifest lists no shards")
-    return RemoteDataset(source, entries, {e.file: url_of(e.file) for e in entries}, m, headers)
-
-
-def parse_hub(source: str) -> tuple[str, str | None, str]:
-    """hf://datasets/OWNER/NAME[@REV][/DIR] -> (OWNER/NAME, REV or None, DIR or '')."""
-    m = re.fullmatch(r"hf://datasets/([^/@]+)/([^/@]+)(?:@([^/]+))?(?:/(.*))?", source.rstrip("/"))
-    if not m:
-        raise UserError(f"{source}: expected hf://datasets/OWNER/NAME[/DIR] (a Hugging Face dataset repo)")
-    return f"{m.group(1)}/{m.group(2)}", m.group(3), (m.group(4) or "").strip("/")
-
-
-def _hub_listing(source: str, repo: str, rev: str | None, sub: str, endpoint: str, retry: Retry) -> dict[str, int]:
-    """{file name: size} of the files directly in DIR, listed with huggingface_hub."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
-
-    def once() -> dict[str, int]:
-        try:
-            items = HfApi(endpoint=endpoint).list_repo_tree(repo, path_in_repo=sub or None, repo_type="dataset",
-                                                            revision=rev)
-            return {it.path.rsplit("/", 1)[-1]: int(it.size) for it in items if isinstance(it, RepoFile)}
-        except (OSError, UserError, ValueError):
-            raise
-        except Exception as e:  # huggingface_hub's and its HTTP client's errors: retried like ours
-            raise UserError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    return with_retries(f"{source}: listing files", once, retry)
-
-
-def _open_hub(source: str, retry: Retry) -> RemoteDataset:
-    from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
-
-    repo, rev, sub = parse_hub(source)
-    # read at call time (not huggingface_hub's import time), so HF_ENDPOINT set later is honoured
-    endpoint = os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
-    files = _hub_listing(source, repo, rev, sub, endpoint, retry)
-    headers = dict(build_hf_headers())
-
-    def url_of(name: str) -> str:
-        return hf_hub_url(repo, f"{sub}/{name}" if sub else name, repo_type="dataset", revision=rev,
-                          endpoint=endpoint)
-    if sh.MANIFEST in files:
-        return _from_manifest(source, fetch_bytes(url_of(sh.MANIFEST), headers, retry), url_of, headers)
-    names = sorted(n for n in files if n.endswith(".bin") and sh.split_from_name(n) is not None)
-    if not names:
-        raise UserError(f"{source}: no token shards (*.bin with 'train' or 'val' in the name, or a manifest.json)")
-
-    def entry(name: str) -> sh.Entry:
-        raw = fetch_bytes(url_of(name), headers, retry, limit=sh.HEADER_BYTES)
-        n = sh.parse_header(raw, files[name], f"{source}/{name}")  # the listed size must match the header
-        return sh.Entry(name, sh.split_from_name(name), n)
-    with ThreadPoolExecutor(8) as pool:  # one small range request per shard, a few at a time
-        entries = list(pool.map(entry, names))
-    return RemoteDataset(source, entries, {n: url_of(n) for n in names}, None, headers)
-
-
-# ---------------------------------------------------------------------------------- downloading
-def download(ds: RemoteDataset, entry: sh.Entry, dest: Path, retry: Retry,
-             stop: threading.Event | None = None) -> None:
-    """Fetch one shard to dest through a temporary file, verified before the rename; retried."""
-    def once() -> None:
-        with replaced_file(dest, "wb") as f:
-            _stream_into(ds, entry, retry.timeout, f.write, stop)
-    with_retries(f"{ds.where}: shard {entry.file}", once, retry, stop)
-
-
-def _stream_into(ds: RemoteDataset, entry: sh.Entry, timeout: float, sink: Callable[[bytes], Any],
-                 stop: threading.Event | None = None, progress: Callable[[int], Any] | None = None) -> None:
-    """Read one shard's body into sink, checking its size, header, sha256 and documents."""
-    digest = sh.Digest()
-    head = b""
-    with _open(ds.urls[entry.file], ds.headers, timeout) as r:
-        while block := r.read(1 << 18):
-            if stop is not None and stop.is_set():
-                raise _Stopped
-            if digest.seen + len(block) > entry.size:
-                raise UserError(f"longer than the {entry.size} bytes expected")
-            if len(head) < sh.HEADER_BYTES:
-                head += block[: sh.HEADER_BYTES - len(head)]
-            digest.update(block)
-            sink(block)
-            if progress is not None:
-                progress(len(block))
-    if digest.seen != entry.size:
-        raise UserError(f"truncated download ({digest.seen} of {entry.size} bytes)")
-    n = sh.parse_header(head, digest.seen, entry.file)
-    if n != entry.tokens:
-        raise UserError(f"holds {n} tokens but the listing says {entry.tokens}")
-    sh.check_digest(entry.file, entry, digest.hexdigest(), digest.eots if entry.sha256 else None)
-
-
-def summary(source: str) -> dict[str, Any]:
-    """`gptlab data info` for a directory, a URL or hf://."""
-    if not is_remote(source):
-        return sh.dataset_summary(source)
-    ds = open_remote(source)
-    return sh.summarize(source, ds.entries, ds.manifest)
-
-
-def verify(source: str, progress: bool = True) -> dict[str, Any]:
-    """`gptlab data verify`: every remote shard is read once and checked, nothing is written to disk."""
-    if not is_remote(source):
-        return sh.verify_dataset(source, progress=progress)
-    from tqdm import tqdm
-
-    retry = Retry.from_env()
-    ds = open_remote(source, retry)
-    with tqdm(total=sum(e.size for e in ds.entries), unit="B", unit_scale=True, desc="verify",
-              disable=None if progress else True) as bar:
-        for e in ds.entries:
-            with_retries(f"{source}: shard {e.file}",
-                         lambda e=e: _stream_into(ds, e, retry.timeout, lambda b: None, progress=bar.update), retry)
-    return {"directory": source, "shards": len(ds.entries), "hashed": ds.manifest is not None,
-            "tokens": sum(e.tokens for e in ds.entries)}
 
 
 # --------------------------------------------------------------------------------- the cache
@@ -417,9 +133,13 @@ class ShardStream:
                 for e in self.val:
                     path = self.dir / e.file
                     if not (path.exists() and self._still_good(e, path)):
-                        download(self.ds, e, path, self.retry)
+                        download_shard(self.ds, e, path, self.retry)
                 self._val_ready = True
         return [self.dir / e.file for e in self.val]
+
+    def val_split(self) -> list[sh.Shard]:
+        """The val split as local shards (val_paths with the listing's counts)."""
+        return [sh.Shard(p, "val", e.tokens, e.documents, e.sha256) for p, e in zip(self.val_paths(), self.val)]
 
     def _still_good(self, e: sh.Entry, path: Path) -> bool:
         try:
@@ -465,18 +185,18 @@ class ShardStream:
                     self._files[s] = _File(refs=1)
                     self._reserved += self.train[s].size
                     self.peak_reserved = max(self.peak_reserved, self._reserved)
-                download(self.ds, self.train[s], self.dir / self.train[s].file, self.retry, self._stop)
+                download_shard(self.ds, self.train[s], self.dir / self.train[s].file, self.retry, self._stop)
                 with self._cv:
                     self._files[s].ready = True
                     if self._files[s].refs == 0:
                         self._drop(s)
                     self._cv.notify_all()
-        except _Stopped:
+        except Stopped:
             return
         except UserError as e:
             self._fail(e)
         except Exception as e:  # a bug or a full disk: still one line for the user, never a hang
-            self._fail(UserError(f"{self.ds.where}: fetching shards failed: {_describe(e, self.retry.timeout)}"))
+            self._fail(UserError(f"{self.ds.where}: fetching shards failed: {describe(e, self.retry.timeout)}"))
 
     def _fail(self, e: UserError) -> None:
         with self._cv:
@@ -539,8 +259,6 @@ class ShardStream:
         """Stop fetching, delete the train shards (the val split stays for later), unlock."""
         self._closed = True
         self._halt()
-        if _OPEN.get(self.ds.where) is self:
-            del _OPEN[self.ds.where]
         key = self.dir.resolve()
         if _BY_DIR.get(key) is self:
             del _BY_DIR[key]
@@ -548,10 +266,10 @@ class ShardStream:
             self._lock_file.close()
 
 
-# ------------------------------------------------------------------------------ the registry
-# Streams opened by train loaders, by source: evaluations in the same process read the val
-# split from them (iter_val_batches(cfg.data) during training) instead of fetching it again.
-_OPEN: dict[str, ShardStream] = {}
+# ------------------------------------------------------------------------------ opening
+# The stream that holds each cache directory's lock in this process, so that a newer loader of the
+# same directory can take it over (close the old one) instead of failing on the lock. Nothing is
+# read through this table: the val split is handed out by the stream (ShardStream.val_split).
 _BY_DIR: dict[Path, ShardStream] = {}
 
 
@@ -563,29 +281,25 @@ def open_stream(source: str, *, cache: str | Path | None, budget: int | str | No
     if not ds.split("train"):
         have = ", ".join(sorted({e.split for e in ds.entries})) or "none"
         raise UserError(f"{source}: no train split (splits present: {have})")
-    total = parse_size(budget if budget is not None else DEFAULT_BUDGET)
+    total = parse_size(budget if budget is not None else DEFAULT_BUDGET, "--data-disk-budget")
     directory = cache_dir(cache, source) / f"rank{rank}"
     old = _BY_DIR.pop(directory.resolve(), None)
     if old is not None:  # a newer loader of this process takes the directory over
         old.close()
     stream = ShardStream(ds, directory, total // world_size, retry=retry, ahead=ahead)
-    _OPEN[source] = _BY_DIR[directory.resolve()] = stream
+    _BY_DIR[directory.resolve()] = stream
     return stream
 
 
 def val_split(source: str) -> list[sh.Shard]:
-    """The val shards of a remote source on local disk: from the stream a train loader opened for
-    it in this process, else fetched once into the default cache's `val` directory."""
-    stream = _OPEN.get(source)
-    if stream is None:
-        retry = Retry.from_env()
-        ds = open_remote(source, retry)
-        stream = ShardStream(ds, cache_dir(None, source) / "val", parse_size(DEFAULT_BUDGET), retry=retry,
-                             blocking_lock=True, train=False)
-        try:
-            paths = stream.val_paths()
-        finally:
-            stream.close()
-    else:
-        paths = stream.val_paths()
-    return [sh.Shard(p, "val", e.tokens, e.documents, e.sha256) for p, e in zip(paths, stream.val)]
+    """The val shards of a remote source on its own (no train loader: `gptlab eval --val URL`),
+    fetched once into the default cache's `val` directory. A train loader's own stream hands out
+    its copy instead (ShardStream.val_split, through TrainLoader.val_split)."""
+    retry = Retry.from_env()
+    ds = open_remote(source, retry)
+    stream = ShardStream(ds, cache_dir(None, source) / "val", parse_size(DEFAULT_BUDGET), retry=retry,
+                         blocking_lock=True, train=False)
+    try:
+        return stream.val_split()
+    finally:
+        stream.close()
