@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -20,6 +21,7 @@ from make_run_v1 import fixture_data  # noqa: E402  (the data the run was traine
 from gptlab import checkpoint as ck  # noqa: E402
 from gptlab import cli  # noqa: E402
 from gptlab.config import TrainConfig  # noqa: E402
+from gptlab.errors import UserError  # noqa: E402
 from gptlab.rundir import RunDir  # noqa: E402
 from gptlab.train import train  # noqa: E402
 
@@ -69,3 +71,37 @@ def test_old_run_exports(tmp_path, capsys):
     original, _ = ck.load_model(run)
     sd, ref = exported.state_dict(), original.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+def test_resumed_run_writes_the_current_format(tmp_path):
+    run = _old_run(tmp_path)
+    train(TrainConfig(out=str(run)), resume=True, resume_flags={})
+    state = json.loads((RunDir(run).latest_checkpoint() / "state.json").read_text())
+    assert state["format_version"] == ck.STATE_VERSION == 2 and state["step"] == 8
+    loaded = ck.TrainState.from_json(state, Path("state.json"), ck.RESUME_KEYS)
+    assert loaded.to_json() == state  # the record round-trips through JSON unchanged
+
+
+def test_a_newer_format_is_refused_in_one_line(tmp_path):
+    run = _old_run(tmp_path)
+    path = RunDir(run).latest_checkpoint() / "state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "format_version": ck.STATE_VERSION + 1}))
+    with pytest.raises(UserError, match="checkpoint format 3 is newer than this gptlab reads"):
+        train(TrainConfig(out=str(run)), resume=True, resume_flags={})
+    path.write_text(json.dumps({**state, "format_version": "2"}))
+    with pytest.raises(UserError, match="format_version must be a positive integer"):
+        ck.checkpoint_step(path.parent)
+
+
+def test_checkpointer_marks_latest_and_prunes_single_file_checkpoints(tmp_path, make_gptlab):
+    model = make_gptlab(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    run = RunDir(tmp_path / "run")
+    saver = ck.Checkpointer(run, keep=2, rank=0)
+    for step in (1, 2, 3):
+        assert saver.save(step, model, [opt], ck.TrainState(step=step)) == run.checkpoint_path(step)
+        assert run.latest_checkpoint().name == f"step_{step:06d}"
+    assert [p.name for p in run.checkpoints()] == ["step_000002", "step_000003"]
+    assert saver.last == run.checkpoint_path(3) and saver.poll() is None and saver.wait() is None
+    assert json.loads((run.checkpoint_path(3) / "state.json").read_text())["format_version"] == 2

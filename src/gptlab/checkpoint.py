@@ -330,7 +330,7 @@ class TrainState:
     optimizer: dict | None = None
     """The optimizer's param groups and plain values (written by save_checkpoint / the sharded writer)."""
     format: str | None = None
-    """"dcp" for a sharded checkpoint; None for the single-file format."""
+    """The layout: SHARDED_FORMAT ("dcp") for a sharded checkpoint, None for the single-file one."""
     format_version: int = STATE_VERSION
 
     def to_json(self) -> dict:

@@ -77,7 +77,7 @@ def _compile_warning(e: BaseException) -> None:
 class CompileFallback(torch.nn.Module):
     """The compiled model until it fails: compiling happens at the first call (and the backward
     graph at the first backward), so a missing Triton or C compiler, an unsupported op or a broken
-    backend shows up there. Then one warning line, and the module itself from then on. train_step
+    backend shows up there. Then one warning line, and the module itself from then on. train.train_step
     marks it `verified` after its first complete step; after that, errors are not caught."""
 
     def __init__(self, module: torch.nn.Module, compiled: Callable):
