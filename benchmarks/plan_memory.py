@@ -1,7 +1,7 @@
 """The memory plan (gptlab.plan) against measured peak memory of CPU training steps, at two sizes.
 
 Each size runs in fresh processes: two full training steps (forward, backward, AdamW; one and
-two micro-batches per step) of parallel.train_step, fp32, uncompiled (the fused head loss), as `gptlab train --device cpu` runs them.
+two micro-batches per step) of train.train_step, fp32, uncompiled (the fused head loss), as `gptlab train --device cpu` runs them.
 Measured two ways:
   tensors  the peak of live tensor storage, by category, from torch's MemTracker (a dispatch mode
            that sees every allocation: parameters, gradients, optimizer state, activations, temporaries);
@@ -39,7 +39,8 @@ def measure(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch: int, ac
     from gptlab.config import ModelConfig
     from gptlab.model import GPT
     from gptlab.optim import make_adamw
-    from gptlab.parallel import Placed, train_step
+    from gptlab.parallel import Placed
+    from gptlab.train import train_step
     from gptlab.runtime import get_runtime
 
     torch.manual_seed(0)

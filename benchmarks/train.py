@@ -54,11 +54,12 @@ def make_step(model, opt, rt, loss_of):
 
 
 def build_gptlab(cfg, args, rt):
-    """gptlab's own step, exactly as the trainer runs it (parallel.train_step on a placed model)."""
+    """gptlab's own step, exactly as the trainer runs it (train.train_step on a placed model)."""
     from gptlab.dist import DistEnv
     from gptlab.model import GPT
     from gptlab.optim import make_adamw
-    from gptlab.parallel import place, train_step
+    from gptlab.parallel import place
+    from gptlab.train import train_step
 
     torch.manual_seed(0)
     placed = place(GPT(cfg), rt, DistEnv())

@@ -21,7 +21,7 @@ import torch.distributed as tdist
 from conftest import run_gptlab, make_toy_data
 from gptlab import checkpoint as ckpt_mod
 from gptlab.atomic import is_temporary
-from gptlab.checkpoint import ShardedSaver, load_model, load_sharded_checkpoint
+from gptlab.checkpoint import Checkpointer, TrainState, load_model, load_sharded_checkpoint
 from gptlab.config import ModelConfig
 from gptlab.errors import UserError
 from gptlab.model import GPT
@@ -139,8 +139,8 @@ def test_async_save_overlapping_steps_loses_nothing(tmp_path, monkeypatch):
     want_opt = copy.deepcopy(opt.state_dict())
     run = RunDir(tmp_path / "run")
     monkeypatch.setattr(ckpt_mod.dcp, "FileSystemWriter", SlowWriter)
-    saver = ShardedSaver(run, keep=0, rank=0)
-    final = saver.save(run.checkpoint_path(1), model, opt, {"step": 1}, wait=False)
+    saver = Checkpointer(run, keep=0, rank=0, sharded=True)
+    final = saver.save(1, model, opt, TrainState(step=1), wait=False)
     assert saver.pending is not None and not saver.pending[0].done()
     for i in range(3):  # the next steps change every weight and moment while the shards are written
         _step(model, opt, i + 1)
@@ -169,7 +169,7 @@ def test_async_save_overlapping_steps_loses_nothing(tmp_path, monkeypatch):
 def test_sharded_index_is_never_unpickled_freely(tmp_path):
     model, opt = _trained()
     run = RunDir(tmp_path / "run")
-    final = ShardedSaver(run, keep=0, rank=0, use_async=False).save(run.checkpoint_path(1), model, opt, {"step": 1})
+    final = Checkpointer(run, keep=0, rank=0, sharded=True, use_async=False).save(1, model, opt, TrainState(step=1))
 
     class Evil:
         def __reduce__(self):
@@ -184,10 +184,10 @@ def test_sharded_index_is_never_unpickled_freely(tmp_path):
 def test_prune_and_latest_with_sharded_saves(tmp_path):
     model, opt = _trained()
     run = RunDir(tmp_path / "run")
-    saver = ShardedSaver(run, keep=2, rank=0)
+    saver = Checkpointer(run, keep=2, rank=0, sharded=True)
     for step in (1, 2, 3):
         _step(model, opt, step)
-        saver.save(run.checkpoint_path(step), model, opt, {"step": step})
+        saver.save(step, model, opt, TrainState(step=step), wait=False)
     saver.wait()
     assert [p.name for p in run.checkpoints()] == ["step_000002", "step_000003"]
     assert run.latest_checkpoint().name == "step_000003"

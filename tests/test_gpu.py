@@ -106,7 +106,8 @@ def test_fsdp_on_one_gpu():
     """FSDP2 with bf16 parameters on a one-process group: the training step and the gathered state."""
     import torch.distributed as tdist
 
-    from gptlab.parallel import Placed, gather_state, shard_model, train_step
+    from gptlab.parallel import Placed, gather_state, shard_model
+    from gptlab.train import train_step
     from gptlab.runtime import get_runtime
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

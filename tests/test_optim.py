@@ -18,10 +18,10 @@ from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.optim import lr_at, make_adamw, make_optimizers, muon_split, param_groups, scale_lr
-from gptlab.parallel import Placed, gather_state, load_optimizer, train_step
+from gptlab.parallel import Placed, gather_state, load_optimizer
 from gptlab.rundir import RunDir
 from gptlab.runtime import get_runtime
-from gptlab.train import train, validate
+from gptlab.train import train, train_step, validate
 
 
 def test_param_groups_decay_only_2d_weights():

@@ -8,7 +8,8 @@ from gptlab.config import ModelConfig, TrainConfig
 from gptlab.errors import UserError
 from gptlab.model import GPT
 from gptlab.optim import make_adamw
-from gptlab.parallel import Placed, train_step
+from gptlab.parallel import Placed
+from gptlab.train import train_step
 from gptlab.plan import GIB, MemoryPlan, parse_size, plan_for, plan_from_train_config
 from gptlab.runtime import get_runtime
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import run_gptlab, make_toy_data
-from gptlab import parallel
+from gptlab import train as train_module
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.dist import DistEnv
 from gptlab.errors import UserError
 from gptlab.model import GPT
-from gptlab.parallel import find_batch_size, place, state_to_param_device, train_step
+from gptlab.parallel import place, state_to_param_device
 from gptlab.runtime import get_runtime
-from gptlab.train import train
+from gptlab.train import find_batch_size, train, train_step
 from test_hellaswag import some_items, write_jsonl
 
 MICRO = dict(model="tiny", n_layer=2, n_head=4, n_embd=32, seq_len=32, batch_size=4, total_batch_tokens=128,
@@ -242,7 +242,7 @@ def _placed(compile=False, backend="eager"):
 def test_batch_size_search_probes_the_placed_model(monkeypatch):
     placed, rt = _placed(compile=True)
     seen = []
-    real = parallel.train_step
+    real = train_module.train_step
 
     def limited(p, rt_, batches, accum, *a, **kw):
         batches = list(batches)
@@ -252,7 +252,7 @@ def test_batch_size_search_probes_the_placed_model(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(p, rt_, batches, accum, *a, **kw)
 
-    monkeypatch.setattr(parallel, "train_step", limited)
+    monkeypatch.setattr(train_module, "train_step", limited)
     # 8 tokens x 48 sequences: the divisors 48, 24, 16, 12, 8, 6 are tried in that order
     assert find_batch_size(placed, rt, 48 * 8, DistEnv(), probe=True) == 6
     assert [b for _, b in seen] == [48, 24, 16, 12, 8, 6]
@@ -267,7 +267,7 @@ def test_batch_size_search_fails_when_not_even_one_fits(monkeypatch):
     def reserve_too_big(p, rt_):  # even AdamW's reserve does not fit: caught, not a crash
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(parallel, "_reserve", reserve_too_big)
+    monkeypatch.setattr(train_module, "_reserve", reserve_too_big)
     with pytest.raises(UserError, match="not even one sequence of 8 tokens fits"):
         find_batch_size(placed, rt, 4 * 8, DistEnv(), probe=True)
 
@@ -357,13 +357,12 @@ def test_kv_cache_follows_the_fsdp_compute_dtype():
     fp32 shards, but attention computes in bf16. A cache in the parameters' dtype breaks sampling
     (this reproduces defect e); the trainer's cache dtype is the compute dtype."""
     import socket
-    from types import SimpleNamespace
 
     import torch.distributed as tdist
 
     from gptlab.generate import generate_ids
     from gptlab.parallel import Placed, shard_model
-    from gptlab.train import _cache_dtype
+    from gptlab.train import cache_dtype
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -380,7 +379,7 @@ def test_kv_cache_follows_the_fsdp_compute_dtype():
         assert next(model.parameters()).dtype == torch.float32
         with pytest.raises(RuntimeError, match="same dtype"):
             generate_ids(model, [1, 2, 3], max_new_tokens=4, seed=0)
-        dtype = _cache_dtype(SimpleNamespace(rt=rt, placed=placed))
+        dtype = cache_dtype(placed, rt)
         assert dtype == torch.bfloat16
         out = generate_ids(model, [1, 2, 3], max_new_tokens=4, seed=0, cache_dtype=dtype)
         assert len(out[0]) == 4

@@ -255,9 +255,9 @@ def test_skipped_step_leaves_weights_unchanged(data_dir, tmp_path, monkeypatch):
 
 
 def test_non_finite_gradient_norm_is_caught_before_the_update(data_dir, tmp_path, monkeypatch):
-    from gptlab import parallel
+    from gptlab import train as train_module
 
-    monkeypatch.setattr(parallel, "grad_norm", lambda model, clip: float("inf"))
+    monkeypatch.setattr(train_module, "grad_norm", lambda model, clip: float("inf"))
     with pytest.raises(UserError, match="gradient norm is inf .* at step 1: training stopped"):
         train(resolve_train_config(flags(data_dir, tmp_path / "g", max_steps=3, checkpoint_every=1)))
     assert RunDir(tmp_path / "g").checkpoints() == []
@@ -266,17 +266,17 @@ def test_non_finite_gradient_norm_is_caught_before_the_update(data_dir, tmp_path
 def test_checkpoint_is_not_written_when_its_weights_give_nan(data_dir, tmp_path, monkeypatch):
     """A finite step whose update poisons the weights: the save's forward check refuses them, so
     the last good checkpoint (not these weights) is what `latest` and the message name."""
-    from gptlab import guards
+    from gptlab import train as train_module
 
     run = tmp_path / "p"
-    real = guards.next_batch_loss
+    real = train_module.next_batch_loss
     seen = {"n": 0}
 
     def check(placed, rt, loader):
         seen["n"] += 1
         return float("nan") if seen["n"] == 3 else real(placed, rt, loader)
 
-    monkeypatch.setattr(guards, "next_batch_loss", check)
+    monkeypatch.setattr(train_module, "next_batch_loss", check)
     with pytest.raises(UserError, match="step 3: not checkpointed.*last good checkpoint is .*step_000002"):
         train(resolve_train_config(flags(data_dir, run, max_steps=3, checkpoint_every=1, keep_checkpoints=0)))
     assert [p.name for p in RunDir(run).checkpoints()] == ["step_000001", "step_000002"]

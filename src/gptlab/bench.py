@@ -1,6 +1,6 @@
 """`gptlab bench`: tokens/s, MFU and peak memory of a model preset on this device.
 
-It runs the training step itself (parallel.train_step, with AdamW, clipping and a loss scale under
+It runs the training step itself (train.train_step, with AdamW, clipping and a loss scale under
 fp16) on random tokens, after warm-up steps that absorb compilation, so the numbers are what
 training gets. Under torchrun (or --nproc N) every rank runs it and rank 0 reports the totals.
 """
@@ -17,8 +17,9 @@ from gptlab import dist
 from gptlab.config import BenchConfig
 from gptlab.model import GPT
 from gptlab.optim import make_adamw
-from gptlab.parallel import find_batch_size, place, train_step
+from gptlab.parallel import place
 from gptlab.runtime import Runtime, get_runtime
+from gptlab.train import find_batch_size, train_step
 
 
 def run_bench(cfg: BenchConfig) -> dict | None:

@@ -4,7 +4,10 @@ Model directory: config.json (the ModelConfig) + model.safetensors (the raw mode
 `_orig_mod.` or `module.` prefixes, the tied head stored once as transformer.wte.weight).
 Checkpoint: a model directory + optimizer.pt (tensors only) + state.json, written whole or not at all.
 Sharded checkpoint (FSDP runs): config.json + state.json + one DCP shard per rank + DCP's index (below).
-Where checkpoints live inside a run, and which is `latest`, is rundir.py's.
+state.json is a TrainState (the step, data position, RNG states, ...); its `format_version` is the
+version of the whole checkpoint directory (STATE_VERSION; a state.json without one is version 1,
+written before versions, and loads as it is). Where checkpoints live inside a run is rundir.py's;
+the Checkpointer writes them, then marks `latest` and prunes, for both formats.
 Nothing is ever unpickled from a file.
 """
 
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import random
 import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,12 @@ from safetensors import SafetensorError as SafetensorsError  # the class is Safe
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gptlab.atomic import StagedDir, staged_dir, write_json
+from gptlab import dist
+from gptlab.atomic import DiskFullError, StagedDir, staged_dir, write_json
 from gptlab.config import ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
+from gptlab.parallel import full_optimizer_state
 from gptlab.weights import clean_state_dict, load_weights, model_state_dict, raw_model
 from gptlab import hf
 from gptlab.rundir import RunDir
@@ -279,6 +286,104 @@ def load_checkpoint_weights(ckpt: str | Path, model: torch.nn.Module) -> None:
     check_finite(model, str(ckpt / WEIGHTS))
 
 
+# ----------------------------------------------------------------------------- state.json: TrainState
+
+STATE_VERSION = 2
+"""The checkpoint format this gptlab writes. 1: state.json without `format_version` (gptlab before
+versions); 2: the same fields, with `format_version`. Both load."""
+
+
+@dataclass
+class TrainState:
+    """Everything beyond weights and optimizer tensors that a resume restores: state.json."""
+
+    step: int
+    tokens: int = 0
+    nonfinite_skipped: int = 0
+    """Steps whose update a non-finite loss or gradient norm kept out (--skip-nonfinite)."""
+    data_fingerprint: str | None = None
+    """The dataset's content digest (data.fingerprint); None for streamed data."""
+    loader: dict = field(default_factory=dict)
+    """The data loader's position (TrainLoader.state_dict)."""
+    grad_scaler: dict | None = None
+    config: dict = field(default_factory=dict)
+    """{"model": ..., "train": ...} as the run was configured at this step."""
+    world_size: int = 1
+    rng: list = field(default_factory=list)
+    """Every rank's RNG states (rng_state), so a same-size resume is exact on every rank."""
+    optimizer: dict | None = None
+    """The optimizer's param groups and plain values (written by save_checkpoint / the sharded writer)."""
+    format: str | None = None
+    """The layout: SHARDED_FORMAT ("dcp") for a sharded checkpoint, None for the single-file one."""
+    format_version: int = STATE_VERSION
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None or k in ("data_fingerprint", "grad_scaler")}
+
+    @classmethod
+    def from_json(cls, d: dict, path: Path, required: tuple[str, ...] = ("step",)) -> "TrainState":
+        """A checked TrainState from state.json's object, of any version this gptlab knows."""
+        check_state(d, path, required)  # version 1 (no format_version) has the same fields
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "format_version": STATE_VERSION})
+
+    def restore_rng(self, rank: int, world_size: int, seed: int) -> None:
+        """This rank's saved RNG states; a resume on another world size reseeds instead."""
+        if rank < len(self.rng) and self.world_size == world_size:
+            set_rng_state(self.rng[rank])
+        else:
+            torch.manual_seed(seed + rank + self.step)
+
+
+def read_train_state(ckpt: str | Path, param_shapes: dict[str, tuple[int, ...]] | None = None,
+                     ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    """A checkpoint's TrainState and optimizer tensors, checked (see load_checkpoint_state)."""
+    state, tensors = load_checkpoint_state(ckpt, param_shapes)
+    required = RESUME_KEYS if param_shapes is not None else ("step",)
+    return TrainState.from_json(state, Path(ckpt) / STATE, required), tensors
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, Python, CUDA where initialised) as JSON."""
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": _py_state_to_json(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    random.setstate(_py_state_from_json(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def all_rng_states() -> list[dict]:
+    """Every rank's rng_state(), in rank order (collective when a process group exists)."""
+    local = rng_state()
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return [local]
+    states: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(states, local)
+    return states
+
+
+def _py_state_to_json(s) -> list:
+    version, internal, gauss = s
+    return [version, list(internal), gauss]
+
+
+def _py_state_from_json(s) -> tuple:
+    version, internal, gauss = s
+    return (version, tuple(internal), gauss)
+
+
 # ----------------------------------------------------------------------------- checks on loaded state
 
 def _is_int(v: Any) -> bool:
@@ -295,7 +400,7 @@ def _bytes_list(v: Any, n: int | None = None) -> bool:
 
 
 def _rng_ok(r: Any) -> bool:
-    """One rank's RNG states as train.rng_state writes them."""
+    """One rank's RNG states as rng_state writes them."""
     if not isinstance(r, dict) or not _bytes_list(r.get("torch"), torch.get_rng_state().numel()):
         return False
     py = r.get("python")
@@ -316,6 +421,12 @@ def check_state(state: dict, path: Path, required: tuple[str, ...] = ("step",)) 
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         return UserError(f"{path}: {key} must be {want}, got {shown}")
 
+    version = state.get("format_version", 1)
+    if not _is_int(version) or version < 1:
+        raise bad("format_version", "a positive integer")
+    if version > STATE_VERSION:
+        raise UserError(f"{path}: checkpoint format {version} is newer than this gptlab reads "
+                        f"(up to {STATE_VERSION}); upgrade gptlab to load it")
     for key in required:
         if key not in state:
             raise UserError(f"{path}: no {key!r}; not the state of a training checkpoint")
@@ -458,12 +569,13 @@ def _sharded_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     return flat, groups
 
 
-class ShardedSaver:
-    """Writes sharded checkpoints of one run; at most one save is in flight. Every rank calls
-    save() (collective); rank 0 also writes the JSON files and publishes the finished directory."""
+class ShardedWriter:
+    """Writes sharded checkpoints; at most one save is in flight. Every rank calls save()
+    (collective); rank 0 also writes the JSON files and renames the finished directory into
+    place. Marking `latest` and pruning are the Checkpointer's."""
 
-    def __init__(self, run: RunDir, keep: int, rank: int, use_async: bool = True):
-        self.run, self.keep, self.rank, self.use_async = run, keep, rank, use_async
+    def __init__(self, rank: int, use_async: bool = True):
+        self.rank, self.use_async = rank, use_async
         self.pending: tuple[Any, Path, Path] | None = None  # (future, temp dir, final dir)
         self._stage: StagedDir | None = None  # rank 0: the directory being written
         self.group = None
@@ -472,8 +584,9 @@ class ShardedSaver:
             self.group = tdist.new_group(backend="gloo")
 
     def save(self, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             state: dict, wait: bool = False) -> Path:
-        self.wait()  # the previous save is complete (and published) before the next starts
+             state: dict) -> None:
+        """Start writing (the previous save must be finished: see wait)."""
+        assert self.pending is None, "wait() for the save in flight first"
         tmp = self._temp_dir(final)
         flat, groups = _sharded_tensors(model, optimizer)
         if self.rank == 0:
@@ -488,18 +601,12 @@ class ShardedSaver:
             dcp.save(flat, storage_writer=writer, process_group=self.group)
             fut = None
         self.pending = (fut, tmp, final)
-        if wait or fut is None:
-            self.wait()
-        return final
 
-    def poll(self) -> Path | None:
-        """Publish a finished background save (no collective); the path when one was published."""
-        if self.pending is not None and (self.pending[0] is None or self.pending[0].done()):
-            return self.wait()
-        return None
+    def done(self) -> bool:
+        return self.pending is not None and (self.pending[0] is None or self.pending[0].done())
 
     def wait(self) -> Path | None:
-        """Block until the save in flight is written, then publish it (rank 0)."""
+        """Block until the save in flight is written; rank 0 renames it into place. Its path, or None."""
         if self.pending is None:
             return None
         fut, _, final = self.pending
@@ -513,8 +620,6 @@ class ShardedSaver:
             raise
         if self.rank == 0:
             self._stage.publish()
-            self.run.mark_latest(final)
-            self.run.prune(self.keep)
         return final
 
     def _temp_dir(self, final: Path) -> Path:
@@ -526,6 +631,77 @@ class ShardedSaver:
         if self.group is not None:
             tdist.broadcast_object_list(name, src=0, group=self.group)  # also: the directory exists now
         return final.parent / name[0]
+
+
+class Checkpointer:
+    """Writes the checkpoints of one run, in either format, and is the one place that marks
+    `latest` and prunes (keep the newest `keep`, 0 keeps all), always after a checkpoint is whole.
+
+    save() is collective: every rank calls it. Single-file (DDP or one process): the optimizer
+    state is gathered by parameter name, rank 0 writes, every rank waits for it. Sharded (FSDP):
+    every rank writes its shard, in the background unless `wait`; poll() publishes a finished
+    background save, wait() blocks for it. `last` is the newest checkpoint saved by this process."""
+
+    def __init__(self, run: RunDir, keep: int, rank: int, sharded: bool = False, use_async: bool = True):
+        self.run, self.keep, self.rank, self.sharded = run, keep, rank, sharded
+        self.writer = ShardedWriter(rank, use_async) if sharded else None
+        self.last: Path | None = None
+
+    @property
+    def pending(self):
+        return self.writer.pending if self.writer is not None else None
+
+    def last_good(self) -> Path | None:
+        """The newest checkpoint known good: saved by this process, else the run's latest."""
+        return self.last or self.run.latest_checkpoint()
+
+    def save(self, step: int, model: torch.nn.Module, optimizers: Any, state: TrainState | dict,
+             wait: bool = True) -> Path | None:
+        """A checkpoint of `step` (its path; None on ranks other than 0 in the single-file format).
+        Sharded checkpoints hold the first optimizer (AdamW) alone."""
+        final = self.run.checkpoint_path(step)
+        record = state.to_json() if isinstance(state, TrainState) else dict(state)
+        record.setdefault("format_version", STATE_VERSION)
+        opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers or [])
+        if self.writer is not None:
+            self.wait()  # the previous save is complete (and published) before the next starts
+            self.writer.save(final, model, opts[0] if opts else None, record)
+            if wait or self.writer.pending[0] is None:
+                self.wait()
+            self.last = final
+            return final
+        opt_state = full_optimizer_state(model, opts) if opts else None  # every rank (collective under FSDP)
+        path = None
+        if self.rank == 0:
+            try:
+                path = save_checkpoint(final, model, opt_state, record)
+            except DiskFullError as e:
+                raise UserError(f"{e}; step {step} was not checkpointed, the last checkpoint {self.last_good()} "
+                                f"is intact. Free some space, then continue with: gptlab train --out "
+                                f"{self.run.path} --resume") from None
+            self._publish(path)
+        dist.barrier()
+        self.last = path
+        return path
+
+    def poll(self) -> Path | None:
+        """Publish a finished background save (no collective); its path when one was published."""
+        if self.writer is not None and self.writer.done():
+            return self.wait()
+        return None
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight is written, then publish it."""
+        if self.writer is None:
+            return None
+        final = self.writer.wait()
+        if final is not None and self.rank == 0:
+            self._publish(final)
+        return final
+
+    def _publish(self, ckpt: Path) -> None:
+        self.run.mark_latest(ckpt)
+        self.run.prune(self.keep)
 
 
 def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module,

@@ -1,19 +1,16 @@
-"""Placing a model on devices, and the one training step every caller runs.
+"""Placing a model on devices; the training step itself is train.py's.
 
 Parallelism is applied to the model from outside (the model file stays pure): torch.compile with
-a fallback, DDP, FSDP2 with its mixed-precision policy, the batch-size search, and gathering or
-restoring the full state of a placed model for checkpoints. `train_step` is what the training
-loop, the benchmarks and the batch-size search all run.
+a fallback, DDP, FSDP2 with its mixed-precision policy (also built on the meta device), and
+gathering or restoring the full state of a placed model for checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -80,7 +77,7 @@ def _compile_warning(e: BaseException) -> None:
 class CompileFallback(torch.nn.Module):
     """The compiled model until it fails: compiling happens at the first call (and the backward
     graph at the first backward), so a missing Triton or C compiler, an unsupported op or a broken
-    backend shows up there. Then one warning line, and the module itself from then on. train_step
+    backend shows up there. Then one warning line, and the module itself from then on. train.train_step
     marks it `verified` after its first complete step; after that, errors are not caught."""
 
     def __init__(self, module: torch.nn.Module, compiled: Callable):
@@ -129,157 +126,7 @@ def shard_model(model: GPT, rt: Runtime) -> None:
         register_fsdp_forward_method(model, method)
 
 
-@dataclass
-class StepResult:
-    loss: float
-    """Mean loss over the global batch (all micro-steps, all ranks)."""
-    grad_norm: float | None
-    """Global gradient norm before clipping (None when no update was asked for)."""
-    applied: bool = True
-    """False when a non-finite loss or gradient norm kept the update from being applied."""
-
-
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
-
-
-def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int,
-               optimizer: Optimizers | None = None, scaler: torch.amp.GradScaler | None = None,
-               grad_clip: float = 0.0) -> StepResult:
-    """Forward and backward over `accum` micro-batches (gradients synchronised once, on the last),
-    then clip and update. A non-finite loss or norm skips the update (gradients are dropped) and is
-    reported in the result, so the caller decides. optimizer=None runs forward and backward only;
-    a list of optimizers (AdamW + Muon) is clipped over together and stepped one after another."""
-    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float32)
-    for micro, (x, y) in enumerate(batches):
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        with _sync_context(placed, last=micro == accum - 1):
-            loss_sum += _guarded_forward_backward(placed, rt, x, y, accum, scaler)
-    dist.all_reduce_mean(loss_sum)
-    loss_val = float(loss_sum.item())
-    opts = as_list(optimizer)
-    if not opts:
-        return StepResult(loss_val, None, applied=False)
-    for opt in opts if scaler is not None else ():
-        scaler.unscale_(opt)
-    norm = grad_norm(placed.model, grad_clip)
-    # with a loss scale an inf norm is routine: the scaler skips that update and lowers the scale
-    if not math.isfinite(loss_val) or (scaler is None and not math.isfinite(norm)):
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()
-        return StepResult(loss_val, norm, applied=False)
-    for opt in opts:
-        if scaler is not None:
-            scaler.step(opt)  # skips the update itself on inf/nan gradients
-        else:
-            opt.step()
-    if scaler is not None:
-        scaler.update()  # once per step, after every optimizer: lowers the scale on inf/nan
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    return StepResult(loss_val, norm)
-
-
-def _forward_backward(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
-                      scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    compiled = placed.compiled and (placed.guard is None or placed.guard.active)
-    with rt.autocast():
-        # uncompiled, the output layer's loss is fused and chunked (model.FusedHeadLoss)
-        _, loss = placed.forward(x, y, return_logits=compiled)
-    loss = loss / accum
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    return loss.detach()
-
-
-def _guarded_forward_backward(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
-                              scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    """One micro-batch. The first one through a compiled model is guarded: if compiling its forward
-    or its backward fails, the gradients are dropped and the micro-batch runs again uncompiled."""
-    guard = placed.guard
-    if guard is None or guard.verified or not guard.active:
-        return _forward_backward(placed, rt, x, y, accum, scaler)
-    try:
-        loss = _forward_backward(placed, rt, x, y, accum, scaler)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:
-        guard.fall_back(e)
-        placed.model.zero_grad(set_to_none=True)
-        loss = _forward_backward(placed, rt, x, y, accum, scaler)
-    guard.verified = True
-    placed.compiled = guard.active
-    return loss
-
-
-def _sync_context(placed: Placed, last: bool):
-    """Gradients are reduced once per step, after the last micro-batch."""
-    if placed.fsdp:
-        placed.model.set_requires_gradient_sync(last)
-    elif placed.ddp and not last:
-        return placed.forward.no_sync()
-    return contextlib.nullcontext()
-
-
-def grad_norm(model: torch.nn.Module, clip: float) -> float:
-    """The global gradient norm (clipped to `clip` when clip > 0)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: dist.DistEnv,
-                    probe: bool | None = None) -> int:
-    """The largest micro-batch that divides this rank's share of the global batch and fits in memory,
-    keeping the global batch by adjusting accumulation. The probe (on CUDA; `probe` overrides) runs
-    train_step on the placed model itself: compiled, fused loss, DDP- or FSDP-wrapped, exactly what
-    training runs, with AdamW's moments reserved. Memory is not the limit on a CPU, where it takes the
-    largest divisor up to 16. Not even one sequence fitting is an error, not a silent 1."""
-    T = placed.model.config.seq_len
-    seqs = total_batch_tokens // (T * env.world_size)
-    divisors = [b for b in range(seqs, 0, -1) if seqs % b == 0]
-    if probe is None:
-        probe = rt.device.type == "cuda"
-    if not probe:
-        return next(b for b in divisors if b <= 16)
-    for b in [d for d in divisors if d <= 1024]:
-        if _fits(placed, rt, env, b):
-            return b
-    raise UserError(f"--batch-size auto: not even one sequence of {T} tokens fits in {rt.device} memory "
-                    f"with this model; try a shorter --seq-len, --fsdp or a smaller model")
-
-
-def _reserve(placed: Placed, rt: Runtime) -> torch.Tensor:
-    """AdamW's two fp32 moments for this rank's parameters (its shards under FSDP)."""
-    n = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in placed.model.parameters())
-    return torch.empty(2 * n, dtype=torch.float32, device=rt.device)
-
-
-def _fits(placed: Placed, rt: Runtime, env: dist.DistEnv, b: int) -> bool:
-    """Does a forward and backward of b sequences fit, on every rank?"""
-    T, V = placed.model.config.seq_len, placed.model.config.vocab_size
-    ok = torch.ones(1, device=rt.device)
-    try:
-        reserve = _reserve(placed, rt)  # inside the try: the reserve alone may not fit
-        x = torch.randint(0, V, (b, T), device=rt.device)
-        train_step(placed, rt, [(x, x)], accum=1)
-        rt.synchronize()
-        del reserve, x
-    except torch.OutOfMemoryError:
-        ok.zero_()
-    placed.model.zero_grad(set_to_none=True)
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if env.is_distributed:
-        ok = ok.neg()  # every rank must choose the same size: the minimum of the flags
-        dist.all_reduce_max(ok)
-        ok = ok.neg()
-    return bool(ok.item() > 0)
 
 
 # ----------------------------------------------------------------------------- full state of a placed model
@@ -290,11 +137,16 @@ def _full_state_options() -> StateDictOptions:
 
 def gather_state(placed: Placed, optimizer: Optimizers):
     """Full model weights (FSDP only; None means read them from the module) and the optimizer state
-    keyed by parameter name, the same for DDP, FSDP and one process. Collective under FSDP. Several
-    optimizers (AdamW + Muon) give one state: their parameters' states and all their param groups."""
-    opts = _full_state_options()
-    weights = get_model_state_dict(placed.model, options=opts) if placed.fsdp else None
-    return weights, get_optimizer_state_dict(placed.model, as_list(optimizer), options=opts)
+    keyed by parameter name (full_optimizer_state). Collective under FSDP."""
+    weights = get_model_state_dict(placed.model, options=_full_state_options()) if placed.fsdp else None
+    return weights, full_optimizer_state(placed.model, optimizer)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: Optimizers) -> dict:
+    """The optimizer state keyed by parameter name, on the CPU, the same for DDP, FSDP and one
+    process. Collective under FSDP. Several optimizers (AdamW + Muon) give one state: their
+    parameters' states and all their param groups."""
+    return get_optimizer_state_dict(model, as_list(optimizer), options=_full_state_options())
 
 
 def load_optimizer(placed: Placed, optimizer: Optimizers, full_state: dict) -> None:

@@ -1,4 +1,12 @@
-"""train(cfg): set up -> a loop of train_step -> evaluate, checkpoint, log; then plots.
+"""`gptlab train`: a Trainer sets a run up, then trains it: a loop of train_step, with evaluation and
+checkpoints at their intervals, and plots at the end.
+
+One optimizer step, top to bottom, all in this file (Trainer.train_step -> train_step):
+  the learning rate of this step (optim.lr_at, a factor of each group's peak)
+  -> forward and backward over the micro-batches, gradients synchronised once, on the last
+  -> the mean loss over ranks -> unscale (fp16's loss scale) -> clip the global gradient norm
+  -> a non-finite loss or norm: no update, counted against --skip-nonfinite (then stop), else
+     every optimizer steps -> the loss scale is updated -> gradients are dropped -> one log record.
 
 A run directory holds everything (see DESIGN). A run stopped by SIGTERM/SIGINT saves a checkpoint
 at the current step boundary; `resume=True` continues it exactly: same weights, optimizer state,
@@ -7,6 +15,7 @@ data position, RNG states, schedule and step count.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -16,24 +25,24 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from gptlab import checkpoint as ckpt_mod
-from gptlab import dist, evaluate, guards, hellaswag
-from gptlab.atomic import DiskFullError
+from gptlab import dist, evaluate, hellaswag
+from gptlab.checkpoint import Checkpointer, TrainState
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
+from gptlab.data.fingerprint import data_fingerprint
 from gptlab.data.loader import TrainLoader, val_windows
 from gptlab.data.stream import is_remote
 from gptlab.errors import UserError, require_extra
 from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar
 from gptlab.model import GPT
-from gptlab.optim import OPTIMIZERS, SCHEDULES, lr_at, make_optimizers, scale_lr
-from gptlab.parallel import (Placed, find_batch_size, gather_state, load_optimizer, place, place_sharded,
-                             train_step)
+from gptlab.optim import as_list, lr_at, make_optimizers, scale_lr
+from gptlab.parallel import Placed, load_optimizer, place, place_sharded
 from gptlab.plot import plot_run
 from gptlab.rundir import RunDir
 from gptlab.runtime import Runtime, get_runtime
@@ -79,35 +88,14 @@ class StopFlag:
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- RNG state
-
-def rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state().tolist(),
-        "python": _py_state_to_json(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    random.setstate(_py_state_from_json(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _py_state_to_json(s) -> list:
-    version, internal, gauss = s
-    return [version, list(internal), gauss]
-
-
-def _py_state_from_json(s) -> tuple:
-    version, internal, gauss = s
-    return (version, tuple(internal), gauss)
+def _agree_to_stop(local: bool, env: dist.DistEnv) -> bool:
+    if not env.is_distributed:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0])
+    if dist.is_initialized() and torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce_max(flag)
+    return bool(flag.item() > 0)
 
 
 # ----------------------------------------------------------------------------- config
@@ -134,7 +122,7 @@ def resume_config(run: RunDir, flags: dict[str, Any]) -> TrainConfig:
     for name, value in flags.items():
         if value is None or name in ("out",):
             continue
-        if getattr(base, name) == value or (name == "data" and guards.same_path(base.data, value)):
+        if getattr(base, name) == value or (name == "data" and same_path(base.data, value)):
             continue
         if name in MODEL_FIELDS:
             raise UserError(f"--{name.replace('_', '-')} would change the model of a run being resumed "
@@ -148,6 +136,209 @@ def resume_config(run: RunDir, flags: dict[str, Any]) -> TrainConfig:
         setattr(base, name, value)
     base.out = str(run.path)
     return base
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two spellings (relative, absolute, through links) name the same directory."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+# ----------------------------------------------------------------------------- one step
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over the global batch (all micro-steps, all ranks)."""
+    grad_norm: float | None
+    """Global gradient norm before clipping (None when no update was asked for)."""
+    applied: bool = True
+    """False when a non-finite loss or gradient norm kept the update from being applied."""
+
+
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+
+
+def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int,
+               optimizer: Optimizers | None = None, scaler: torch.amp.GradScaler | None = None,
+               grad_clip: float = 0.0) -> StepResult:
+    """One optimizer step, as the Trainer, the benchmark and the batch-size search all run it:
+    forward and backward over `accum` micro-batches, then unscale, clip and update. A non-finite
+    loss or norm skips the update (gradients are dropped) and says so in the result (the Trainer
+    counts it against --skip-nonfinite). optimizer=None runs forward and backward only; a list of
+    optimizers (AdamW + Muon) is clipped over together and stepped one after another."""
+    loss = forward_backward(placed, rt, batches, accum, scaler)
+    opts = as_list(optimizer) if optimizer is not None else []
+    if not opts:
+        return StepResult(loss, None, applied=False)
+    for opt in opts if scaler is not None else ():
+        scaler.unscale_(opt)
+    norm = grad_norm(placed.model, grad_clip)
+    # with a loss scale an inf norm is routine: the scaler skips that update and lowers the scale
+    applied = math.isfinite(loss) and (scaler is not None or math.isfinite(norm))
+    for opt in opts if applied else ():
+        if scaler is not None:
+            scaler.step(opt)  # skips the update itself on inf/nan gradients
+        else:
+            opt.step()
+    if scaler is not None:
+        scaler.update()  # once per step, after every optimizer: lowers the scale on inf/nan
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    return StepResult(loss, norm, applied=applied)
+
+
+def forward_backward(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     accum: int, scaler: torch.amp.GradScaler | None = None) -> float:
+    """Gradients of the mean loss over `accum` micro-batches, reduced over ranks once, after the
+    last; returns that mean loss (over every rank too)."""
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float32)
+    for micro, (x, y) in enumerate(batches):
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with _sync_context(placed, last=micro == accum - 1):
+            loss_sum += _guarded_micro_batch(placed, rt, x, y, accum, scaler)
+    dist.all_reduce_mean(loss_sum)
+    return float(loss_sum.item())
+
+
+def _micro_batch(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
+                 scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    compiled = placed.compiled and (placed.guard is None or placed.guard.active)
+    with rt.autocast():
+        # uncompiled, the output layer's loss is fused and chunked (model.FusedHeadLoss)
+        _, loss = placed.forward(x, y, return_logits=compiled)
+    loss = loss / accum
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach()
+
+
+def _guarded_micro_batch(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
+                         scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    """One micro-batch. The first one through a compiled model is guarded: if compiling its forward
+    or its backward fails, the gradients are dropped and the micro-batch runs again uncompiled."""
+    guard = placed.guard
+    if guard is None or guard.verified or not guard.active:
+        return _micro_batch(placed, rt, x, y, accum, scaler)
+    try:
+        loss = _micro_batch(placed, rt, x, y, accum, scaler)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        guard.fall_back(e)
+        placed.model.zero_grad(set_to_none=True)
+        loss = _micro_batch(placed, rt, x, y, accum, scaler)
+    guard.verified = True
+    placed.compiled = guard.active
+    return loss
+
+
+def _sync_context(placed: Placed, last: bool):
+    """Gradients are reduced once per step, after the last micro-batch."""
+    if placed.fsdp:
+        placed.model.set_requires_gradient_sync(last)
+    elif placed.ddp and not last:
+        return placed.forward.no_sync()
+    return contextlib.nullcontext()
+
+
+def grad_norm(model: torch.nn.Module, clip: float) -> float:
+    """The global gradient norm (clipped to `clip` when clip > 0)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def nonfinite_step(step: int, loss: float, norm: float | None, skipped: int, budget: int,
+                   good: Path | None) -> tuple[int, str]:
+    """The decision on a step whose loss or gradient norm is NaN/inf (its update was not applied).
+    Returns the new count of skipped steps and a line to show, or raises once more than `budget`
+    were skipped: the message names the last checkpoint whose weights gave a finite loss."""
+    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4f})"
+    skipped += 1
+    if skipped > budget:
+        where = f"; the last good checkpoint is {good}" if good else "; no checkpoint was saved yet"
+        allowed = f" after skipping {budget} (--skip-nonfinite {budget})" if budget else ""
+        raise UserError(f"{what} at step {step}: training stopped{allowed} "
+                        f"(try a lower --lr, --dtype fp32, or --skip-nonfinite N){where}")
+    return skipped, f"step {step}: {what}; update skipped ({skipped} of --skip-nonfinite {budget})"
+
+
+@torch.no_grad()
+def next_batch_loss(placed: Placed, rt: Runtime, loader: TrainLoader) -> float:
+    """The loss the current weights give on the first micro-batch of the next step (mean over
+    ranks), without moving the loader: eval mode, no gradients, no random numbers drawn. A
+    checkpoint is only written when this is finite. Collective under DDP/FSDP."""
+    position = loader.state_dict()
+    x, y = loader.next_batch()
+    loader.load_state_dict(position)
+    model = placed.model  # the parameters' owner; under FSDP its forward gathers the shards
+    was_training = model.training
+    model.eval()
+    try:
+        with rt.autocast():
+            _, loss = model(x.to(rt.device), y.to(rt.device), return_logits=False)
+    finally:
+        model.train(was_training)
+    loss = loss.detach().float().reshape(1)
+    if not torch.isfinite(loss).all():
+        loss.fill_(float("inf"))  # so that the mean over ranks is not finite either
+    dist.all_reduce_mean(loss)
+    return float(loss.item())
+
+
+# ----------------------------------------------------------------------------- the batch-size search
+
+def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: dist.DistEnv,
+                    probe: bool | None = None) -> int:
+    """The largest micro-batch that divides this rank's share of the global batch and fits in memory,
+    keeping the global batch by adjusting accumulation. The probe (on CUDA; `probe` overrides) runs
+    train_step on the placed model itself: compiled, fused loss, DDP- or FSDP-wrapped, exactly what
+    training runs, with AdamW's moments reserved. Memory is not the limit on a CPU, where it takes the
+    largest divisor up to 16. Not even one sequence fitting is an error, not a silent 1."""
+    T = placed.model.config.seq_len
+    seqs = total_batch_tokens // (T * env.world_size)
+    divisors = [b for b in range(seqs, 0, -1) if seqs % b == 0]
+    if probe is None:
+        probe = rt.device.type == "cuda"
+    if not probe:
+        return next(b for b in divisors if b <= 16)
+    for b in [d for d in divisors if d <= 1024]:
+        if _fits(placed, rt, env, b):
+            return b
+    raise UserError(f"--batch-size auto: not even one sequence of {T} tokens fits in {rt.device} memory "
+                    f"with this model; try a shorter --seq-len, --fsdp or a smaller model")
+
+
+def _reserve(placed: Placed, rt: Runtime) -> torch.Tensor:
+    """AdamW's two fp32 moments for this rank's parameters (its shards under FSDP)."""
+    n = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in placed.model.parameters())
+    return torch.empty(2 * n, dtype=torch.float32, device=rt.device)
+
+
+def _fits(placed: Placed, rt: Runtime, env: dist.DistEnv, b: int) -> bool:
+    """Does a forward and backward of b sequences fit, on every rank?"""
+    T, V = placed.model.config.seq_len, placed.model.config.vocab_size
+    ok = torch.ones(1, device=rt.device)
+    try:
+        reserve = _reserve(placed, rt)  # inside the try: the reserve alone may not fit
+        x = torch.randint(0, V, (b, T), device=rt.device)
+        train_step(placed, rt, [(x, x)], accum=1)
+        rt.synchronize()
+        del reserve, x
+    except torch.OutOfMemoryError:
+        ok.zero_()
+    placed.model.zero_grad(set_to_none=True)
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if env.is_distributed:
+        ok = ok.neg()  # every rank must choose the same size: the minimum of the flags
+        dist.all_reduce_max(ok)
+        ok = ok.neg()
+    return bool(ok.item() > 0)
 
 
 # ----------------------------------------------------------------------------- model
@@ -198,36 +389,57 @@ def _place_fsdp(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, ckpt: Path | N
     return place_sharded(model_cfg, rt, env, cfg.seed, full_state, init, cfg.compile_backend)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the Trainer
 
-@dataclass
-class Session:
-    """Everything one training run holds while it runs."""
+class Trainer:
+    """One training run: the placed model, its optimizers, data, checkpointer and logger, and the
+    loop over them. Built (or restored from `ckpt`) by the constructor; train() runs it."""
 
-    cfg: TrainConfig
-    rt: Runtime
-    env: dist.DistEnv
-    run: RunDir
-    placed: Placed
-    optimizers: list[torch.optim.Optimizer]
-    """[AdamW] or [AdamW, Muon] (optim.make_optimizers)"""
-    scaler: torch.amp.GradScaler | None
-    loader: TrainLoader
-    batch_size: int
-    accum: int
-    steps: int
-    warmup: int
-    step: int = 0
-    tokens: int = 0
-    logger: MetricsLogger | None = None
-    hellaswag_path: Path | None = None
-    tasks: Any = None
-    """harness.TaskRunner of --eval-tasks (rank 0), or None"""
-    saved: Path | None = None
-    saver: ckpt_mod.ShardedSaver | None = None
-    skipped: int = 0
-    """Steps whose update a non-finite loss or gradient norm kept out (--skip-nonfinite)."""
-    data_fp: str | None = None
+    def __init__(self, cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: Path | None):
+        self.cfg, self.rt, self.env, self.run = cfg, rt, env, run
+        self.placed = self._place(ckpt)
+        model = self.model
+        T = model.config.seq_len
+        self.batch_size = cfg.batch_size
+        if self.batch_size == "auto":
+            grad_accum_steps(cfg, T, env.world_size, 1)  # the global batch must split into sequences
+            self.batch_size = find_batch_size(self.placed, rt, cfg.total_batch_tokens, env)  # probes the placed model
+        self.accum = grad_accum_steps(cfg, T, env.world_size, self.batch_size)
+        self.loader = TrainLoader(cfg.data, seq_len=T, batch_size=self.batch_size, grad_accum=self.accum,
+                                  rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+                                  cache=cfg.data_cache, disk_budget=cfg.data_disk_budget)
+        self.steps = total_steps(cfg, self.loader)
+        self.warmup = warmup_for(cfg, self.steps)
+        if ckpt is not None and ckpt_mod.checkpoint_step(ckpt) > self.steps:  # before config.json is rewritten
+            raise UserError(f"{ckpt} is at step {ckpt_mod.checkpoint_step(ckpt)}, past the {self.steps} steps "
+                            f"asked for (--max-steps, --max-tokens or --epochs); ask for more steps to continue the run")
+        if env.is_main:
+            run.create()
+            run.write_config(model.config.to_dict(), cfg.to_dict())
+        dist.barrier()
+        self.optimizers: list[torch.optim.Optimizer] = make_optimizers(model, cfg, rt.device.type)
+        """[AdamW] or [AdamW, Muon] (optim.make_optimizers)"""
+        self.scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
+        self.checkpointer = Checkpointer(run, cfg.keep_checkpoints, env.rank, sharded=self.placed.fsdp)
+        self.step = self.tokens = 0
+        self.skipped = 0
+        """Steps whose update a non-finite loss or gradient norm kept out (--skip-nonfinite)."""
+        self.data_fp = None if is_remote(cfg.data) else data_fingerprint(cfg.data)  # streams are verified as fetched
+        if ckpt is not None:
+            self.restore(ckpt)
+        else:
+            torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ across ranks
+            random.seed(cfg.seed + env.rank)
+        self.logger: MetricsLogger | None = None
+        if env.is_main:
+            self.logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                        wandb_project=cfg.wandb_project, resume=ckpt is not None,
+                                        resume_step=self.step if ckpt is not None else None,
+                                        config={"model": model.config.to_dict(), "train": cfg.to_dict()})
+            self._announce(model.num_params(), ckpt)
+        self.hellaswag_path = self._find_hellaswag() if cfg.hellaswag else None
+        self.tasks = _task_runner(cfg) if cfg.eval_tasks and env.is_main else None
+        """harness.TaskRunner of --eval-tasks (rank 0), or None"""
 
     @property
     def model(self) -> GPT:
@@ -237,6 +449,256 @@ class Session:
         if self.env.is_main:
             tqdm.write(msg, file=sys.stderr)  # above the progress bar, which is on stderr too
 
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        """Steps until the budget, a signal or (with --overfit-batch) a near-zero loss; evaluation and
+        checkpoints at their intervals; plots at the end."""
+        cfg = self.cfg
+        last_loss = val_loss = stopped_by = None
+        fixed = [self.loader.next_batch() for _ in range(self.accum)] if cfg.overfit_batch else None
+        with StopFlag() as stop:
+            bar = progress_bar(self.steps, self.step, self.env.is_main)
+            try:
+                while self.step < self.steps:
+                    last_loss = self.train_step(fixed, bar)
+                    self.checkpointer.poll()  # publish a background save that has finished
+                    if cfg.overfit_batch and last_loss < 0.05:
+                        self.say(f"step {self.step}: overfit loss {last_loss:.4f} is near zero: the model can learn")
+                        break
+                    last_step = self.step == self.steps
+                    if self.should_validate(self.step, last_step):
+                        val_loss = self.evaluate()
+                    stop_now = _agree_to_stop(stop.signal is not None, self.env)
+                    if self.should_checkpoint(self.step, last_step) or stop_now:
+                        self.save(wait=last_step or stop_now)
+                    if stop_now:
+                        stopped_by = stop.signal or "a signal on another rank"
+                        self.say(f"stopped by {stopped_by} at step {self.step}; checkpoint saved to "
+                                 f"{self.checkpointer.last}. Continue with: gptlab train --out {self.run.path} --resume")
+                        break
+            finally:
+                bar.close()
+                if self.logger is not None:
+                    self.logger.close()
+        if cfg.overfit_batch and self.checkpointer.last is None:
+            self.save()
+        self.checkpointer.wait()
+        if self.env.is_main and stopped_by is None:
+            try:
+                plot_run(self.run.path)
+            except UserError as e:
+                print(f"gptlab train: plots skipped: {e}", file=sys.stderr)
+        return TrainResult(run_dir=self.run.path, steps=self.step, final_loss=last_loss, val_loss=val_loss,
+                           stopped_by=stopped_by, checkpoint=self.checkpointer.last)
+
+    def should_validate(self, step: int, last_step: bool = False) -> bool:
+        return self.cfg.eval_every > 0 and (step % self.cfg.eval_every == 0 or last_step)
+
+    def should_checkpoint(self, step: int, last_step: bool = False) -> bool:
+        return (self.cfg.checkpoint_every > 0 and step % self.cfg.checkpoint_every == 0) or last_step
+
+    def train_step(self, fixed: list | None, bar) -> float:
+        """One optimizer step at the scheduled learning rate (train_step), its non-finite decision
+        and its bookkeeping (step, tokens, one log record); returns its loss."""
+        cfg = self.cfg
+        t0 = time.time()
+        # the schedule as a factor of each group's own peak (--lr for AdamW, --muon-lr for Muon)
+        factor = lr_at(self.step, schedule=cfg.schedule, max_lr=1.0, total_steps=self.steps,
+                       warmup_steps=self.warmup, min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
+        scale_lr(self.optimizers, factor)
+        self.placed.forward.train()
+        batches = fixed if fixed is not None else (self.loader.next_batch() for _ in range(self.accum))
+        out = train_step(self.placed, self.rt, batches, self.accum, self.optimizers, self.scaler, cfg.grad_clip)
+        if not out.applied:  # a non-finite loss or norm: no update was applied; skip it or stop
+            self.skipped, note = nonfinite_step(self.step + 1, out.loss, out.grad_norm, self.skipped,
+                                                cfg.skip_nonfinite, self.checkpointer.last_good())
+            self.say(note)
+        self.rt.synchronize()
+        self.step += 1
+        self.tokens += cfg.total_batch_tokens
+        self._log_step(out, cfg.lr * factor, time.time() - t0, bar)
+        return out.loss
+
+    def _log_step(self, out: StepResult, lr: float, dt: float, bar) -> None:
+        if self.logger is None:
+            return
+        tok_s = self.cfg.total_batch_tokens / dt if dt > 0 else 0.0
+        peak = self.rt.peak_flops()
+        mcfg = self.model.config
+        mfu = mcfg.flops_per_token(mcfg.seq_len) * tok_s / (peak * self.env.world_size) if peak else None
+        self.logger.log({"step": self.step, "kind": "train", "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
+                         "tokens": self.tokens, "tok_per_s": tok_s, "mfu": mfu, "time": time.time(),
+                         "epoch": self.loader.epoch, **({} if out.applied else {"skipped": True})})
+        post = {"loss": f"{out.loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+        if mfu is not None:
+            post["mfu"] = f"{100 * mfu:.1f}%"
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, wait: bool = True) -> Path | None:
+        """A checkpoint of this step (collective: see Checkpointer.save), only if its weights give a
+        finite loss on the next batch: a checkpoint kept as good never holds weights that an
+        exploding update made. Returns the newest good checkpoint."""
+        loss = next_batch_loss(self.placed, self.rt, self.loader)
+        if not math.isfinite(loss):
+            msg = (f"step {self.step}: not checkpointed, its weights give a loss of {loss} on the next batch; "
+                   f"the last good checkpoint is {self.checkpointer.last_good()}")
+            if self.step == self.steps or self.cfg.overfit_batch:
+                raise UserError(msg)  # no later step will be saved
+            self.say(msg)
+            return self.checkpointer.last
+        state = TrainState(step=self.step, tokens=self.tokens, nonfinite_skipped=self.skipped,
+                           data_fingerprint=self.data_fp, loader=self.loader.state_dict(),
+                           grad_scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                           config={"model": self.model.config.to_dict(), "train": self.cfg.to_dict()},
+                           world_size=self.env.world_size, rng=ckpt_mod.all_rng_states())
+        return self.checkpointer.save(self.step, self.model, self.optimizers, state, wait=wait)
+
+    def restore(self, ckpt: Path) -> None:
+        """Optimizer, data position, step, loss scale and RNG states from a checkpoint."""
+        sharded = ckpt_mod.is_sharded_checkpoint(ckpt)
+        shapes = None if sharded else {n: tuple(p.shape) for n, p in self.model.named_parameters()}
+        state, opt_tensors = ckpt_mod.read_train_state(ckpt, param_shapes=shapes)  # checked, or refused
+        if state.data_fingerprint not in (None, self.data_fp):
+            raise UserError(f"{self.cfg.data} holds other data than this run was trained on (content fingerprint "
+                            f"{self.data_fp}, saved {state.data_fingerprint}); resume with the original data")
+        if sharded:  # weights and optimizer, resharded to this world size
+            ckpt_mod.load_sharded_checkpoint(ckpt, self.model, self.optimizers[0], state.to_json())  # AdamW alone
+        else:
+            load_optimizer(self.placed, self.optimizers, ckpt_mod.optimizer_from_files(opt_tensors, state.optimizer))
+        self.loader.load_state_dict(state.loader)
+        self.step, self.tokens, self.skipped = state.step, state.tokens, state.nonfinite_skipped
+        if self.scaler is not None and state.grad_scaler:
+            self.scaler.load_state_dict(state.grad_scaler)
+        state.restore_rng(self.env.rank, self.env.world_size, self.cfg.seed)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _place(self, ckpt: Path | None) -> Placed:
+        """The model, built or read from `ckpt`, placed: FSDP (no full model on any rank), else
+        DDP or one process. Sharded weights are read once placed (restore)."""
+        cfg = self.cfg
+        if cfg.fsdp:
+            return _place_fsdp(cfg, self.rt, self.env, ckpt)
+        if ckpt is not None:
+            model = GPT(ckpt_mod.read_model_config(ckpt))
+            if not ckpt_mod.is_sharded_checkpoint(ckpt):
+                ckpt_mod.load_checkpoint_weights(ckpt, model)
+        else:
+            model = build_model(cfg)
+        return place(model, self.rt, self.env, compile_backend=cfg.compile_backend)
+
+    def _announce(self, n_params: int, ckpt: Path | None) -> None:
+        cfg, T, world = self.cfg, self.model.config.seq_len, self.env.world_size
+        if cfg.batch_size == "auto":
+            print(f"gptlab train: --batch-size auto chose {self.batch_size}", file=sys.stderr)
+        print(f"gptlab train: {n_params / 1e6:.2f}M parameters, {self.rt.describe()}, {world} rank(s)",
+              file=sys.stderr)
+        print(f"gptlab train: {self.steps} steps of {cfg.total_batch_tokens:,} tokens "
+              f"(batch {self.batch_size} x seq {T} x accum {self.accum} x ranks {world}); "
+              f"{self.loader.tokens_per_epoch:,} train tokens per epoch; run dir {self.run.path}", file=sys.stderr)
+        if ckpt is not None:
+            print(f"gptlab train: resumed from {ckpt} at step {self.step}", file=sys.stderr)
+
+    def _find_hellaswag(self) -> Path | None:
+        try:
+            return hellaswag.find_hellaswag(self.cfg.hellaswag_file, download=False)
+        except UserError as e:
+            self.say(f"HellaSwag skipped during training: {e}")
+            return None
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> float | None:
+        """Validation loss, HellaSwag and samples at this step, logged; returns the val loss."""
+        cfg, env, step, rt = self.cfg, self.env, self.step, self.rt
+        self.model.eval()
+        val_loss = None
+        try:
+            res = evaluate.evaluate_val_loss(self.model, self.loader.val_split(), device=rt.device, seq_len=self.model.config.seq_len,
+                                             batch_size=self.batch_size, max_tokens=self._val_tokens(),
+                                             autocast=rt.autocast)
+            val_loss = res["loss"]
+            self._log({"step": step, "kind": "val", "loss": val_loss, "tokens": self.tokens,
+                       "perplexity": res.get("perplexity"), "eval_tokens": res.get("tokens")})
+            self.say(f"step {step}: val loss {val_loss:.4f}")
+        except UserError as e:
+            self.say(f"step {step}: val loss skipped: {e}")
+        if self.hellaswag_path is not None:  # every rank takes part (under FSDP each forward is a collective)
+            hs = hellaswag.evaluate_hellaswag(self.model, self.hellaswag_path, device=rt.device, limit=cfg.hellaswag_limit,
+                                              batch_size=max(1, self.batch_size // 4), autocast=rt.autocast,
+                                              show_progress=False)
+            self._log({"step": step, "kind": "hellaswag", "tokens": self.tokens,
+                       "completion": hs["completion"], "harness": hs["harness"]})
+            self.say(f"step {step}: hellaswag acc_norm {hs['completion']['acc_norm']:.4f} (completion), "
+                     f"{hs['harness']['acc_norm']:.4f} (harness), n={hs['completion']['n']}")
+        if cfg.eval_tasks:
+            self._evaluate_tasks()
+        if cfg.sample_tokens > 0 and (env.is_main or cfg.fsdp):
+            # under FSDP every rank takes part in the sharded forward passes; rank 0 writes
+            self._write_samples()
+        self.model.train()
+        return val_loss
+
+    def _log(self, record: dict) -> None:
+        if self.logger is not None:
+            self.logger.log(record)
+
+    def _evaluate_tasks(self) -> None:
+        """--eval-tasks on rank 0 (the harness runs in one process), logged as a "tasks" record; the
+        other ranks wait for it."""
+        if self.tasks is not None:
+            metrics = self.tasks.run_during_training(ckpt_mod.raw_model(self.model), self.rt.device,
+                                                     self.rt.dtype_name)
+            self._log({"step": self.step, "kind": "tasks", "tokens": self.tokens, "tasks": metrics})
+            for task, row in metrics.items():
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if "stderr" not in k)
+                self.say(f"step {self.step}: {task}: {shown}")
+        dist.barrier()
+
+    def _val_tokens(self) -> int:
+        """Validation tokens per evaluation. A sharded forward is a collective, so under FSDP every rank
+        must run the same number of batches: round down to whole rounds over the ranks."""
+        if not self.cfg.fsdp:
+            return self.cfg.eval_tokens
+        T, per_round = self.model.config.seq_len, self.env.world_size * self.batch_size
+        n = val_windows(self.loader.val_split(), seq_len=T, max_tokens=self.cfg.eval_tokens)
+        n = n // per_round * per_round
+        if n == 0:
+            raise UserError(f"the val split has fewer than {per_round} windows for FSDP")
+        return n * T
+
+    def _write_samples(self) -> None:
+        tok = get_tokenizer()
+        # sampling has its own generator: it never touches the training RNG
+        gen = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed + self.step)
+        lines = [f"=== step {self.step} ==="]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a tiny context may not hold the whole sample: that is fine here
+            for prompt in SAMPLE_PROMPTS:
+                ids = [tok.eot] + tok.encode(prompt)
+                for new in generate_ids(self.model, ids, num_samples=self.cfg.num_samples,
+                                        max_new_tokens=self.cfg.sample_tokens, temperature=1.0, top_k=50,
+                                        generator=gen, cache_dtype=cache_dtype(self.placed, self.rt)):
+                    if new and new[-1] == tok.eot:
+                        new = new[:-1]
+                    lines.append(prompt + tok.decode(new))
+                    lines.append("---")
+        if self.env.is_main:
+            with open(self.run.samples_path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+
+
+def cache_dtype(placed: Placed, rt: Runtime) -> torch.dtype | None:
+    """Under FSDP with bf16/fp16 parameters, attention computes in that dtype, not in the fp32 of the
+    sharded parameters: the KV cache must follow it. Otherwise the parameters' dtype (None)."""
+    return rt.dtype if placed.fsdp and rt.dtype != torch.float32 else None
+
+
+# ----------------------------------------------------------------------------- the entry point
 
 def train(cfg: TrainConfig, resume: bool | str = False, resume_flags: dict[str, Any] | None = None) -> TrainResult:
     """Train a GPT-2 as `cfg` says. With resume, cfg.out names the run to continue. With
@@ -257,7 +719,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, resume_flags: dict[str, 
         env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
         rt.device = env.device(rt.device)
         try:
-            return _loop(_setup(cfg, rt, env, run, ckpt))
+            return Trainer(cfg, rt, env, run, ckpt).train()
         finally:
             dist.shutdown()
     finally:
@@ -296,59 +758,6 @@ def _resolve_run(cfg: TrainConfig, run: RunDir, resume: bool | str, flags: dict[
     return cfg, ckpt
 
 
-def _setup(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, run: RunDir, ckpt: Path | None) -> Session:
-    """Build (or restore) the model, the data, the optimizer and the logger."""
-    placed = None
-    if cfg.fsdp:
-        placed = _place_fsdp(cfg, rt, env, ckpt)  # no full model on any rank
-        model = placed.model
-    elif ckpt is not None:
-        model = GPT(ckpt_mod.read_model_config(ckpt))
-        if not ckpt_mod.is_sharded_checkpoint(ckpt):  # sharded weights are read once placed (_restore)
-            ckpt_mod.load_checkpoint_weights(ckpt, model)
-    else:
-        model = build_model(cfg)
-    T = model.config.seq_len
-    n_params = model.num_params()
-    if placed is None:
-        placed = place(model, rt, env, compile_backend=cfg.compile_backend)
-    batch_size = cfg.batch_size
-    if batch_size == "auto":
-        grad_accum_steps(cfg, T, env.world_size, 1)  # the global batch must split into sequences
-        batch_size = find_batch_size(placed, rt, cfg.total_batch_tokens, env)  # probes the placed model
-    accum = grad_accum_steps(cfg, T, env.world_size, batch_size)
-    loader = TrainLoader(cfg.data, seq_len=T, batch_size=batch_size, grad_accum=accum,
-                         rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-                         cache=cfg.data_cache, disk_budget=cfg.data_disk_budget)
-    steps = total_steps(cfg, loader)
-    if ckpt is not None and ckpt_mod.checkpoint_step(ckpt) > steps:  # before config.json is rewritten
-        raise UserError(f"{ckpt} is at step {ckpt_mod.checkpoint_step(ckpt)}, past the {steps} steps asked for "
-                        f"(--max-steps, --max-tokens or --epochs); ask for more steps to continue the run")
-    if env.is_main:
-        run.create()
-        run.write_config(model.config.to_dict(), cfg.to_dict())
-    dist.barrier()
-    optimizers = make_optimizers(model, cfg, rt.device.type)
-    scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
-    s = Session(cfg, rt, env, run, placed, optimizers, scaler, loader, batch_size, accum, steps,
-                warmup_for(cfg, steps),
-                data_fp=None if is_remote(cfg.data) else guards.data_fingerprint(cfg.data))  # streams are verified as fetched
-    if ckpt is not None:
-        _restore(s, ckpt)
-    else:
-        torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ across ranks
-        random.seed(cfg.seed + env.rank)
-    if env.is_main:
-        s.logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-                                 wandb_project=cfg.wandb_project, resume=ckpt is not None,
-                                 resume_step=s.step if ckpt is not None else None,
-                                 config={"model": model.config.to_dict(), "train": cfg.to_dict()})
-        _announce(s, n_params, ckpt)
-    s.hellaswag_path = _find_hellaswag(s) if cfg.hellaswag else None
-    s.tasks = _task_runner(cfg) if cfg.eval_tasks and env.is_main else None
-    return s
-
-
 def _task_runner(cfg: TrainConfig):
     """--eval-tasks checked before the first step: the harness installed, every task known."""
     tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
@@ -358,278 +767,3 @@ def _task_runner(cfg: TrainConfig):
         raise UserError(f"{cfg.eval_include_path}: no such task directory (--eval-include-path)")
     harness = require_extra("gptlab.harness", "eval", "--eval-tasks needs lm-evaluation-harness")
     return harness.TaskRunner(tasks, include_path=cfg.eval_include_path, limit=cfg.eval_tasks_limit or None)
-
-
-def _restore(s: Session, ckpt: Path) -> None:
-    """Optimizer, data position, step, loss scale and RNG states from a checkpoint."""
-    sharded = ckpt_mod.is_sharded_checkpoint(ckpt)
-    shapes = None if sharded else {n: tuple(p.shape) for n, p in s.model.named_parameters()}
-    state, opt_tensors = ckpt_mod.load_checkpoint_state(ckpt, param_shapes=shapes)  # checked, or refused
-    if state.get("data_fingerprint", s.data_fp) != s.data_fp:
-        raise UserError(f"{s.cfg.data} holds other data than this run was trained on (content fingerprint "
-                        f"{s.data_fp}, saved {state['data_fingerprint']}); resume with the original data")
-    if sharded:  # weights and optimizer, resharded to this world size
-        ckpt_mod.load_sharded_checkpoint(ckpt, s.placed.model, s.optimizers[0], state)  # AdamW alone
-    else:
-        load_optimizer(s.placed, s.optimizers, ckpt_mod.optimizer_from_files(opt_tensors, state["optimizer"]))
-    s.loader.load_state_dict(state["loader"])
-    s.step, s.tokens = state["step"], state["tokens"]
-    s.skipped = state.get("nonfinite_skipped", 0)
-    if s.scaler is not None and state.get("grad_scaler"):
-        s.scaler.load_state_dict(state["grad_scaler"])
-    # RNG states are per rank; a resume on another world size reseeds the extra ranks
-    rngs = state.get("rng", [])
-    if s.env.rank < len(rngs) and state.get("world_size") == s.env.world_size:
-        set_rng_state(rngs[s.env.rank])
-    else:
-        torch.manual_seed(s.cfg.seed + s.env.rank + s.step)
-
-
-def _announce(s: Session, n_params: int, ckpt: Path | None) -> None:
-    cfg, T = s.cfg, s.model.config.seq_len
-    if cfg.batch_size == "auto":
-        print(f"gptlab train: --batch-size auto chose {s.batch_size}", file=sys.stderr)
-    print(f"gptlab train: {n_params / 1e6:.2f}M parameters, {s.rt.describe()}, {s.env.world_size} rank(s)",
-          file=sys.stderr)
-    print(f"gptlab train: {s.steps} steps of {cfg.total_batch_tokens:,} tokens "
-          f"(batch {s.batch_size} x seq {T} x accum {s.accum} x ranks {s.env.world_size}); "
-          f"{s.loader.tokens_per_epoch:,} train tokens per epoch; run dir {s.run.path}", file=sys.stderr)
-    if ckpt is not None:
-        print(f"gptlab train: resumed from {ckpt} at step {s.step}", file=sys.stderr)
-
-
-def _loop(s: Session) -> TrainResult:
-    """Steps until the budget, a signal or (with --overfit-batch) a near-zero loss; evaluation and
-    checkpoints at their intervals; plots at the end."""
-    cfg = s.cfg
-    last_loss: float | None = None
-    val_loss: float | None = None
-    stopped_by: str | None = None
-    fixed = [s.loader.next_batch() for _ in range(s.accum)] if cfg.overfit_batch else None
-    with StopFlag() as stop:
-        bar = progress_bar(s.steps, s.step, s.env.is_main)
-        try:
-            while s.step < s.steps:
-                last_loss = _step(s, fixed, bar)
-                if s.saver is not None:
-                    s.saver.poll()  # publish a background save that has finished
-                if cfg.overfit_batch and last_loss < 0.05:
-                    s.say(f"step {s.step}: overfit loss {last_loss:.4f} is near zero: the model can learn")
-                    break
-                last = s.step == s.steps
-                if cfg.eval_every > 0 and (s.step % cfg.eval_every == 0 or last):
-                    val_loss = _evaluate(s)
-                stop_now = _agree_to_stop(stop.signal is not None, s.env)
-                if (cfg.checkpoint_every > 0 and s.step % cfg.checkpoint_every == 0) or last or stop_now:
-                    s.saved = _save(s, wait=last or stop_now)
-                if stop_now:
-                    stopped_by = stop.signal or "a signal on another rank"
-                    s.say(f"stopped by {stopped_by} at step {s.step}; checkpoint saved to {s.saved}. "
-                          f"Continue with: gptlab train --out {s.run.path} --resume")
-                    break
-        finally:
-            bar.close()
-            if s.logger is not None:
-                s.logger.close()
-    if cfg.overfit_batch and s.saved is None:
-        s.saved = _save(s)
-    if s.saver is not None:
-        s.saver.wait()
-    if s.env.is_main and stopped_by is None:
-        try:
-            plot_run(s.run.path)
-        except UserError as e:
-            print(f"gptlab train: plots skipped: {e}", file=sys.stderr)
-    return TrainResult(run_dir=s.run.path, steps=s.step, final_loss=last_loss, val_loss=val_loss,
-                       stopped_by=stopped_by, checkpoint=s.saved)
-
-
-def _step(s: Session, fixed: list | None, bar) -> float:
-    """One optimizer step at the scheduled learning rate, logged; returns its loss."""
-    cfg = s.cfg
-    t0 = time.time()
-    # the schedule as a factor of each group's own peak (--lr for AdamW, --muon-lr for Muon)
-    factor = lr_at(s.step, schedule=cfg.schedule, max_lr=1.0, total_steps=s.steps, warmup_steps=s.warmup,
-                   min_lr_ratio=cfg.min_lr_ratio, decay_frac=cfg.decay_frac)
-    scale_lr(s.optimizers, factor)
-    lr = cfg.lr * factor
-    s.placed.forward.train()
-    batches = fixed if fixed is not None else (s.loader.next_batch() for _ in range(s.accum))
-    out = train_step(s.placed, s.rt, batches, s.accum, s.optimizers, s.scaler, cfg.grad_clip)
-    if not out.applied:  # a non-finite loss or norm: no update was applied; skip it or stop
-        s.skipped, note = guards.nonfinite_step(s.step + 1, out.loss, out.grad_norm, s.skipped,
-                                                cfg.skip_nonfinite, s.saved or s.run.latest_checkpoint())
-        s.say(note)
-    s.rt.synchronize()
-    s.step += 1
-    s.tokens += cfg.total_batch_tokens
-    dt = time.time() - t0
-    tok_s = cfg.total_batch_tokens / dt if dt > 0 else 0.0
-    peak = s.rt.peak_flops()
-    mfu = (s.model.config.flops_per_token(s.model.config.seq_len) * tok_s / (peak * s.env.world_size)
-           if peak else None)
-    if s.logger is not None:
-        s.logger.log({"step": s.step, "kind": "train", "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
-                      "tokens": s.tokens, "tok_per_s": tok_s, "mfu": mfu, "time": time.time(),
-                      "epoch": s.loader.epoch, **({} if out.applied else {"skipped": True})})
-        post = {"loss": f"{out.loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
-        if mfu is not None:
-            post["mfu"] = f"{100 * mfu:.1f}%"
-        bar.set_postfix(post, refresh=False)
-        bar.update(1)
-    return out.loss
-
-
-def _save(s: Session, wait: bool = True) -> Path | None:
-    """A checkpoint of this step (collective: every rank takes part, rank 0 writes; under FSDP every
-    rank writes its shard, in the background unless `wait`), only if its weights give a finite loss
-    on the next batch: a checkpoint kept as good never holds weights that an exploding update made.
-    Returns the newest good checkpoint."""
-    loss = guards.next_batch_loss(s.placed, s.rt, s.loader)
-    if not math.isfinite(loss):
-        good = s.saved or s.run.latest_checkpoint()
-        msg = (f"step {s.step}: not checkpointed, its weights give a loss of {loss} on the next batch; "
-               f"the last good checkpoint is {good}")
-        if s.step == s.steps or s.cfg.overfit_batch:
-            raise UserError(msg)  # no later step will be saved
-        s.say(msg)
-        return s.saved
-    state = {
-        "step": s.step,
-        "tokens": s.tokens,
-        "nonfinite_skipped": s.skipped,
-        "data_fingerprint": s.data_fp,
-        "loader": s.loader.state_dict(),
-        "grad_scaler": s.scaler.state_dict() if s.scaler is not None else None,
-        "config": {"model": s.model.config.to_dict(), "train": s.cfg.to_dict()},
-        "world_size": s.env.world_size,
-    }
-    # every rank's RNG state, so a same-size resume is exact on every rank
-    local = rng_state()
-    rngs = [local]
-    if s.env.is_distributed:
-        rngs = [None] * s.env.world_size
-        torch.distributed.all_gather_object(rngs, local)
-    state["rng"] = rngs
-    if s.placed.fsdp:
-        if s.saver is None:
-            s.saver = ckpt_mod.ShardedSaver(s.run, s.cfg.keep_checkpoints, s.env.rank)
-        return s.saver.save(s.run.checkpoint_path(s.step), s.model, s.optimizers[0], state, wait=wait)  # AdamW alone
-    weights, opt_state = gather_state(s.placed, s.optimizers)
-    path = None
-    if s.env.is_main:
-        try:
-            path = ckpt_mod.save_checkpoint(s.run.checkpoint_path(s.step), s.model, opt_state, state,
-                                            weights=weights)
-        except DiskFullError as e:
-            good = s.saved or s.run.latest_checkpoint()
-            raise UserError(f"{e}; step {s.step} was not checkpointed, the last checkpoint {good} is intact. "
-                            f"Free some space, then continue with: gptlab train --out {s.run.path} --resume") from None
-        s.run.mark_latest(path)
-        s.run.prune(s.cfg.keep_checkpoints)
-    dist.barrier()
-    return path
-
-
-def _agree_to_stop(local: bool, env: dist.DistEnv) -> bool:
-    if not env.is_distributed:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0])
-    if dist.is_initialized() and torch.distributed.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce_max(flag)
-    return bool(flag.item() > 0)
-
-
-def _find_hellaswag(s: Session) -> Path | None:
-    try:
-        return hellaswag.find_hellaswag(s.cfg.hellaswag_file, download=False)
-    except UserError as e:
-        s.say(f"HellaSwag skipped during training: {e}")
-        return None
-
-
-def _evaluate(s: Session) -> float | None:
-    """Validation loss, HellaSwag and samples at this step, logged; returns the val loss."""
-    cfg, env, step = s.cfg, s.env, s.step
-    s.model.eval()
-    val_loss = None
-    try:
-        res = evaluate.evaluate_val_loss(s.model, s.loader.val_split(), device=s.rt.device, seq_len=s.model.config.seq_len,
-                                         batch_size=s.batch_size, max_tokens=_val_tokens(s),
-                                         autocast=s.rt.autocast)
-        val_loss = res["loss"]
-        if s.logger is not None:
-            s.logger.log({"step": step, "kind": "val", "loss": val_loss, "tokens": s.tokens,
-                          "perplexity": res.get("perplexity"), "eval_tokens": res.get("tokens")})
-        s.say(f"step {step}: val loss {val_loss:.4f}")
-    except UserError as e:
-        s.say(f"step {step}: val loss skipped: {e}")
-    if s.hellaswag_path is not None:  # every rank takes part (under FSDP each forward is a collective)
-        hs = hellaswag.evaluate_hellaswag(s.model, s.hellaswag_path, device=s.rt.device, limit=cfg.hellaswag_limit,
-                                          batch_size=max(1, s.batch_size // 4), autocast=s.rt.autocast,
-                                          show_progress=False)
-        if s.logger is not None:
-            s.logger.log({"step": step, "kind": "hellaswag", "tokens": s.tokens,
-                          "completion": hs["completion"], "harness": hs["harness"]})
-        s.say(f"step {step}: hellaswag acc_norm {hs['completion']['acc_norm']:.4f} (completion), "
-              f"{hs['harness']['acc_norm']:.4f} (harness), n={hs['completion']['n']}")
-    if cfg.eval_tasks:
-        _evaluate_tasks(s)
-    if cfg.sample_tokens > 0 and (env.is_main or cfg.fsdp):
-        # under FSDP every rank takes part in the sharded forward passes; rank 0 writes
-        _write_samples(s)
-    s.model.train()
-    return val_loss
-
-
-def _evaluate_tasks(s: Session) -> None:
-    """--eval-tasks on rank 0 (the harness runs in one process), logged as a "tasks" record; the
-    other ranks wait for it."""
-    if s.tasks is not None:
-        metrics = s.tasks.run_during_training(ckpt_mod.raw_model(s.model), s.rt.device, s.rt.dtype_name)
-        if s.logger is not None:
-            s.logger.log({"step": s.step, "kind": "tasks", "tokens": s.tokens, "tasks": metrics})
-        for task, row in metrics.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if "stderr" not in k)
-            s.say(f"step {s.step}: {task}: {shown}")
-    dist.barrier()
-
-
-def _val_tokens(s: Session) -> int:
-    """Validation tokens per evaluation. A sharded forward is a collective, so under FSDP every rank
-    must run the same number of batches: round down to whole rounds over the ranks."""
-    if not s.cfg.fsdp:
-        return s.cfg.eval_tokens
-    T = s.model.config.seq_len
-    n = val_windows(s.loader.val_split(), seq_len=T, max_tokens=s.cfg.eval_tokens)
-    n = n // (s.env.world_size * s.batch_size) * (s.env.world_size * s.batch_size)
-    if n == 0:
-        raise UserError(f"the val split has fewer than {s.env.world_size * s.batch_size} windows for FSDP")
-    return n * T
-
-
-def _cache_dtype(s: Session) -> torch.dtype | None:
-    """Under FSDP with bf16/fp16 parameters, attention computes in that dtype, not in the fp32 of the
-    sharded parameters: the KV cache must follow it. Otherwise the parameters' dtype (None)."""
-    return s.rt.dtype if s.placed.fsdp and s.rt.dtype != torch.float32 else None
-
-
-def _write_samples(s: Session) -> None:
-    tok = get_tokenizer()
-    # sampling has its own generator: it never touches the training RNG
-    gen = torch.Generator(device=s.rt.device).manual_seed(s.cfg.seed + s.step)
-    lines = [f"=== step {s.step} ==="]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a tiny context may not hold the whole sample: that is fine here
-        for prompt in SAMPLE_PROMPTS:
-            ids = [tok.eot] + tok.encode(prompt)
-            for new in generate_ids(s.model, ids, num_samples=s.cfg.num_samples, max_new_tokens=s.cfg.sample_tokens,
-                                    temperature=1.0, top_k=50, generator=gen, cache_dtype=_cache_dtype(s)):
-                if new and new[-1] == tok.eot:
-                    new = new[:-1]
-                lines.append(prompt + tok.decode(new))
-                lines.append("---")
-    if s.env.is_main:
-        with open(s.run.samples_path, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
