@@ -50,14 +50,14 @@ def unbroken(data_dir, tmp_path_factory) -> dict[int, float]:
 
 def sigterm_at_step(monkeypatch, step: int) -> None:
     """A real SIGTERM to this process right after `step` (the loop saves there and stops)."""
-    real = train_mod._step
+    real = train_mod.Trainer.train_step
 
-    def step_then_signal(s, fixed, bar):
-        loss = real(s, fixed, bar)
-        if s.step == step:
+    def step_then_signal(trainer, fixed, bar):
+        loss = real(trainer, fixed, bar)
+        if trainer.step == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return loss
-    monkeypatch.setattr(train_mod, "_step", step_then_signal)
+    monkeypatch.setattr(train_mod.Trainer, "train_step", step_then_signal)
 
 
 def test_the_same_command_twice_continues_exactly(data_dir, tmp_path, unbroken, monkeypatch, capsys):
