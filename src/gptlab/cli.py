@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -80,6 +82,48 @@ def batch_size_arg(text: str):
     if text == "auto":
         return text
     return positive_int(text)
+
+
+def _flush_stdout() -> None:
+    """Flush what sits in sys.stdout's, the original sys.stdout's and C stdio's buffers."""
+    for stream in {id(s): s for s in (sys.stdout, sys.__stdout__) if s is not None}.values():
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def json_stdout(as_json: bool):
+    """--json: stdout carries one JSON document and nothing else. Yields the stream to write the
+    document on; for the duration, every other write to stdout goes to stderr: print() and
+    sys.stdout (as libraries such as lm-eval use), descriptor 1 itself, and whatever still holds the
+    stdout of import time (logging handlers, C stdio). Without as_json: sys.stdout, unchanged.
+    When sys.stdout is not descriptor 1 (a caller's redirect, pytest's capsys), the document goes
+    to it and descriptor 1 is left alone."""
+    doc = sys.stdout
+    if not as_json:
+        yield doc
+        return
+    try:
+        on_fd1 = doc.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        on_fd1 = False
+    if on_fd1:
+        _flush_stdout()
+        doc = os.fdopen(os.dup(1), "w", encoding="utf-8", closefd=True)
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield doc
+    finally:
+        if on_fd1:
+            _flush_stdout()  # text buffered meanwhile belongs to stderr
+            os.dup2(doc.fileno(), 1)
+            with contextlib.suppress(BrokenPipeError):
+                doc.close()
 
 
 # how a flag's text becomes a value, by the names config.option's `parse` takes ("text": kept as typed)
@@ -158,6 +202,11 @@ def _read_prompts(cfg) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    with json_stdout(args.json) as out:
+        return _sample(args, out)
+
+
+def _sample(args: argparse.Namespace, out) -> int:
     import torch
 
     from gptlab.checkpoint import load_model
@@ -177,7 +226,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         model.to(rt.dtype)  # inference only: weights and KV cache in the compute dtype
     status(f"{where}: {model.num_params() / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
     tok = get_tokenizer()
-    out = sys.stdout
     stream = not cfg.json and len(shown) * opts["num_samples"] == 1
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can split a character
 
@@ -356,9 +404,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(**given(config_flags(args, EvalConfig)))
     names = cfg.task_names()
     tasks = None if names is None else TaskOptions(names, cfg.include_path, cfg.num_fewshot)
-    run_eval(cfg.model, hellaswag=cfg.hellaswag, hellaswag_file=cfg.hellaswag_file, split=cfg.split,
-             cache=cfg.cache_dir, limit=cfg.limit, val_dir=cfg.val, val_tokens=cfg.val_tokens,
-             batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, as_json=cfg.json, tasks=tasks)
+    with json_stdout(cfg.json) as out:
+        run_eval(cfg.model, hellaswag=cfg.hellaswag, hellaswag_file=cfg.hellaswag_file, split=cfg.split,
+                 cache=cfg.cache_dir, limit=cfg.limit, val_dir=cfg.val, val_tokens=cfg.val_tokens,
+                 batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype, as_json=cfg.json, tasks=tasks,
+                 out=out)
     return 0
 # ===================================================================== end eval
 
@@ -528,9 +578,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dist.self_launch(n, args.argv)  # does not return
         flags["nproc"] = None
     cfg = BenchConfig(**given(flags))
-    res = run_bench(cfg)
-    if res is not None:
-        print(json.dumps(res) if cfg.json else format_table(res), flush=True)
+    with json_stdout(cfg.json) as out:  # under torchrun, only rank 0 has a result to print
+        res = run_bench(cfg)
+        if res is not None:
+            print(json.dumps(res) if cfg.json else format_table(res), file=out, flush=True)
     return 0
 # ===================================================================== end bench
 
