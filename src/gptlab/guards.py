@@ -68,9 +68,7 @@ def next_batch_loss(placed: Placed, rt: Runtime, loader: TrainLoader) -> float:
     """The loss the current weights give on the first micro-batch of the next step (mean over
     ranks), without moving the loader: eval mode, no gradients, no random numbers drawn.
     Collective under DDP/FSDP: every rank must call it."""
-    position = loader.state_dict()
-    x, y = loader.next_batch()
-    loader.load_state_dict(position)
+    x, y = loader.peek_batch()  # a stream is not re-planned: no shard fetched again
     model = placed.model  # the parameters' owner; under FSDP its forward gathers the shards
     was_training = model.training
     model.eval()
