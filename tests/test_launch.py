@@ -65,7 +65,11 @@ def test_report_error_under_self_launch_goes_to_the_launcher(capsys, monkeypatch
     dist.report_error("gptlab train: error: second")
     assert capsys.readouterr().err == ""  # the workers print nothing
     assert dist.peer_reported_error()
-    assert dist._first_error(str(tmp_path)) == "gptlab train: error: first"  # the root cause
+    assert dist._first_error(str(tmp_path)) == "gptlab train: error: second"  # rank 0's
+    (tmp_path / "error.0").unlink()
+    monkeypatch.setenv("RANK", "3")
+    dist.report_error("gptlab train: error: third")
+    assert dist._first_error(str(tmp_path)) == "gptlab train: error: first"  # else the earliest
 
 
 # ------------------------------------------------------------------------------ end to end

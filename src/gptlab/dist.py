@@ -162,16 +162,20 @@ def peer_reported_error() -> bool:
 
 
 def _first_error(where: str) -> str | None:
-    """The first line a worker reported, by time (the root cause; later ones are consequences)."""
+    """The line to show for a launch: rank 0's when it reported one (the rank that prints under a
+    user's own torchrun, and the one that holds the real cause when the others only learn of a
+    failure through a collective), else the first reported, by time (later ones are consequences)."""
     found = []
     for name in os.listdir(where):
         if name.startswith("error.") and not name.endswith(".tmp"):
             path = os.path.join(where, name)
             try:
-                found.append((os.stat(path).st_mtime_ns, name, open(path, encoding="utf-8").read().strip()))
+                with open(path, encoding="utf-8") as f:
+                    line = f.read().strip()
+                found.append((name != "error.0", os.stat(path).st_mtime_ns, name, line))
             except OSError:
                 continue
-    return min(found)[2] if found else None
+    return min(found)[3] if found else None
 
 
 class _Held(logging.Handler):
@@ -241,8 +245,10 @@ def self_launch(n: int, argv: list[str], command: str = "train") -> int:
                        else f"exited with status {code}")
                 print(f"gptlab {command}: worker rank {rank} {how} (its output is above)", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C before the workers started: the CLI says "interrupted"
+            raise
         except BaseException:
-            held.replay()
+            held.replay()  # torchrun's own account of what went wrong
             raise
         finally:
             for log, propagate in saved:
