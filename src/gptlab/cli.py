@@ -501,7 +501,15 @@ def _check_before_launch(args: argparse.Namespace, flags: dict) -> None:
     from gptlab.train import resume_config, validate
 
     flags = {**flags, "nproc": None}
-    if args.resume:
+    if args.resume == "auto":
+        if flags.get("out") is None:
+            raise UserError("--resume auto needs --out RUN, the run directory to start or continue")
+        run = RunDir(flags["out"])
+        if run.latest_checkpoint() is not None:  # it continues: the flags are checked against the run's
+            cfg = resume_config(run, {**_auto_resume_flags(flags, args.config), "nproc": None})
+        else:
+            cfg = resolve_train_config(flags, args.config)
+    elif args.resume:
         if flags.get("out") is None:
             raise UserError("--resume needs --out RUN, the run directory to continue")
         if args.config:
