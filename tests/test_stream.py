@@ -430,3 +430,61 @@ def test_eval_val_loss_from_a_url_equals_the_local_copy(server, tmp_path, gptlab
     remote = run_eval(str(gptlab_model_dir), val_dir=f"{server.url}/ds", device="cpu", out=io.StringIO())
     assert remote["val"]["tokens"] == local["val"]["tokens"] > 0
     assert remote["val"]["loss"] == pytest.approx(local["val"]["loss"], abs=1e-6)
+
+
+def shard_gets(srv: ShardServer) -> dict[str, int]:
+    """How many times each shard file was asked for (manifest and listings left out)."""
+    counts: dict[str, int] = {}
+    for path in srv.requests:
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith(".bin"):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def test_each_shard_is_fetched_once_per_epoch_across_checkpoints_evals_and_a_resume(train_server, tmp_path):
+    """Checkpoints every 2 steps (each one runs the forward check on the next batch), evaluations
+    every 3, then a resume: within one epoch a train shard is fetched once per process (the resume
+    fetches the shard it continues in once more), the val split once. Before TrainLoader.peek_batch
+    the check before each save re-planned the stream and every checkpoint fetched its shards again."""
+    from gptlab.config import resolve_train_config
+    from gptlab.train import train
+
+    url = f"{train_server.url}/tr"
+    flags = train_flags(url, tmp_path / "run", tmp_path / "c", max_steps=12, checkpoint_every=2,
+                        eval_every=3, data_disk_budget="24K")
+    train(resolve_train_config(flags))
+    first = shard_gets(train_server)
+    train_files = [n for n in first if "_train_" in n]
+    assert len(train_files) >= 2, first  # 12 steps of 8 windows cross at least one shard boundary
+    assert all(c == 1 for c in first.values()), first
+    assert any("_val_" in n for n in first), first
+    train_server.requests.clear()
+    res = train(resolve_train_config({"out": str(tmp_path / "run")}), resume=True,
+                resume_flags={"max_steps": 24})
+    assert res.steps == 24
+    second = shard_gets(train_server)
+    assert all(c == 1 for c in second.values()), second  # the resume: once more at most
+    assert not any("_val_" in n for n in second), second  # the val split is still on disk, verified
+
+
+def test_peek_batch_does_not_move_or_refetch(server, tmp_path):
+    """peek_batch before every next_batch (the pre-save check does it): the same batches as a loader
+    that never peeks, state unmoved by a peek, and every train shard fetched once in the epoch, also
+    when a peeked batch crosses into the next shard (the stream deletes the shard before it)."""
+    url = f"{server.url}/ds"
+    plain = loader(url, tmp_path, cache="a", disk_budget="12K")
+    want = [plain.next_batch() for _ in range(40)]
+    plain.close()
+    server.requests.clear()
+    peeking = loader(url, tmp_path, cache="b", disk_budget="12K")
+    for i, (x, y) in enumerate(want):
+        before = peeking.state_dict()
+        px, py = peeking.peek_batch()
+        assert peeking.state_dict() == before
+        assert torch.equal(px, x) and torch.equal(py, y), i
+        got = peeking.next_batch()
+        assert torch.equal(got[0], x) and torch.equal(got[1], y), i
+    peeking.close()
+    gets = shard_gets(server)
+    assert len(gets) >= 3 and all(c == 1 for c in gets.values()), gets

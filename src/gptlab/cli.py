@@ -458,7 +458,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         n = dist.resolve_nproc(flags["nproc"])
         if dist.needs_launch(n):
-            dist.self_launch(n, args.argv)  # does not return
+            _check_before_launch(args, flags)  # a refusal is one line here, before any worker starts
+            return dist.self_launch(n, args.argv, "train")
         flags["nproc"] = None  # one process, or already under torchrun: train here
     from gptlab.train import train
 
@@ -480,6 +481,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.stopped_by is not None:
         return 143 if result.stopped_by == "SIGTERM" else 130
     return 0
+
+
+def _check_before_launch(args: argparse.Namespace, flags: dict) -> None:
+    """The configuration checks train() makes, made once before workers are launched: the
+    settings of a new run, or those a resume would train with."""
+    from gptlab.config import TrainConfig, resolve_train_config
+    from gptlab.rundir import RunDir
+    from gptlab.train import resume_config, validate
+
+    flags = {**flags, "nproc": None}
+    if args.resume == "auto":
+        if flags.get("out") is None:
+            raise UserError("--resume auto needs --out RUN, the run directory to start or continue")
+        run = RunDir(flags["out"])
+        if run.latest_checkpoint() is not None:  # it continues: the flags are checked against the run's
+            cfg = resume_config(run, {**_auto_resume_flags(flags, args.config), "nproc": None})
+        else:
+            cfg = resolve_train_config(flags, args.config)
+    elif args.resume:
+        if flags.get("out") is None:
+            raise UserError("--resume needs --out RUN, the run directory to continue")
+        if args.config:
+            raise UserError("--resume continues a run with its own config; drop --config")
+        run = RunDir(flags["out"])
+        cfg = resume_config(run, flags) if run.has_config() else TrainConfig(out=flags["out"])
+    else:
+        cfg = resolve_train_config(flags, args.config)
+    validate(cfg)
 
 
 def _print_plan(args: argparse.Namespace, flags: dict) -> int:
@@ -575,7 +604,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if flags.get("nproc") is not None:
         n = dist.resolve_nproc(flags["nproc"])
         if dist.needs_launch(n):
-            dist.self_launch(n, args.argv)  # does not return
+            return dist.self_launch(n, args.argv, "bench")
         flags["nproc"] = None
     cfg = BenchConfig(**given(flags))
     with json_stdout(cfg.json) as out:  # under torchrun, only rank 0 has a result to print
@@ -627,20 +656,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except UserError as e:
-        print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
+        _report_error(f"gptlab {args.command}: error: {e}")
         return 2
     except OSError as e:
         from gptlab.atomic import FULL_DISK, DiskFullError
 
         if e.errno not in FULL_DISK:
+            if _peer_reported_error():
+                return 1
             raise
-        print(f"gptlab {args.command}: error: {DiskFullError(e.filename or '.')}", file=sys.stderr)
+        _report_error(f"gptlab {args.command}: error: {DiskFullError(e.filename or '.')}")
         return 2
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception:
+        if _peer_reported_error():
+            return 1
+        raise
+
+
+def _report_error(line: str) -> None:
+    """A user's mistake, one line, shown once per job (under torchrun: see dist.report_error)."""
+    if "RANK" in os.environ:  # a worker of torchrun (dist imports torch: not for a single process)
+        from gptlab import dist
+
+        dist.report_error(line)
+    else:
+        print(line, file=sys.stderr)
+
+
+def _peer_reported_error() -> bool:
+    """A worker of `--nproc` failing because another one stopped on a mistake (e.g. a collective
+    whose peer left): the launcher prints that mistake; this failure is no news, and no traceback."""
+    if not os.environ.get("GPTLAB_LAUNCH_DIR") or "RANK" not in os.environ:
+        return False
+    from gptlab import dist
+
+    return dist.peer_reported_error()
 
 
 if __name__ == "__main__":

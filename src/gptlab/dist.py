@@ -5,7 +5,9 @@ reductions, and self-launch through torchrun. Other modules ask `env.is_main` or
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -134,12 +136,131 @@ def needs_launch(n: int) -> bool:
     return n > 1 and "RANK" not in os.environ
 
 
-def self_launch(n: int, argv: list[str]) -> None:
-    """`gptlab train --nproc N ...`: re-execute `python -m gptlab` with the same arguments (without
-    --nproc) under torchrun with N processes on this node. The process is replaced, so signals
-    reach torchrun directly. The CLI is not imported here: the new processes parse argv themselves."""
+LAUNCH_DIR_ENV = "GPTLAB_LAUNCH_DIR"  # set by self_launch for its workers: where they report a UserError
+_ELASTIC_LOGGERS = ("torch.distributed.run", "torch.distributed.launcher", "torch.distributed.elastic")
+
+
+def report_error(line: str) -> None:
+    """Show a user's mistake (`line`, one line) once for the whole job. One process: on stderr.
+    A worker of self_launch: written to the launch directory, which the launcher prints once.
+    A worker of a user's own torchrun: on stderr from rank 0 only (every rank exits alike)."""
+    rank = os.environ.get("RANK")
+    where = os.environ.get(LAUNCH_DIR_ENV)
+    if rank is not None and where:
+        path = os.path.join(where, f"error.{rank}")
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(line)
+            os.replace(path + ".tmp", path)  # whole or absent: the launcher never reads half a line
+            return
+        except OSError:
+            pass  # the launcher is gone or its directory unwritable: say it here
+    if rank is None or rank == "0" or where:
+        print(line, file=sys.stderr, flush=True)
+
+
+def peer_reported_error() -> bool:
+    """Under self_launch: whether some worker has already reported a UserError (the failures of
+    the other workers that follow, such as a collective whose peer left, are not news)."""
+    where = os.environ.get(LAUNCH_DIR_ENV)
+    return bool(where and os.path.isdir(where)
+                and any(n.startswith("error.") and not n.endswith(".tmp") for n in os.listdir(where)))
+
+
+def _first_error(where: str) -> str | None:
+    """The line to show for a launch: rank 0's when it reported one (the rank that prints under a
+    user's own torchrun, and the one that holds the real cause when the others only learn of a
+    failure through a collective), else the first reported, by time (later ones are consequences)."""
+    found = []
+    for name in os.listdir(where):
+        if name.startswith("error.") and not name.endswith(".tmp"):
+            path = os.path.join(where, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    line = f.read().strip()
+                found.append((name != "error.0", os.stat(path).st_mtime_ns, name, line))
+            except OSError:
+                continue
+    return min(found)[3] if found else None
+
+
+class _Held(logging.Handler):
+    """Keeps torchrun's own log records back: they are shown only when a launch fails for a
+    reason gptlab cannot put in one line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        for r in self.records:
+            print(f"torchrun: {r.levelname.lower()}: {r.getMessage()}", file=sys.stderr)
+
+
+def self_launch(n: int, argv: list[str], command: str = "train") -> int:
+    """`gptlab train --nproc N ...`: run `python -m gptlab` with the same arguments (without
+    --nproc) as N worker processes on this node, through torchrun's launcher (its agent runs in
+    this process). Returns the exit status for the whole job:
+    - 0 when every worker finished;
+    - 2 when a worker stopped on a UserError: the first line reported is printed once, with no
+      torchrun traceback or failure summary (the workers report through LAUNCH_DIR_ENV);
+    - 128 + the signal after SIGTERM/SIGINT/SIGHUP here: torchrun sends it to every worker, they
+      save at the step boundary and exit, rank 0 saying how to continue (143 after SIGTERM, as a
+      single process);
+    - 1 when a worker failed otherwise (its own traceback is above): which rank, with what code.
+    The CLI is not imported here: the workers parse argv themselves."""
+    import tempfile
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     rest = strip_flag(argv, "--nproc")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "gptlab", *rest]
-    print(f"gptlab: launching {n} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    os.execv(sys.executable, cmd)
+    targs = ["--standalone", f"--nproc_per_node={n}", "-m", "gptlab", *rest]
+    print(f"gptlab: launching {n} processes: torchrun {' '.join(targs)}", file=sys.stderr, flush=True)
+    held = _Held()
+    saved = []
+    for name in _ELASTIC_LOGGERS:
+        log = logging.getLogger(name)
+        saved.append((log, log.propagate))
+        log.addHandler(held)
+        log.propagate = False
+    previous = os.environ.get(LAUNCH_DIR_ENV)
+    with tempfile.TemporaryDirectory(prefix="gptlab-launch-") as where:
+        os.environ[LAUNCH_DIR_ENV] = where  # the workers inherit it
+        try:
+            torchrun.run(torchrun.parse_args(targs))
+            return 0
+        except SignalException as e:
+            line = _first_error(where)  # e.g. the save the signal asked for found the disk full
+            if line is not None:
+                print(line, file=sys.stderr, flush=True)
+                return 2
+            return 128 + int(e.sigval)
+        except ChildFailedError as e:
+            line = _first_error(where)
+            if line is not None:
+                print(line, file=sys.stderr, flush=True)
+                return 2
+            for rank, failure in sorted(e.failures.items()):
+                code = failure.exitcode
+                how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                       else f"exited with status {code}")
+                print(f"gptlab {command}: worker rank {rank} {how} (its output is above)", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # Ctrl-C before the workers started: the CLI says "interrupted"
+            raise
+        except BaseException:
+            held.replay()  # torchrun's own account of what went wrong
+            raise
+        finally:
+            for log, propagate in saved:
+                log.removeHandler(held)
+                log.propagate = propagate
+            if previous is None:
+                os.environ.pop(LAUNCH_DIR_ENV, None)
+            else:
+                os.environ[LAUNCH_DIR_ENV] = previous

@@ -272,9 +272,7 @@ def next_batch_loss(placed: Placed, rt: Runtime, loader: TrainLoader) -> float:
     """The loss the current weights give on the first micro-batch of the next step (mean over
     ranks), without moving the loader: eval mode, no gradients, no random numbers drawn. A
     checkpoint is only written when this is finite. Collective under DDP/FSDP."""
-    position = loader.state_dict()
-    x, y = loader.next_batch()
-    loader.load_state_dict(position)
+    x, y = loader.peek_batch()  # kept for the next step: the stream is not re-planned or re-fetched
     model = placed.model  # the parameters' owner; under FSDP its forward gathers the shards
     was_training = model.training
     model.eval()

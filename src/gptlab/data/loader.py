@@ -272,6 +272,7 @@ class TrainLoader:
         self._micro = 0  # micro-steps of the current step already served
         self._perms: dict[int, Permutation] = {}
         self._cache: tuple[int, np.ndarray] = (0, np.zeros((0, 0), dtype=np.int64))
+        self._peeked: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _open_stream(self, cache, disk_budget, ahead: int, retry: st.Retry | None) -> None:
         if self.split != "train":
@@ -362,6 +363,21 @@ class TrainLoader:
         if self._micro == self.grad_accum:
             self._micro = 0
             self.step += 1
+        peeked, self._peeked = self._peeked, None
+        if peeked is not None and peeked[0] == (step, micro):
+            return peeked[1]
+        return self._batch(step, micro)
+
+    def peek_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch next_batch will return, without moving the loader. A stream is neither
+        re-planned nor re-fetched: the batch is kept and next_batch hands it out, so a shard the
+        peek moved on to is not needed twice (the stream deletes a shard once a later one is read)."""
+        at = (self.step, self._micro)
+        if self._peeked is None or self._peeked[0] != at:
+            self._peeked = (at, self._batch(*at))
+        return self._peeked[1]
+
+    def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._stream is not None:
             return self._stream_batch(step, micro)
         return self._windows.gather(self._ids_for(step, micro))
@@ -421,6 +437,7 @@ class TrainLoader:
         if not isinstance(step, int) or step < 0 or not isinstance(micro, int) or not 0 <= micro < self.grad_accum:
             raise UserError(f"data loader state: bad step {step!r} / micro_step {micro!r}")
         self.step, self._micro = step, micro
+        self._peeked = None
 
     def _layout(self) -> list[int]:
         return [self.batch_size, self.grad_accum, self.world_size]
