@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, make_toy_data
+from conftest import make_toy_data, markov_tokens, read_metrics, run_gptlab
 from gptlab import checkpoint as ck
 from gptlab.config import resolve_train_config
 from gptlab.errors import UserError
@@ -40,12 +40,8 @@ def common(data_dir, steps: int, *extra: str) -> list[str]:
             "--eval-tokens", "1024", "--sample-tokens", "0", "--device", "cpu", *extra]
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def by_step_kind(run: Path) -> dict[tuple[int, str], dict]:
-    recs = records(run)
+    recs = read_metrics(run)
     keys = [(r["step"], r["kind"]) for r in recs]
     assert len(keys) == len(set(keys)), f"a (step, kind) logged twice: {sorted(keys)}"
     return {(r["step"], r["kind"]): r for r in recs}
