@@ -25,13 +25,13 @@ def assert_user_error(result, *needles):
 
 def test_sample_streams_prompt_and_continuation(cli, gptlab_model_dir):
     r = cli("sample", gptlab_model_dir, "--prompt", "Hello, I'm a language model,",
-                   "--max-new-tokens", "12", "--seed", "1")
+            "--max-new-tokens", "12", "--seed", "1")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello, I'm a language model,") and r.stdout.endswith("\n")
     assert "tokens/s" in r.stderr and "Traceback" not in r.stderr
     # the same seed gives the same text
     again = cli("sample", gptlab_model_dir, "--prompt", "Hello, I'm a language model,",
-                       "--max-new-tokens", "12", "--seed", "1")
+                "--max-new-tokens", "12", "--seed", "1")
     assert again.stdout == r.stdout
 
 
@@ -39,8 +39,8 @@ def test_sample_json(cli, gptlab_model_dir, tmp_path):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("Once upon a time\n", encoding="utf-8")
     r = cli("sample", gptlab_model_dir, "--prompt", "The meaning of life is", "--prompt-file", prompt_file,
-                   "--num-samples", "3", "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9",
-                   "--seed", "5", "--json")
+            "--num-samples", "3", "--max-new-tokens", "8", "--temperature", "0.8", "--top-p", "0.9",
+            "--seed", "5", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)  # exactly one JSON object on stdout, nothing else
     assert set(doc) == {"model", "samples"} and doc["model"] == str(gptlab_model_dir)
@@ -54,7 +54,7 @@ def test_sample_json(cli, gptlab_model_dir, tmp_path):
 
 def test_sample_greedy_matches_the_library(cli, gptlab_model_dir):
     r = cli("sample", gptlab_model_dir, "--prompt", "Hello world", "--temperature", "0",
-                   "--max-new-tokens", "10", "--json")
+            "--max-new-tokens", "10", "--json")
     assert r.returncode == 0, r.stderr
     model, _ = load_model(gptlab_model_dir)
     want = generate_ids(model, get_tokenizer().encode("Hello world"), max_new_tokens=10, temperature=0)
@@ -70,7 +70,7 @@ def test_sample_several_samples_printed_as_they_complete(cli, gptlab_model_dir):
 
 def test_sample_long_prompt_warns_on_stderr(cli, gptlab_model_dir):
     r = cli("sample", gptlab_model_dir, "--prompt", " word" * 100, "--max-new-tokens", "3",
-                   "--temperature", "0", "--json")
+            "--temperature", "0", "--json")
     assert r.returncode == 0, r.stderr
     assert "warning: the prompt has 100 tokens, more than the context of 64; keeping its last 62" in r.stderr
     assert len(json.loads(r.stdout)["samples"][0]["tokens"]) == 3  # cropped to leave --max-new-tokens

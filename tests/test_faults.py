@@ -152,12 +152,12 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(data_dir
     assert max(by_step_kind(run))[0] == step + 1
 
 
-def test_exploding_learning_rate_never_poisons_the_checkpoint_called_good(data_dir, tmp_path):
+def test_exploding_learning_rate_never_poisons_the_checkpoint_called_good(cli, data_dir, tmp_path):
     """The issue's case: --checkpoint-every 1 --lr 1e6. A finite step whose update blows the
     weights up must not be saved; the message names a checkpoint whose weights give a finite loss."""
     run = tmp_path / "boom"
-    r = run_gptlab(*common(data_dir, 20, "--checkpoint-every", "1", "--keep-checkpoints", "0", "--lr", "1e6",
-                           "--eval-every", "0"), "--out", run)
+    r = cli(*common(data_dir, 20, "--checkpoint-every", "1", "--keep-checkpoints", "0", "--lr", "1e6",
+                    "--eval-every", "0"), "--out", run)
     assert r.returncode == 2, r.stderr
     error = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and "Traceback" not in r.stderr
@@ -169,7 +169,7 @@ def test_exploding_learning_rate_never_poisons_the_checkpoint_called_good(data_d
         with torch.no_grad():
             _, loss = model(x[:, :-1], x[:, 1:])
         assert torch.isfinite(loss), ckpt
-    r = run_gptlab("sample", run, "--max-new-tokens", "4", "--seed", "1")
+    r = cli("sample", run, "--max-new-tokens", "4", "--seed", "1")
     assert r.returncode == 0, r.stderr
 
 

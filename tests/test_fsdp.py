@@ -275,15 +275,15 @@ def test_single_file_checkpoint_resumes_under_fsdp(one_rank, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_of_fsdp_run_greedy_equals_transformers(fsdp_run, tmp_path):
+def test_export_of_fsdp_run_greedy_equals_transformers(cli, fsdp_run, tmp_path):
     from transformers import GPT2LMHeadModel
 
     from gptlab.tokenizer import get_tokenizer
 
-    r = run_gptlab("export", fsdp_run, "--out", tmp_path / "hf", env=ONE_THREAD)
+    r = cli("export", fsdp_run, "--out", tmp_path / "hf")
     assert r.returncode == 0, r.stderr
-    r = run_gptlab("sample", fsdp_run, "--prompt", "Hello world", "--temperature", "0", "--max-new-tokens", "12",
-                   "--json", "--device", "cpu", env=ONE_THREAD)
+    r = cli("sample", fsdp_run, "--prompt", "Hello world", "--temperature", "0", "--max-new-tokens", "12",
+            "--json", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     ours = json.loads(r.stdout)["samples"][0]["tokens"]
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()

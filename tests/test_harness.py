@@ -245,7 +245,7 @@ def test_eval_tasks_mistakes_are_one_line_before_training(cli, tasks_dir, tmp_pa
     common = ["train", "--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
               "--data", str(data), "--device", "cpu", "--max-steps", "2"]
     r = cli(*common, "--out", str(tmp_path / "a"), "--eval-tasks", "gl_mc,nope",
-                   "--eval-include-path", str(tasks_dir))
+            "--eval-include-path", str(tasks_dir))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown harness task nope" in r.stderr, r.stderr
     assert not (tmp_path / "a" / "checkpoints").exists()
     r = cli(*common, "--out", str(tmp_path / "b"), "--eval-tasks", "gl_mc", "--fsdp")

@@ -268,7 +268,7 @@ def test_fsdp_with_muon_is_refused_in_one_line(cli, tmp_path):
         validate(muon_cfg(fsdp=True))
     validate(muon_cfg())  # without FSDP it is fine
     r = cli("train", "--model", "tiny", "--fsdp", "--optimizer", "muon", "--data", str(tmp_path),
-                   "--out", str(tmp_path / "run"), "--device", "cpu")
+            "--out", str(tmp_path / "run"), "--device", "cpu")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--fsdp" in r.stderr, r.stderr
     r = cli("train", "--model", "tiny", "--optimizer", "lion", "--out", str(tmp_path / "r2"))

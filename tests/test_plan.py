@@ -99,12 +99,12 @@ def test_plan_matches_measured_peak(cfg, batch):
 
 def test_plan_cli_and_dry_run(cli, tmp_path):
     r = cli("plan", "--model", "gpt2-xl", "--fsdp", "--nproc", "8", "--batch-size", "8",
-                   "--gpu-memory", "80GB")
+            "--gpu-memory", "80GB")
     assert r.returncode == 0, r.stderr
     for word in ("parameters", "gradients", "optimizer", "activations", "total", "8 rank(s)", "FSDP on", "fits in"):
         assert word in r.stdout, word
     r = cli("train", "--model", "tiny", "--out", tmp_path / "run", "--dry-run", "--device", "cpu",
-                   "--gpu-memory", "1M")
+            "--gpu-memory", "1M")
     assert r.returncode == 0, r.stderr
     assert "does NOT fit" in r.stdout and "fp32" in r.stdout
     assert not (tmp_path / "run").exists()  # a dry run trains nothing and writes nothing

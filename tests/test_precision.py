@@ -137,7 +137,7 @@ def test_fp16_fsdp_two_ranks_equal_one(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- FSDP: HellaSwag, samples (b, e)
 
 @pytest.mark.slow
-def test_fsdp_hellaswag_equals_one_rank(data_dir, hs_file, tmp_path):
+def test_fsdp_hellaswag_equals_one_rank(cli, data_dir, hs_file, tmp_path):
     """HellaSwag inside FSDP training (fp32) runs through the sharded model, with 5 items over 2
     ranks (uneven batches), and equals `gptlab eval` of the same checkpoint on one process."""
     run = tmp_path / "run"
@@ -146,8 +146,8 @@ def test_fsdp_hellaswag_equals_one_rank(data_dir, hs_file, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     hs = metrics_by_step(run, "hellaswag")[2]
     assert hs["completion"]["n"] == 5
-    r = run_gptlab("eval", run, "--hellaswag", "--hellaswag-file", hs_file, "--batch-size", "1", "--device", "cpu",
-                   "--json", env={"OMP_NUM_THREADS": "1"})
+    r = cli("eval", run, "--hellaswag", "--hellaswag-file", hs_file, "--batch-size", "1", "--device", "cpu",
+            "--json")
     assert r.returncode == 0, r.stderr
     ref = json.loads(r.stdout)["hellaswag"]
     for style in ("completion", "harness"):

@@ -180,8 +180,8 @@ def test_budget_too_small_is_refused(cli, server, tmp_path):
     with pytest.raises(UserError, match="too small"):
         loader(f"{server.url}/ds", tmp_path, disk_budget="3K")
     r = cli("train", "--model", "tiny", "--data", f"{server.url}/ds", "--data-disk-budget", "3K",
-                   "--data-cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--device", "cpu",
-                   env=CLI_ENV)
+            "--data-cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--device", "cpu",
+            env=CLI_ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--data-disk-budget" in r.stderr
     r = cli("train", "--data-disk-budget", "lots")
