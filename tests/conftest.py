@@ -152,6 +152,21 @@ def write_result(**fields):
 """
 
 
+def json_objects(text: str) -> list[dict]:
+    """Every top-level JSON object in `text`, wherever it starts: the exact reader of a JSON
+    record on an output that several ranks share, where a line can run on into another rank's."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
 def rank_results(result_dir: Path, nproc: int) -> list[dict]:
     """The records that ranks 0..nproc-1 wrote with WRITE_RESULT's write_result, by rank; each rank
     must have written exactly one."""

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_gptlab
+from conftest import json_objects, run_gptlab
 from gptlab import bench
 from gptlab.bench import BenchConfig, format_table, run_bench
 
@@ -53,7 +53,7 @@ def test_cli_table_bf16_auto_batch_and_peak(cli):
 def test_cli_fsdp_two_ranks():
     r = run_gptlab("bench", *MICRO, "--batch-size", "2", "--nproc", "2", "--fsdp", "--json", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = json_objects(r.stdout)[-1]  # two ranks share stdout: read the record, not a line
     assert res["ranks"] == 2 and res["fsdp"] and res["tokens_per_s"] > 0
 
 
