@@ -103,10 +103,25 @@ def cli(capsys, monkeypatch):
     stdout, stderr), through gptlab.cli.main with capsys capturing both streams. An argparse error
     (SystemExit) becomes its exit status, as in a subprocess. `env` adds to (or, with a None value,
     removes from) os.environ for the call only; `cwd` is the working directory for the call only.
-    No import-time check and no signal belongs here: those need a fresh process (run_gptlab)."""
+    No import-time check and no signal belongs here: those need a fresh process (run_gptlab).
+    The global random generators (torch, numpy, random) are put back as they were, as a
+    subprocess would leave them; a call that leaves other process-wide state changed (signal
+    handlers, torch's thread count, a process group) fails the test, so that no leak reaches the
+    tests after it."""
+    import random
+    import signal
+
+    import torch.distributed as tdist
+
     from gptlab.cli import main
 
+    def process_state():
+        return ([signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], torch.get_num_threads(),
+                tdist.is_available() and tdist.is_initialized())
+
     def call(*args, env: dict | None = None, cwd: Path | str | None = None) -> Result:
+        before = process_state()
+        rngs = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
         with monkeypatch.context() as m:
             for k, v in (env or {}).items():
                 if v is None:
@@ -120,7 +135,12 @@ def cli(capsys, monkeypatch):
                 code = main([str(a) for a in args])
             except SystemExit as e:  # argparse: --help (0) or a usage error (2)
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            finally:
+                torch.random.set_rng_state(rngs[0])
+                np.random.set_state(rngs[1])
+                random.setstate(rngs[2])
             out, err = capsys.readouterr()
+        assert process_state() == before, f"gptlab {' '.join(map(str, args))} changed process state"
         return Result(code, out, err)
 
     return call

@@ -129,7 +129,7 @@ def test_random_sigkills_during_steps_and_saves_then_resume_equal_the_unbroken_r
     assert_no_leftovers(run)
 
 
-def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(data_dir, tmp_path):
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(cli, data_dir, tmp_path):
     run = tmp_path / "run"
     first = start(*common(data_dir, 500, "--checkpoint-every", "1"), "--out", run)
     try:
@@ -138,7 +138,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(data_dir
             time.sleep(0.05)
         config = (run / "config.json").read_text()
         for second in (common(data_dir, 5, "--n-embd", "64"), ["train", "--resume"]):
-            r = run_gptlab(*second, "--out", run)
+            r = cli(*second, "--out", run)
             assert r.returncode == 2, r.stderr
             assert r.stderr.strip() == (f"gptlab train: error: {run} is in use by process {first.pid}; "
                                         f"wait for it to finish or choose another --out")
@@ -147,7 +147,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(data_dir
         first.kill()
         first.communicate()
     step = ck.checkpoint_step(RunDir(run).latest_checkpoint())
-    r = run_gptlab("train", "--out", run, "--resume", "--max-steps", step + 1)
+    r = cli("train", "--out", run, "--resume", "--max-steps", step + 1)
     assert r.returncode == 0, r.stderr
     assert max(by_step_kind(run))[0] == step + 1
 
