@@ -1,11 +1,15 @@
-"""Shared fixtures: small random GPT-2 models in gptlab's and in Hugging Face's formats, and a
-runner for the `gptlab` command line. Everything is created under pytest's temporary directories."""
+"""Shared fixtures: small random GPT-2 models in gptlab's and in Hugging Face's formats, two
+runners for the `gptlab` command line (in-process, `cli`, and in a subprocess, `run_gptlab`), a
+reader of metrics.jsonl and of per-rank result files. Everything is created under pytest's
+temporary directories."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +86,113 @@ def run_gptlab(*args, env: dict | None = None, timeout: float = 300, cwd: Path |
 def gptlab_cli():
     """run_gptlab as a fixture."""
     return run_gptlab
+
+
+@dataclass
+class Result:
+    """What one in-process `gptlab` call did. Its fields are named as subprocess.CompletedProcess's,
+    so a test reads the same whichever runner it uses."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`gptlab ARGS...` in this process: cli(*args, env=None, cwd=None) -> Result(returncode,
+    stdout, stderr), through gptlab.cli.main with capsys capturing both streams. An argparse error
+    (SystemExit) becomes its exit status, as in a subprocess. `env` adds to (or, with a None value,
+    removes from) os.environ for the call only; `cwd` is the working directory for the call only.
+    No import-time check and no signal belongs here: those need a fresh process (run_gptlab).
+    The global random generators (torch, numpy, random) are put back as they were, as a
+    subprocess would leave them; a call that leaves other process-wide state changed (signal
+    handlers, torch's thread count, a process group) fails the test, so that no leak reaches the
+    tests after it."""
+    import random
+    import signal
+
+    import torch.distributed as tdist
+
+    from gptlab.cli import main
+
+    def process_state():
+        return ([signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], torch.get_num_threads(),
+                tdist.is_available() and tdist.is_initialized())
+
+    def call(*args, env: dict | None = None, cwd: Path | str | None = None) -> Result:
+        before = process_state()
+        rngs = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+        with monkeypatch.context() as m:
+            for k, v in (env or {}).items():
+                if v is None:
+                    m.delenv(k, raising=False)
+                else:
+                    m.setenv(k, str(v))
+            if cwd is not None:
+                m.chdir(cwd)
+            capsys.readouterr()  # what the test printed before is not this call's output
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            finally:
+                torch.random.set_rng_state(rngs[0])
+                np.random.set_state(rngs[1])
+                random.setstate(rngs[2])
+            out, err = capsys.readouterr()
+        assert process_state() == before, f"gptlab {' '.join(map(str, args))} changed process state"
+        return Result(code, out, err)
+
+    return call
+
+
+def read_metrics(run: Path | str, kind: str | None = None) -> list[dict]:
+    """The records of one kind ("train", "val", "hellaswag", ...; None: every kind) in
+    RUN/metrics.jsonl, in file order (a resumed run may log a step again)."""
+    recs = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if kind is None or r.get("kind") == kind]
+
+
+def metrics_by_step(run: Path | str, kind: str) -> dict[int, dict]:
+    """read_metrics as {step: record}; where a resumed run logged a step again, its later record wins."""
+    return {r["step"]: r for r in read_metrics(run, kind)}
+
+
+# A script that several ranks run starts with this and ends with write_result(**fields): each rank
+# writes its own JSON file into $RESULT_DIR, so no two ranks' output can run together (as lines on
+# a shared stdout can). rank_results reads them back.
+WRITE_RESULT = """
+import json as _json, os as _os
+def write_result(**fields):
+    rank = int(_os.environ.get("RANK", "0"))
+    path = _os.path.join(_os.environ["RESULT_DIR"], f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        _json.dump({"rank": rank, **fields}, f)
+    _os.replace(path + ".tmp", path)
+"""
+
+
+def json_objects(text: str) -> list[dict]:
+    """Every top-level JSON object in `text`, wherever it starts: the exact reader of a JSON
+    record on an output that several ranks share, where a line can run on into another rank's."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) != -1:
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def rank_results(result_dir: Path, nproc: int) -> list[dict]:
+    """The records that ranks 0..nproc-1 wrote with WRITE_RESULT's write_result, by rank; each rank
+    must have written exactly one."""
+    files = sorted(Path(result_dir).glob("rank*.json"))
+    assert [f.name for f in files] == sorted(f"rank{r}.json" for r in range(nproc)), files
+    return [json.loads((Path(result_dir) / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def write_shard(path: Path, tokens) -> None:

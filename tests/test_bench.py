@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_gptlab
+from conftest import json_objects, run_gptlab
 from gptlab import bench
 from gptlab.bench import BenchConfig, format_table, run_bench
 
@@ -32,8 +32,8 @@ def test_bench_runs_the_training_step(monkeypatch):
     assert "MFU" in format_table(res) and "tokens/s" in format_table(res)
 
 
-def test_cli_json(tmp_path):
-    r = run_gptlab("bench", *MICRO, "--batch-size", "2", "--json", env=ONE_THREAD)
+def test_cli_json(cli, tmp_path):
+    r = cli("bench", *MICRO, "--batch-size", "2", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["tokens_per_s"] > 0 and res["peak_memory_bytes"] > 0
@@ -42,9 +42,8 @@ def test_cli_json(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_table_bf16_auto_batch_and_peak():
-    r = run_gptlab("bench", *MICRO, "--batch-size", "auto", "--dtype", "bf16", "--peak-tflops", "0.5",
-                   env=ONE_THREAD)
+def test_cli_table_bf16_auto_batch_and_peak(cli):
+    r = cli("bench", *MICRO, "--batch-size", "auto", "--dtype", "bf16", "--peak-tflops", "0.5")
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout and "% of 0.5 TFLOP/s" in r.stdout and "bf16" in r.stdout
     assert "batch             16 x 16" in r.stdout  # auto on a CPU: the largest divisor up to 16
@@ -54,13 +53,13 @@ def test_cli_table_bf16_auto_batch_and_peak():
 def test_cli_fsdp_two_ranks():
     r = run_gptlab("bench", *MICRO, "--batch-size", "2", "--nproc", "2", "--fsdp", "--json", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = json_objects(r.stdout)[-1]  # two ranks share stdout: read the record, not a line
     assert res["ranks"] == 2 and res["fsdp"] and res["tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("args, msg", [(["--batch-size", "0"], "positive integer"),
                                        (["--peak-tflops", "-1"], "--peak-tflops must be positive"),
                                        (["--model", "nope"], "unknown model preset")])
-def test_bad_input_is_one_line(args, msg):
-    r = run_gptlab("bench", *MICRO, *args, env=ONE_THREAD)
+def test_bad_input_is_one_line(cli, args, msg):
+    r = cli("bench", *MICRO, *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

@@ -204,14 +204,14 @@ def test_oversized_config_is_refused_before_allocating(tmp_path):
         ck.load_model(tmp_path / "m")
 
 
-def test_nan_weights_are_one_error(tmp_path, gptlab_cli):
+def test_nan_weights_are_one_error(cli, tmp_path):
     m = _model()
     with torch.no_grad():
         m.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
     ck.save_model(m, tmp_path / "m")
     with pytest.raises(UserError, match="non-finite weights .* transformer.h.1.mlp.c_fc.weight"):
         ck.load_model(tmp_path / "m")
-    r = gptlab_cli("sample", tmp_path / "m", "--max-new-tokens", "2")
+    r = cli("sample", tmp_path / "m", "--max-new-tokens", "2")
     assert r.returncode == 2 and "non-finite weights" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_shard
+from conftest import json_objects, write_shard
 from gptlab.cli import main
 
 WORDS = ("a man woman dog runs jumps into the water slowly then picks up ball and throws it far away "
@@ -139,9 +139,9 @@ def test_two_gloo_ranks_equal_one(capsys, gptlab_model_dir, hs_file, data_dir):
     one = json.loads(out)
     r = torchrun(2, *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    assert len(lines) == 1, r.stdout  # rank 0 prints, rank 1 does not
-    two = json.loads(lines[0])
+    objs = json_objects(r.stdout)  # two ranks share stdout: read the record, not a line
+    assert len(objs) == 1, r.stdout  # rank 0 prints, rank 1 does not
+    two = objs[0]
     assert two["hellaswag"] == one["hellaswag"]  # exactly: the same batches score the same
     assert two["val"]["tokens"] == one["val"]["tokens"]
     assert two["val"]["loss"] == pytest.approx(one["val"]["loss"], rel=1e-6)  # up to summation order

@@ -1,6 +1,5 @@
 """Distribution changes nothing but speed: 1 rank = 2 ranks = --nproc 2 = 2 nodes, on CPU/gloo."""
 
-import json
 import os
 import signal
 import socket
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_gptlab, make_toy_data
+from conftest import make_toy_data, metrics_by_step, run_gptlab
 
 
 pytestmark = pytest.mark.slow
@@ -50,21 +49,12 @@ def torchrun(nproc, *args, extra=(), timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
 
 
-def records(run: Path, kind: str) -> dict[int, dict]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == kind:
-            out[rec["step"]] = rec
-    return out
-
-
 def assert_same_curve(a: Path, b: Path, rel=1e-4):
-    la, lb = records(a, "train"), records(b, "train")
+    la, lb = metrics_by_step(a, "train"), metrics_by_step(b, "train")
     assert sorted(la) == sorted(lb)
     for s in la:
         assert lb[s]["loss"] == pytest.approx(la[s]["loss"], rel=rel), s
-    va, vb = records(a, "val"), records(b, "val")
+    va, vb = metrics_by_step(a, "val"), metrics_by_step(b, "val")
     assert sorted(va) == sorted(vb) and va
     for s in va:
         assert vb[s]["loss"] == pytest.approx(va[s]["loss"], rel=rel), s

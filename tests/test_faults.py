@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, make_toy_data
+from conftest import make_toy_data, markov_tokens, read_metrics, run_gptlab
 from gptlab import checkpoint as ck
 from gptlab.atomic import is_temporary
 from gptlab.config import resolve_train_config
@@ -41,12 +41,8 @@ def common(data_dir, steps: int, *extra: str) -> list[str]:
             "--eval-tokens", "1024", "--sample-tokens", "0", "--device", "cpu", *extra]
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def by_step_kind(run: Path) -> dict[tuple[int, str], dict]:
-    recs = records(run)
+    recs = read_metrics(run)
     keys = [(r["step"], r["kind"]) for r in recs]
     assert len(keys) == len(set(keys)), f"a (step, kind) logged twice: {sorted(keys)}"
     return {(r["step"], r["kind"]): r for r in recs}
@@ -134,7 +130,7 @@ def test_random_sigkills_during_steps_and_saves_then_resume_equal_the_unbroken_r
     assert_no_leftovers(run)
 
 
-def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(data_dir, tmp_path):
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(cli, data_dir, tmp_path):
     run = tmp_path / "run"
     first = start(*common(data_dir, 500, "--checkpoint-every", "1"), "--out", run)
     try:
@@ -143,7 +139,7 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(data_dir
             time.sleep(0.05)
         config = (run / "config.json").read_text()
         for second in (common(data_dir, 5, "--n-embd", "64"), ["train", "--resume"]):
-            r = run_gptlab(*second, "--out", run)
+            r = cli(*second, "--out", run)
             assert r.returncode == 2, r.stderr
             assert r.stderr.strip() == (f"gptlab train: error: {run} is in use by process {first.pid}; "
                                         f"wait for it to finish or choose another --out")
@@ -152,17 +148,17 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_does_not_block(data_dir
         first.kill()
         first.communicate()
     step = ck.checkpoint_step(RunDir(run).latest_checkpoint())
-    r = run_gptlab("train", "--out", run, "--resume", "--max-steps", step + 1)
+    r = cli("train", "--out", run, "--resume", "--max-steps", step + 1)
     assert r.returncode == 0, r.stderr
     assert max(by_step_kind(run))[0] == step + 1
 
 
-def test_exploding_learning_rate_never_poisons_the_checkpoint_called_good(data_dir, tmp_path):
+def test_exploding_learning_rate_never_poisons_the_checkpoint_called_good(cli, data_dir, tmp_path):
     """The issue's case: --checkpoint-every 1 --lr 1e6. A finite step whose update blows the
     weights up must not be saved; the message names a checkpoint whose weights give a finite loss."""
     run = tmp_path / "boom"
-    r = run_gptlab(*common(data_dir, 20, "--checkpoint-every", "1", "--keep-checkpoints", "0", "--lr", "1e6",
-                           "--eval-every", "0"), "--out", run)
+    r = cli(*common(data_dir, 20, "--checkpoint-every", "1", "--keep-checkpoints", "0", "--lr", "1e6",
+                    "--eval-every", "0"), "--out", run)
     assert r.returncode == 2, r.stderr
     error = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and "Traceback" not in r.stderr
@@ -174,7 +170,7 @@ def test_exploding_learning_rate_never_poisons_the_checkpoint_called_good(data_d
         with torch.no_grad():
             _, loss = model(x[:, :-1], x[:, 1:])
         assert torch.isfinite(loss), ckpt
-    r = run_gptlab("sample", run, "--max-new-tokens", "4", "--seed", "1")
+    r = cli("sample", run, "--max-new-tokens", "4", "--seed", "1")
     assert r.returncode == 0, r.stderr
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from conftest import run_gptlab, make_toy_data
+from conftest import make_toy_data, metrics_by_step, run_gptlab
 from gptlab import checkpoint as ckpt_mod
 from gptlab.atomic import is_temporary
 from gptlab.checkpoint import Checkpointer, TrainState, load_model, load_sharded_checkpoint
@@ -54,18 +54,14 @@ def torchrun(nproc: int, *args, timeout: float = 300) -> subprocess.CompletedPro
                           env={**os.environ, **ONE_THREAD})
 
 
-def records(run: Path, kind: str) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == kind:
-            out[rec["step"]] = rec["loss"]  # a resumed run's later record of a step wins
-    return out
+def losses(run: Path, kind: str) -> dict[int, float]:
+    """{step: loss}; a resumed run's later record of a step wins."""
+    return {step: rec["loss"] for step, rec in metrics_by_step(run, kind).items()}
 
 
 def assert_same_curve(a: Path, b: Path, rel: float = 1e-5) -> None:
     for kind in ("train", "val"):
-        ra, rb = records(a, kind), records(b, kind)
+        ra, rb = losses(a, kind), losses(b, kind)
         assert sorted(ra) == sorted(rb) and ra, kind
         for step in ra:
             assert rb[step] == pytest.approx(ra[step], rel=rel), (kind, step)
@@ -221,7 +217,7 @@ def fsdp_run(data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_fsdp_meta_init_and_sharded_checkpoints(fsdp_run, one_rank):
     # meta-device init replays the eager init: the first loss is the 1-rank run's
-    assert records(fsdp_run, "train")[1] == pytest.approx(records(one_rank, "train")[1], rel=1e-6)
+    assert losses(fsdp_run, "train")[1] == pytest.approx(losses(one_rank, "train")[1], rel=1e-6)
     assert_same_curve(one_rank, fsdp_run)
     for step in (4, 8, 12):
         ckpt = fsdp_run / "checkpoints" / f"step_{step:06d}"
@@ -237,7 +233,9 @@ def test_fsdp_sigterm_resume_equals_unbroken(data_dir, fsdp_run, tmp_path):
                                       "--fsdp"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, **ONE_THREAD})
     deadline = time.time() + 240
-    while time.time() < deadline and len(records(run, "train") if (run / "metrics.jsonl").exists() else {}) < 5:
+    # complete lines only: the file is being written while it is read
+    while time.time() < deadline and ((run / "metrics.jsonl").read_text().count('"kind": "train"') if (
+            run / "metrics.jsonl").exists() else 0) < 5:
         time.sleep(0.05)
     workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
@@ -278,15 +276,15 @@ def test_single_file_checkpoint_resumes_under_fsdp(one_rank, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_of_fsdp_run_greedy_equals_transformers(fsdp_run, tmp_path):
+def test_export_of_fsdp_run_greedy_equals_transformers(cli, fsdp_run, tmp_path):
     from transformers import GPT2LMHeadModel
 
     from gptlab.tokenizer import get_tokenizer
 
-    r = run_gptlab("export", fsdp_run, "--out", tmp_path / "hf", env=ONE_THREAD)
+    r = cli("export", fsdp_run, "--out", tmp_path / "hf")
     assert r.returncode == 0, r.stderr
-    r = run_gptlab("sample", fsdp_run, "--prompt", "Hello world", "--temperature", "0", "--max-new-tokens", "12",
-                   "--json", "--device", "cpu", env=ONE_THREAD)
+    r = cli("sample", fsdp_run, "--prompt", "Hello world", "--temperature", "0", "--max-new-tokens", "12",
+            "--json", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     ours = json.loads(r.stdout)["samples"][0]["tokens"]
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()

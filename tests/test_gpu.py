@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_gptlab, make_toy_data
+from conftest import make_toy_data, metrics_by_step, run_gptlab
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.model import GPT, FusedHeadLoss
 from gptlab.train import train
@@ -30,20 +30,15 @@ def hs_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("ghs") / "hellaswag.jsonl", some_items(20, seed=5))
 
 
-def records(run, kind):
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in recs if r["kind"] == kind}
-
-
 def _run_and_resume(run, data_dir, hs_file, **kw):
     cfg = resolve_train_config({**GPT2_MICRO, "data": str(data_dir), "out": str(run), "max_steps": 4,
                                 "eval_every": 2, "checkpoint_every": 2, "hellaswag": True,
                                 "hellaswag_file": str(hs_file), **kw})
     assert train(cfg).steps == 4
-    assert sorted(records(run, "hellaswag")) == [2, 4] and sorted(records(run, "val")) == [2, 4]
+    assert sorted(metrics_by_step(run, "hellaswag")) == [2, 4] and sorted(metrics_by_step(run, "val")) == [2, 4]
     assert "=== step 4 ===" in (run / "samples.txt").read_text()
     assert train(TrainConfig(out=str(run)), resume=True, resume_flags={"max_steps": 6}).steps == 6
-    tr = records(run, "train")
+    tr = metrics_by_step(run, "train")
     assert sorted(tr) == list(range(1, 7)) and all(0 < r["loss"] < 12 for r in tr.values())
     return tr
 
@@ -99,7 +94,7 @@ def test_fused_adamw_resume_from_cpu(data_dir, tmp_path):
             "seq_len": 64, "total_batch_tokens": 256}
     train(resolve_train_config(base))
     res = train(TrainConfig(out=str(run)), resume=True, resume_flags={"max_steps": 4, "device": "cuda"})
-    assert res.steps == 4 and all(0 < r["loss"] < 12 for r in records(run, "train").values())
+    assert res.steps == 4 and all(0 < r["loss"] < 12 for r in metrics_by_step(run, "train").values())
 
 
 def test_fsdp_on_one_gpu():

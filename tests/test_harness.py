@@ -198,7 +198,7 @@ def test_lm_eval_cli_runs_a_task_on_a_gptlab_model(hf_dir, tasks_dir, tmp_path):
 def test_eval_tasks_during_training_are_logged_plotted_and_match_gptlab_eval(tasks_dir, tmp_path):
     """--eval-tasks at each evaluation: a "tasks" record a step, a tasks.png, and the last record
     equal to what the harness says of the final checkpoint with the same limit."""
-    from conftest import make_toy_data
+    from conftest import make_toy_data, read_metrics
     from gptlab.config import resolve_train_config
     from gptlab.train import train
 
@@ -209,8 +209,7 @@ def test_eval_tasks_during_training_are_logged_plotted_and_match_gptlab_eval(tas
         total_batch_tokens=256, max_steps=4, lr=1e-2, warmup_steps=1, eval_every=2, eval_tokens=512,
         sample_tokens=0, checkpoint_every=0, device="cpu", eval_tasks="gl_mc,gl_ppl",
         eval_include_path=str(tasks_dir), eval_tasks_limit=6)))
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    tasks = [r for r in recs if r["kind"] == "tasks"]
+    tasks = read_metrics(run, "tasks")
     assert [r["step"] for r in tasks] == [2, 4]
     assert {"acc", "acc_norm"} <= tasks[0]["tasks"]["gl_mc"].keys()
     assert tasks[0]["tasks"]["gl_ppl"]["word_perplexity"] != tasks[1]["tasks"]["gl_ppl"]["word_perplexity"]
@@ -239,15 +238,15 @@ def test_tasks_during_training_leave_every_rng_as_it_was(gptlab_lm, tasks_dir):
     assert after == (random.random(), float(np.random.rand()), float(torch.rand(())))
 
 
-def test_eval_tasks_mistakes_are_one_line_before_training(tasks_dir, tmp_path):
-    from conftest import make_toy_data, run_gptlab
+def test_eval_tasks_mistakes_are_one_line_before_training(cli, tasks_dir, tmp_path):
+    from conftest import make_toy_data
 
     data = make_toy_data(tmp_path / "data", 4096, 40_000)
     common = ["train", "--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
               "--data", str(data), "--device", "cpu", "--max-steps", "2"]
-    r = run_gptlab(*common, "--out", str(tmp_path / "a"), "--eval-tasks", "gl_mc,nope",
-                   "--eval-include-path", str(tasks_dir))
+    r = cli(*common, "--out", str(tmp_path / "a"), "--eval-tasks", "gl_mc,nope",
+            "--eval-include-path", str(tasks_dir))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown harness task nope" in r.stderr, r.stderr
     assert not (tmp_path / "a" / "checkpoints").exists()
-    r = run_gptlab(*common, "--out", str(tmp_path / "b"), "--eval-tasks", "gl_mc", "--fsdp")
+    r = cli(*common, "--out", str(tmp_path / "b"), "--eval-tasks", "gl_mc", "--fsdp")
     assert r.returncode == 2 and "--eval-tasks" in r.stderr and "--fsdp" in r.stderr, r.stderr

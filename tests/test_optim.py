@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_gptlab, make_toy_data, sigterm_after
+from conftest import make_toy_data, read_metrics, run_gptlab, sigterm_after
 from gptlab import checkpoint as ck
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.errors import UserError
@@ -263,15 +263,15 @@ def test_one_scaler_over_two_optimizers():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp_with_muon_is_refused_in_one_line(tmp_path):
+def test_fsdp_with_muon_is_refused_in_one_line(cli, tmp_path):
     with pytest.raises(UserError, match="muon.*--fsdp"):
         validate(muon_cfg(fsdp=True))
     validate(muon_cfg())  # without FSDP it is fine
-    r = run_gptlab("train", "--model", "tiny", "--fsdp", "--optimizer", "muon", "--data", str(tmp_path),
-                   "--out", str(tmp_path / "run"), "--device", "cpu")
+    r = cli("train", "--model", "tiny", "--fsdp", "--optimizer", "muon", "--data", str(tmp_path),
+            "--out", str(tmp_path / "run"), "--device", "cpu")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--fsdp" in r.stderr, r.stderr
-    r = run_gptlab("train", "--model", "tiny", "--optimizer", "lion", "--out", str(tmp_path / "r2"))
+    r = cli("train", "--model", "tiny", "--optimizer", "lion", "--out", str(tmp_path / "r2"))
     assert r.returncode == 2 and "--optimizer must be one of adamw, muon" in r.stderr
 
 
@@ -286,12 +286,7 @@ def data_dir(tmp_path_factory):
 
 
 def train_losses(run: Path, kind: str = "train") -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == kind:
-            out[rec["step"]] = rec["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in read_metrics(run, kind)}
 
 
 def muon_flags(data_dir, out, **kw):

@@ -98,16 +98,16 @@ def test_plan_matches_measured_peak(cfg, batch):
     assert plan.total() == pytest.approx(measured, rel=0.05)
 
 
-def test_plan_cli_and_dry_run(gptlab_cli, tmp_path):
-    r = gptlab_cli("plan", "--model", "gpt2-xl", "--fsdp", "--nproc", "8", "--batch-size", "8",
-                   "--gpu-memory", "80GB")
+def test_plan_cli_and_dry_run(cli, tmp_path):
+    r = cli("plan", "--model", "gpt2-xl", "--fsdp", "--nproc", "8", "--batch-size", "8",
+            "--gpu-memory", "80GB")
     assert r.returncode == 0, r.stderr
     for word in ("parameters", "gradients", "optimizer", "activations", "total", "8 rank(s)", "FSDP on", "fits in"):
         assert word in r.stdout, word
-    r = gptlab_cli("train", "--model", "tiny", "--out", tmp_path / "run", "--dry-run", "--device", "cpu",
-                   "--gpu-memory", "1M")
+    r = cli("train", "--model", "tiny", "--out", tmp_path / "run", "--dry-run", "--device", "cpu",
+            "--gpu-memory", "1M")
     assert r.returncode == 0, r.stderr
     assert "does NOT fit" in r.stdout and "fp32" in r.stdout
     assert not (tmp_path / "run").exists()  # a dry run trains nothing and writes nothing
-    r = gptlab_cli("plan", "--model", "gpt2", "--gpu-memory", "lots")
+    r = cli("plan", "--model", "gpt2", "--gpu-memory", "lots")
     assert r.returncode == 2 and "gpu-memory" in r.stderr and "Traceback" not in r.stderr

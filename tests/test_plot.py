@@ -12,7 +12,6 @@ import pytest
 
 from gptlab.atomic import is_temporary
 from gptlab.errors import UserError
-from conftest import run_gptlab
 from gptlab import plot as plot_mod
 from gptlab.plot import plot_run, plot_runs, read_metrics, run_labels, smooth
 
@@ -157,17 +156,17 @@ def test_library_errors(tmp_path):
         plot_run(tmp_path / "blank")
 
 
-def test_cli_prints_files(tmp_path):
+def test_cli_prints_files(cli, tmp_path):
     run = write_run(tmp_path / "run", full_records(12))
     out = tmp_path / "out"
-    r = run_gptlab("plot", str(run), "--out", str(out))
+    r = cli("plot", str(run), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert [Path(line) for line in r.stdout.splitlines()] == [out / n for n in ALL_CHARTS]
     assert_pngs(r.stdout.splitlines(), out, ALL_CHARTS)
 
 
 @pytest.mark.parametrize("case", ["missing", "no_metrics", "no_records", "only_garbage"])
-def test_cli_errors_exit_2(tmp_path, case):
+def test_cli_errors_exit_2(cli, tmp_path, case):
     run = tmp_path / "run"
     if case == "no_metrics":
         run.mkdir()
@@ -175,7 +174,7 @@ def test_cli_errors_exit_2(tmp_path, case):
         write_run(run, [], tail="\n")
     elif case == "only_garbage":
         write_run(run, [], tail='{"step": 0, "ki')
-    r = run_gptlab("plot", str(run))
+    r = cli("plot", str(run))
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "warning" not in line]
@@ -245,12 +244,12 @@ def test_overlay_labels_and_errors(tmp_path):
         plot_runs([only_hs], tmp_path / "out2")
 
 
-def test_cli_overlay(tmp_path):
+def test_cli_overlay(cli, tmp_path):
     a = write_run(tmp_path / "a", full_records(12))
     b = write_run(tmp_path / "b", full_records(8))
     out = tmp_path / "both"
-    r = run_gptlab("plot", str(a), str(b), "--out", str(out))
+    r = cli("plot", str(a), str(b), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert_pngs(r.stdout.splitlines(), out, ["loss.png", "lr.png"])
-    r = run_gptlab("plot", str(a), str(b))
+    r = cli("plot", str(a), str(b))
     assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr

@@ -4,16 +4,14 @@ state placement on resume, the batch-size search, and torch.compile's fallback.
 Micro shapes throughout: bf16/fp16 matmuls are emulated on this CPU."""
 
 import json
-import re
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_gptlab, make_toy_data
+from conftest import WRITE_RESULT, make_toy_data, metrics_by_step, rank_results, run_gptlab
 from gptlab import train as train_module
 from gptlab.config import ModelConfig, TrainConfig, resolve_train_config
 from gptlab.dist import DistEnv
@@ -42,22 +40,13 @@ def hs_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("hs") / "hellaswag.jsonl", some_items(5, seed=3))
 
 
-def records(run: Path, kind: str) -> dict[int, dict]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == kind:
-            out[rec["step"]] = rec
-    return out
-
-
 def one_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(nproc: int, *args, timeout: float = 400) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args, timeout: float = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=one_thread_env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**one_thread_env(), **(env or {})})
 
 
 # ----------------------------------------------------------------------------- bf16 / fp16 end to end
@@ -73,7 +62,7 @@ def test_half_precision_run_end_to_end(dtype, data_dir, hs_file, tmp_path):
                                 "hellaswag_file": str(hs_file), "hellaswag_limit": 3})
     res = train(cfg)
     assert res.steps == 2
-    tr, val, hs = records(run, "train"), records(run, "val"), records(run, "hellaswag")
+    tr, val, hs = metrics_by_step(run, "train"), metrics_by_step(run, "val"), metrics_by_step(run, "hellaswag")
     assert sorted(tr) == [1, 2] and all(0 < r["loss"] < 12 for r in tr.values())
     assert 0 < val[2]["loss"] < 12
     assert hs[2]["completion"]["n"] == 3
@@ -81,7 +70,7 @@ def test_half_precision_run_end_to_end(dtype, data_dir, hs_file, tmp_path):
     state = json.loads((run / "checkpoints" / "step_000002" / "state.json").read_text())
     assert (state["grad_scaler"] is not None) == (dtype == "fp16")
     res = train(TrainConfig(out=str(run)), resume=True, resume_flags={"max_steps": 3})
-    assert res.steps == 3 and sorted(records(run, "train")) == [1, 2, 3]
+    assert res.steps == 3 and sorted(metrics_by_step(run, "train")) == [1, 2, 3]
     if dtype == "fp16":
         state = json.loads((run / "checkpoints" / "step_000003" / "state.json").read_text())
         assert state["grad_scaler"]["scale"] > 0
@@ -89,7 +78,7 @@ def test_half_precision_run_end_to_end(dtype, data_dir, hs_file, tmp_path):
 
 # ----------------------------------------------------------------------------- fp16 under FSDP (c)
 
-INF_SCRIPT = r"""
+INF_SCRIPT = WRITE_RESULT + r"""
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 dist.init_process_group("gloo")
@@ -109,7 +98,7 @@ scaler.unscale_(opt)
 scaler.step(opt)
 scaler.update()
 changed = any(not torch.equal(a, p.full_tensor()) for a, p in zip(before, m.parameters()))
-print(f"RESULT rank={rank} scale={scaler.get_scale()} stepped={changed}", flush=True)
+write_result(scale=scaler.get_scale(), stepped=changed)
 dist.destroy_process_group()
 """
 
@@ -121,11 +110,13 @@ def test_fp16_fsdp_inf_checks_agree_across_ranks(tmp_path):
     gradients and its flag is reduced over the mesh. Kept as the test that shows it."""
     script = tmp_path / "inf.py"
     script.write_text(INF_SCRIPT)
-    r = torchrun(2, script, timeout=200)
+    results = tmp_path / "results"
+    results.mkdir()
+    r = torchrun(2, script, timeout=200, env={"RESULT_DIR": str(results)})
     assert r.returncode == 0, r.stderr[-3000:]
-    # two processes share stdout: their lines can run together, so find the records, not the lines
-    lines = sorted(re.findall(r"RESULT rank=\d+ scale=[\d.]+ stepped=\w+", r.stdout))
-    assert lines == ["RESULT rank=0 scale=32768.0 stepped=False", "RESULT rank=1 scale=32768.0 stepped=False"]
+    # each rank writes its own file: two processes' lines on a shared stdout can run together
+    assert rank_results(results, 2) == [{"rank": 0, "scale": 32768.0, "stepped": False},
+                                        {"rank": 1, "scale": 32768.0, "stepped": False}]
 
 
 @pytest.mark.slow
@@ -137,7 +128,7 @@ def test_fp16_fsdp_two_ranks_equal_one(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     r = torchrun(2, "-m", "gptlab", "train", *common, "--out", two, "--fsdp")
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = records(one, "train"), records(two, "train")
+    a, b = metrics_by_step(one, "train"), metrics_by_step(two, "train")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-3), s
@@ -146,17 +137,17 @@ def test_fp16_fsdp_two_ranks_equal_one(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- FSDP: HellaSwag, samples (b, e)
 
 @pytest.mark.slow
-def test_fsdp_hellaswag_equals_one_rank(data_dir, hs_file, tmp_path):
+def test_fsdp_hellaswag_equals_one_rank(cli, data_dir, hs_file, tmp_path):
     """HellaSwag inside FSDP training (fp32) runs through the sharded model, with 5 items over 2
     ranks (uneven batches), and equals `gptlab eval` of the same checkpoint on one process."""
     run = tmp_path / "run"
     r = torchrun(2, "-m", "gptlab", "train", *MICRO_FLAGS, "--data", data_dir, "--out", run, "--fsdp",
                  "--max-steps", "2", "--eval-every", "2", "--hellaswag", "--hellaswag-file", hs_file)
     assert r.returncode == 0, r.stderr[-3000:]
-    hs = records(run, "hellaswag")[2]
+    hs = metrics_by_step(run, "hellaswag")[2]
     assert hs["completion"]["n"] == 5
-    r = run_gptlab("eval", run, "--hellaswag", "--hellaswag-file", hs_file, "--batch-size", "1", "--device", "cpu",
-                   "--json", env={"OMP_NUM_THREADS": "1"})
+    r = cli("eval", run, "--hellaswag", "--hellaswag-file", hs_file, "--batch-size", "1", "--device", "cpu",
+            "--json")
     assert r.returncode == 0, r.stderr
     ref = json.loads(r.stdout)["hellaswag"]
     for style in ("completion", "harness"):
@@ -173,12 +164,12 @@ def test_fsdp_bf16_with_hellaswag_then_resumed_on_one_rank(data_dir, hs_file, tm
                  "--dtype", "bf16", "--max-steps", "2", "--eval-every", "2", "--hellaswag",
                  "--hellaswag-file", hs_file, "--hellaswag-limit", "3")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert records(run, "hellaswag")[2]["completion"]["n"] == 3
-    assert 0 < records(run, "val")[2]["loss"] < 12
+    assert metrics_by_step(run, "hellaswag")[2]["completion"]["n"] == 3
+    assert 0 < metrics_by_step(run, "val")[2]["loss"] < 12
     assert "=== step 2 ===" in (run / "samples.txt").read_text()
     r = run_gptlab("train", "--out", run, "--resume", "--no-fsdp", "--max-steps", "3", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    tr = records(run, "train")
+    tr = metrics_by_step(run, "train")
     assert sorted(tr) == [1, 2, 3] and 0 < tr[3]["loss"] < 12
 
 
@@ -348,7 +339,7 @@ def test_cli_train_with_a_broken_backend_trains_evaluates_and_samples(data_dir, 
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "no_such_backend" in warnings[0]
-    assert sorted(records(run, "train")) == [1, 2] and records(run, "val")
+    assert sorted(metrics_by_step(run, "train")) == [1, 2] and metrics_by_step(run, "val")
     assert "=== step 2 ===" in (run / "samples.txt").read_text()
 
 

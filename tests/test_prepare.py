@@ -259,9 +259,9 @@ def test_cli_shakespeare_offline_default_out(tmp_path):
     (["files", "c.jsonl", "--val-fraction", "1.5"], "--val-fraction"),
     (["fineweb-edu", "--val-fraction", "0.01"], "--val-fraction needs"),
 ])
-def test_cli_user_errors(tmp_path, args, message):
+def test_cli_user_errors(cli, tmp_path, args, message):
     write_jsonl(tmp_path / "c.jsonl", ["x"])
-    r = run_gptlab("prepare", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    r = cli("prepare", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
 

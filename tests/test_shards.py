@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_gptlab
 from gptlab.atomic import sha256_file
 from gptlab.data import shards as sh
 from gptlab.data.prepare import prepare
@@ -18,7 +16,8 @@ from gptlab.data.sources import files_source
 from gptlab.errors import UserError
 
 
-def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
+def assert_user_error(r, *fragments: str) -> None:
+    """r: what conftest's cli (or run_gptlab) returned."""
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -144,7 +143,7 @@ def test_manifest_hashes_and_counts(tmp_path):
     assert sh.verify_dataset(out, progress=False)["hashed"] is True
 
 
-def test_verify_detects_a_changed_byte(tmp_path):
+def test_verify_detects_a_changed_byte(cli, tmp_path):
     out = prepared(tmp_path)
     victim = sorted(out.glob("*_train_*.bin"))[1]
     data = bytearray(victim.read_bytes())
@@ -152,26 +151,26 @@ def test_verify_detects_a_changed_byte(tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(UserError, match=victim.name):
         sh.verify_dataset(out, progress=False)
-    r = run_gptlab("data", "verify", str(out))
+    r = cli("data", "verify", str(out))
     assert_user_error(r, victim.name, "sha256")
 
 
-def test_cli_data_info_and_errors(tmp_path):
+def test_cli_data_info_and_errors(cli, tmp_path):
     out = prepared(tmp_path)
-    r = run_gptlab("data", "info", str(out))
+    r = cli("data", "info", str(out))
     assert r.returncode == 0, r.stderr
     assert "train" in r.stdout and "val" in r.stdout and "files" in r.stdout
-    r = run_gptlab("data", "verify", str(out))
+    r = cli("data", "verify", str(out))
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
-    assert_user_error(run_gptlab("data", "info", str(tmp_path / "nope")), "no such directory")
+    assert_user_error(cli("data", "info", str(tmp_path / "nope")), "no such directory")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run_gptlab("data", "info", str(empty)), "no token shards")
+    assert_user_error(cli("data", "info", str(empty)), "no token shards")
     # truncated shard: the manifest's count no longer matches the file
     victim = sorted(out.glob("*.bin"))[0]
     victim.write_bytes(victim.read_bytes()[:-2])
-    assert_user_error(run_gptlab("data", "verify", str(out)), victim.name, "truncated")
+    assert_user_error(cli("data", "verify", str(out)), victim.name, "truncated")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x_train_000000.bin").write_bytes(_header(magic=7) + b"\0" * 6)
-    assert_user_error(run_gptlab("data", "info", str(bad)), "bad magic")
+    assert_user_error(cli("data", "info", str(bad)), "bad magic")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_gptlab
 from gptlab.data import sources
 from gptlab.data.sources import expand_paths, files_source, hf_documents, open_source, split_at_blank_lines
 from gptlab.errors import UserError
@@ -196,11 +195,11 @@ def test_tinyshakespeare_hash_mismatch(server, tmp_path):
         sources.tinyshakespeare_source(cache, url=f"{s.url}/missing.txt").count()
 
 
-def test_tinyshakespeare_cli_mismatch_exit_2(server, tmp_path):
+def test_tinyshakespeare_cli_mismatch_exit_2(cli, server, tmp_path):
     s, www = server
     (www / "input.txt").write_text("not the canonical file\n")
     env = dict(GPTLAB_TINYSHAKESPEARE_URL=f"{s.url}/input.txt", GPTLAB_CACHE=str(tmp_path / "c"))
-    r = run_gptlab("prepare", "tinyshakespeare", "--out", tmp_path / "o", env=env)
+    r = cli("prepare", "tinyshakespeare", "--out", tmp_path / "o", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "sha256" in r.stderr
     assert s.requests == ["/input.txt"]

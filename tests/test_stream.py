@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_gptlab, sigterm_after
+from conftest import read_metrics, run_gptlab, sigterm_after
 from gptlab.atomic import is_temporary
 from gptlab.config import EOT_TOKEN
 from gptlab.data import shards as sh
@@ -179,15 +179,15 @@ def test_budget_is_never_exceeded(server, tmp_path):
     assert sorted(p.name for p in cache.rglob("*.bin")) == ["r_val_000000.bin"]  # the val split stays
 
 
-def test_budget_too_small_is_refused(server, tmp_path, gptlab_cli):
+def test_budget_too_small_is_refused(cli, server, tmp_path):
     with pytest.raises(UserError, match="too small"):
         loader(f"{server.url}/ds", tmp_path, disk_budget="3K")
-    r = gptlab_cli("train", "--model", "tiny", "--data", f"{server.url}/ds", "--data-disk-budget", "3K",
-                   "--data-cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--device", "cpu",
-                   env=CLI_ENV)
+    r = cli("train", "--model", "tiny", "--data", f"{server.url}/ds", "--data-disk-budget", "3K",
+            "--data-cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--device", "cpu",
+            env=CLI_ENV)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "--data-disk-budget" in r.stderr
-    r = gptlab_cli("train", "--data-disk-budget", "lots")
+    r = cli("train", "--data-disk-budget", "lots")
     assert r.returncode == 2 and "size" in r.stderr
 
 
@@ -362,8 +362,7 @@ def train_flags(data: str, out: Path, cache: Path, **kw) -> dict:
 
 
 def metrics(run: Path) -> dict[tuple[str, int], float]:
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {(r["kind"], r["step"]): r["loss"] for r in recs if r["kind"] in ("train", "val")}
+    return {(r["kind"], r["step"]): r["loss"] for kind in ("train", "val") for r in read_metrics(run, kind)}
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import markov_tokens, run_gptlab, write_shard, make_toy_data, sigterm_after
+from conftest import make_toy_data, markov_tokens, read_metrics, run_gptlab, sigterm_after, write_shard
 from gptlab import checkpoint as ck
 from gptlab.rundir import RunDir
 from gptlab.config import resolve_train_config
@@ -31,12 +31,7 @@ def flags(data_dir, out, **kw):
 
 
 def losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in read_metrics(run, "train")}
 
 
 def test_loss_falls(data_dir, tmp_path):
@@ -52,7 +47,7 @@ def test_loss_falls(data_dir, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000030"
     assert (run / "samples.txt").read_text().count("=== step") == 2
     assert sorted(p.name for p in (run / "plots").glob("*.png")) >= ["loss.png", "lr.png", "throughput.png"]
-    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    rec = read_metrics(run)[0]
     assert {"step", "kind", "loss", "lr", "grad_norm", "tokens", "tok_per_s", "mfu", "time"} <= set(rec)
 
 
@@ -95,9 +90,9 @@ def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
     assert losses(run) == losses(tmp_path / "full")
 
 
-def test_resume_refuses_model_change(data_dir, tmp_path):
+def test_resume_refuses_model_change(cli, data_dir, tmp_path):
     train(resolve_train_config(flags(data_dir, tmp_path / "r", max_steps=2)))
-    r = run_gptlab("train", "--out", str(tmp_path / "r"), "--resume", "--n-layer", "3")
+    r = cli("train", "--out", str(tmp_path / "r"), "--resume", "--n-layer", "3")
     assert r.returncode == 2 and "would change the model" in r.stderr
     assert "Traceback" not in r.stderr
     # a new run into a directory that has checkpoints is refused: nothing is overwritten
@@ -108,15 +103,15 @@ def test_resume_refuses_model_change(data_dir, tmp_path):
     assert max(losses(tmp_path / "r")) == 4
 
 
-def test_cli_errors(data_dir, tmp_path):
-    r = run_gptlab("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "e"), "--batch-size", "3",
+def test_cli_errors(cli, data_dir, tmp_path):
+    r = cli("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "e"), "--batch-size", "3",
                  "--total-batch-tokens", "256")
     assert r.returncode == 2 and "use a batch size in: 1, 2, 4, 8" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = run_gptlab("train", *SMALL, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
+    r = cli("train", *SMALL, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "no such data directory" in r.stderr
     assert "Traceback" not in r.stderr
-    r = run_gptlab("train", "--out", str(tmp_path / "never"), "--resume")
+    r = cli("train", "--out", str(tmp_path / "never"), "--resume")
     assert r.returncode == 2 and "nothing to resume" in r.stderr
 
 
@@ -140,14 +135,14 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data_dir, tmp_path, monkeypa
     assert (good / "model.safetensors").read_bytes() == before
 
 
-def test_trained_run_exports_to_transformers(data_dir, tmp_path):
+def test_trained_run_exports_to_transformers(cli, data_dir, tmp_path):
     transformers = pytest.importorskip("transformers")
     from gptlab.generate import generate_ids
 
     run = tmp_path / "run"
     train(resolve_train_config(flags(data_dir, run, max_steps=8)))
     model, _ = ck.load_model(run)  # a run directory is a MODEL
-    r = run_gptlab("export", str(run), "--out", str(tmp_path / "hf"))
+    r = cli("export", str(run), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = torch.tensor(markov_tokens(32, 5)).unsqueeze(0)
@@ -174,8 +169,7 @@ def test_hellaswag_during_training(data_dir, tmp_path):
     run = tmp_path / "run"
     train(resolve_train_config(flags(data_dir, run, max_steps=2, eval_every=2, hellaswag=True,
                                      hellaswag_file=str(items))))
-    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    hs = [r for r in recs if r["kind"] == "hellaswag"]
+    hs = read_metrics(run, "hellaswag")
     assert len(hs) == 1 and hs[0]["completion"]["n"] == 6 and hs[0]["harness"]["n"] == 6
     assert (run / "plots" / "hellaswag.png").is_file()
 
@@ -231,7 +225,7 @@ def test_skip_nonfinite_skips_then_stops_naming_the_last_good_checkpoint(data_di
     run = tmp_path / "skip"
     _nan_on_calls(monkeypatch, {3, 5})
     train(resolve_train_config(flags(data_dir, run, max_steps=6, checkpoint_every=2, skip_nonfinite=2, batch_size=8)))
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(run)
     assert [r["step"] for r in recs if r.get("skipped")] == [3, 5]
     assert all(r["loss"] is None for r in recs if r.get("skipped"))
     assert json.loads((RunDir(run).latest_checkpoint() / "state.json").read_text())["nonfinite_skipped"] == 2
@@ -290,7 +284,7 @@ def test_new_run_in_a_directory_without_checkpoints_starts_a_new_log(data_dir, t
 
     shutil.rmtree(run / "checkpoints")
     train(resolve_train_config(flags(data_dir, run, max_steps=2)))
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
 
 
 def test_resume_drops_redone_steps_and_a_torn_line_from_the_log(data_dir, tmp_path):
@@ -304,8 +298,7 @@ def test_resume_drops_redone_steps_and_a_torn_line_from_the_log(data_dir, tmp_pa
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "kind": "tr')  # a write torn by a kill
     train(resolve_train_config({"out": str(run)}), resume=True, resume_flags={})
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["kind"]) for r in recs] == [(s, "train") for s in range(1, 7)]
+    assert [(r["step"], r["kind"]) for r in read_metrics(run)] == [(s, "train") for s in range(1, 7)]
     assert losses(run) == full
 
 
@@ -365,7 +358,7 @@ def test_init_from_refuses_a_shape_flag_it_would_ignore(data_dir, tmp_path):
         train(resolve_train_config(cfg))
 
 
-def test_out_naming_a_file_is_one_line(data_dir, tmp_path):
+def test_out_naming_a_file_is_one_line(cli, data_dir, tmp_path):
     (tmp_path / "f").write_text("x")
-    r = run_gptlab("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "f"))
+    r = cli("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "f"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not a directory" in r.stderr, r.stderr
