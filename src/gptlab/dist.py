@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from gptlab.atomic import write_text
 from gptlab.errors import UserError
 
 
@@ -149,9 +150,7 @@ def report_error(line: str) -> None:
     if rank is not None and where:
         path = os.path.join(where, f"error.{rank}")
         try:
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                f.write(line)
-            os.replace(path + ".tmp", path)  # whole or absent: the launcher never reads half a line
+            write_text(path, line)  # whole or absent: the launcher never reads half a line
             return
         except OSError:
             pass  # the launcher is gone or its directory unwritable: say it here
