@@ -299,3 +299,23 @@ def test_rollback_targets_skip_checkpoints_an_earlier_rollback_discarded(tmp_pat
     assert target(fake, 27) == (run.checkpoint_path(25), 25)  # not 23: off the schedule
     assert target(fake, 31) == (run.checkpoint_path(30), 30)
     assert target(fake, 5) is None
+
+
+@pytest.mark.slow
+def test_two_ranks_decide_alike_and_roll_back(data, tmp_path, gptlab_cli):
+    """Under DDP (2 ranks on gloo) the decisions use the loss averaged over the ranks: both ranks
+    skip and roll back at the same steps (a rank that did not would hang the next collective)."""
+    run = tmp_path / "r"
+    cmd = command(data, run, *SKIP, "--spike-rollback", "2", "--spike-rollback-window", str(STEPS),
+                  "--nproc", "2", "--dist-timeout", "60")
+    cmd[cmd.index("--total-batch-tokens") + 1] = "64"  # one window per rank per step
+    cmd[cmd.index("--spike-window") + 1] = "4"
+    res = gptlab_cli(*cmd, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    recs = train_records(run)
+    assert sorted(recs) == list(range(1, STEPS + 1))
+    spikes = skipped(run)
+    assert spikes and all(recs[s]["loss"] > 5 for s in spikes)  # a random window in the pair of the step
+    assert all(recs[s]["loss"] < 3 for s in recs if s > WARM + 4 and s not in spikes)
+    assert rollbacks(run) and all(at in spikes for at, _ in rollbacks(run))
+    assert "rolled back to" in res.stderr
