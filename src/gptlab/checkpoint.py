@@ -290,7 +290,8 @@ def load_checkpoint_weights(ckpt: str | Path, model: torch.nn.Module) -> None:
 
 STATE_VERSION = 2
 """The checkpoint format this gptlab writes. 1: state.json without `format_version` (gptlab before
-versions); 2: the same fields, with `format_version`. Both load."""
+versions); 2: the same fields, with `format_version` (the --skip-spikes fields were added to 2 with
+defaults, so a state.json without them loads as before). Both load."""
 
 
 @dataclass
@@ -315,6 +316,16 @@ class TrainState:
     """The optimizer's param groups and plain values (written by save_checkpoint / the sharded writer)."""
     format: str | None = None
     """The layout: SHARDED_FORMAT ("dcp") for a sharded checkpoint, None for the single-file one."""
+    spike_losses: list = field(default_factory=list)
+    """--skip-spikes: the losses of the recent applied steps (oldest first) that the next step's loss
+    is compared with."""
+    spike_skipped: int = 0
+    """Steps whose update --skip-spikes kept out."""
+    spike_recent: list = field(default_factory=list)
+    """--spike-rollback: the steps skipped as spikes since the last rollback, within its window."""
+    rollbacks: list = field(default_factory=list)
+    """--spike-rollback: every rollback so far, {"step", "checkpoint_step", "skips", "discarded":
+    [first, last]} (the steps whose batches and updates it discarded)."""
     format_version: int = STATE_VERSION
 
     def to_json(self) -> dict:
@@ -445,6 +456,26 @@ def check_state(state: dict, path: Path, required: tuple[str, ...] = ("step",)) 
         raise bad("nonfinite_skipped", "a non-negative integer")
     if "optimizer" in state:
         _check_optimizer_meta(state["optimizer"], path)
+    _check_spike_state(state, bad)
+
+
+def _check_spike_state(state: dict, bad) -> None:
+    """The --skip-spikes / --spike-rollback fields (absent in checkpoints written before them)."""
+    if not (isinstance(state.get("spike_losses", []), list) and all(_is_num(x) for x in state.get("spike_losses", []))):
+        raise bad("spike_losses", "a list of finite numbers")
+    if "spike_skipped" in state and (not _is_int(state["spike_skipped"]) or state["spike_skipped"] < 0):
+        raise bad("spike_skipped", "a non-negative integer")
+    recent = state.get("spike_recent", [])
+    if not (isinstance(recent, list) and all(_is_int(s) and s > 0 for s in recent)):
+        raise bad("spike_recent", "a list of step numbers")
+    rollbacks = state.get("rollbacks", [])
+    ok = isinstance(rollbacks, list) and all(
+        isinstance(r, dict) and all(_is_int(r.get(k)) and r[k] >= 0 for k in ("step", "checkpoint_step"))
+        and isinstance(r.get("skips"), list) and all(_is_int(s) for s in r["skips"])
+        and isinstance(r.get("discarded"), list) and len(r["discarded"]) == 2 and all(_is_int(s) for s in r["discarded"])
+        for r in rollbacks)
+    if not ok:
+        raise bad("rollbacks", 'a list of {"step", "checkpoint_step", "skips", "discarded"} objects')
 
 
 def _check_optimizer_meta(meta: Any, path: Path) -> None:

@@ -361,6 +361,18 @@ class TrainConfig(_Saved, PlanOptions, LaunchOptions, RuntimeOptions, BatchOptio
     wandb_project: str = option("gptlab", "Weights & Biases project")
     skip_nonfinite: int = option(0, "skip up to N steps whose loss or gradient norm is NaN/inf (no update), "
                                     "then stop; 0 stops at the first")
+    skip_spikes: float = option(0.0, "skip the update of a step whose loss is more than Z standard deviations "
+                                     "above the mean of the last --spike-window applied steps; 0 turns it off",
+                                metavar="Z")
+    spike_window: int = option(100, "--skip-spikes: how many recent applied steps' losses give the mean and "
+                                    "deviation; nothing is skipped before that many are in", parse="positive_int",
+                                metavar="N")
+    spike_rollback: int = option(0, "--skip-spikes: after K skipped spikes within --spike-rollback-window "
+                                    "steps, roll back to the newest scheduled checkpoint before the first of "
+                                    "them and go on past their batches; 0 turns it off", metavar="K",
+                                 parse="nonneg_int")
+    spike_rollback_window: int = option(100, "--spike-rollback: the window of steps in which K skips roll back",
+                                        parse="positive_int", metavar="W")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -390,6 +402,13 @@ class TrainConfig(_Saved, PlanOptions, LaunchOptions, RuntimeOptions, BatchOptio
             (self.sample_tokens >= 0, "--sample-tokens must be >= 0"),
             (self.num_samples > 0, "--num-samples must be positive"),
             (self.skip_nonfinite >= 0, "--skip-nonfinite must be >= 0"),
+            (math.isfinite(self.skip_spikes) and self.skip_spikes >= 0,
+             "--skip-spikes must be a number >= 0 (0 turns it off)"),
+            (self.spike_window >= 2, "--spike-window must be at least 2 (a deviation needs two losses)"),
+            (self.spike_rollback >= 0, "--spike-rollback must be >= 0"),
+            (self.spike_rollback == 0 or self.skip_spikes > 0,
+             "--spike-rollback needs --skip-spikes Z (it counts the spikes that skipped their update)"),
+            (self.spike_rollback_window >= 1, "--spike-rollback-window must be positive"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0,
              "--muon-lr must be positive, --muon-momentum in [0, 1), --muon-weight-decay >= 0"),

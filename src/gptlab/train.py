@@ -5,8 +5,11 @@ One optimizer step, top to bottom, all in this file (Trainer.train_step -> train
   the learning rate of this step (optim.lr_at, a factor of each group's peak)
   -> forward and backward over the micro-batches, gradients synchronised once, on the last
   -> the mean loss over ranks -> unscale (fp16's loss scale) -> clip the global gradient norm
-  -> a non-finite loss or norm: no update, counted against --skip-nonfinite (then stop), else
-     every optimizer steps -> the loss scale is updated -> gradients are dropped -> one log record.
+  -> a non-finite loss or norm: no update, counted against --skip-nonfinite (then stop); a loss
+     spike (--skip-spikes: a z-score over the recent applied steps' losses): no update, else
+     every optimizer steps -> the loss scale is updated -> gradients are dropped -> one log record
+  -> K spikes within a window (--spike-rollback): back to the weights, optimizer and RNG states of
+     the newest scheduled checkpoint before them, the data going on past their batches.
 
 A run directory holds everything (see DESIGN). A run stopped by SIGTERM/SIGINT saves a checkpoint
 at the current step boundary; `resume=True` continues it exactly: same weights, optimizer state,
@@ -25,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -152,7 +155,9 @@ class StepResult:
     grad_norm: float | None
     """Global gradient norm before clipping (None when no update was asked for)."""
     applied: bool = True
-    """False when a non-finite loss or gradient norm kept the update from being applied."""
+    """False when a non-finite loss or gradient norm, or a veto (a loss spike), kept the update out."""
+    skip_reason: str | None = None
+    """Why the update was not applied: "nonfinite", or the veto's reason ("spike")."""
 
 
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
@@ -160,12 +165,14 @@ Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
 def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int,
                optimizer: Optimizers | None = None, scaler: torch.amp.GradScaler | None = None,
-               grad_clip: float = 0.0) -> StepResult:
+               grad_clip: float = 0.0, veto: Callable[[float], str | None] | None = None) -> StepResult:
     """One optimizer step, as the Trainer, the benchmark and the batch-size search all run it:
     forward and backward over `accum` micro-batches, then unscale, clip and update. A non-finite
     loss or norm skips the update (gradients are dropped) and says so in the result (the Trainer
-    counts it against --skip-nonfinite). optimizer=None runs forward and backward only; a list of
-    optimizers (AdamW + Muon) is clipped over together and stepped one after another."""
+    counts it against --skip-nonfinite). `veto` sees the finite loss (the mean over every rank, so
+    every rank decides alike) before the update and may keep it out, returning its reason (the
+    Trainer's spike detector). optimizer=None runs forward and backward only; a list of optimizers
+    (AdamW + Muon) is clipped over together and stepped one after another."""
     loss = forward_backward(placed, rt, batches, accum, scaler)
     opts = as_list(optimizer) if optimizer is not None else []
     if not opts:
@@ -175,6 +182,10 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
     norm = grad_norm(placed.model, grad_clip)
     # with a loss scale an inf norm is routine: the scaler skips that update and lowers the scale
     applied = math.isfinite(loss) and (scaler is not None or math.isfinite(norm))
+    reason = None if applied else "nonfinite"
+    if applied and veto is not None:
+        reason = veto(loss)
+        applied = reason is None
     for opt in opts if applied else ():
         if scaler is not None:
             scaler.step(opt)  # skips the update itself on inf/nan gradients
@@ -184,7 +195,7 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
         scaler.update()  # once per step, after every optimizer: lowers the scale on inf/nan
     for opt in opts:
         opt.zero_grad(set_to_none=True)
-    return StepResult(loss, norm, applied=applied)
+    return StepResult(loss, norm, applied=applied, skip_reason=reason)
 
 
 def forward_backward(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -265,6 +276,68 @@ def nonfinite_step(step: int, loss: float, norm: float | None, skipped: int, bud
         raise UserError(f"{what} at step {step}: training stopped{allowed} "
                         f"(try a lower --lr, --dtype fp32, or --skip-nonfinite N){where}")
     return skipped, f"step {step}: {what}; update skipped ({skipped} of --skip-nonfinite {budget})"
+
+
+class SpikeGuard:
+    """--skip-spikes Z and --spike-rollback K: the decisions on loss spikes, and their state (saved in
+    every checkpoint's TrainState, so a resumed run decides as the unbroken one).
+
+    A step's loss is a spike when it is more than Z standard deviations above the mean of the last
+    `window` applied steps' losses (a z-score, as llm.c's outlier detector); nothing is a spike
+    before the window is full. A spike's update is skipped and the step is not added to the window.
+    K spikes within `rollback_window` steps ask for a rollback (Trainer.rollback)."""
+
+    def __init__(self, z: float, window: int, rollback_after: int = 0, rollback_window: int = 100):
+        self.z, self.window = z, window
+        self.rollback_after, self.rollback_window = rollback_after, rollback_window
+        self.losses: list[float] = []
+        """The recent applied steps' losses, oldest first (at most `window`)."""
+        self.skipped = 0
+        """Steps skipped as spikes, in all."""
+        self.recent: list[int] = []
+        """The steps skipped as spikes since the last rollback, within the rollback window."""
+        self.rollbacks: list[dict] = []
+        self.last_z: float | None = None
+        """The z-score of the latest step checked."""
+
+    @property
+    def on(self) -> bool:
+        return self.z > 0
+
+    def zscore(self, loss: float) -> float | None:
+        """How many standard deviations `loss` is above the window's mean; None until it is full."""
+        if len(self.losses) < self.window:
+            return None
+        mean = math.fsum(self.losses) / len(self.losses)
+        std = math.sqrt(math.fsum((x - mean) ** 2 for x in self.losses) / len(self.losses))
+        if std == 0.0:
+            return 0.0 if loss <= mean else math.inf
+        return (loss - mean) / std
+
+    def veto(self, loss: float) -> str | None:
+        """train_step's veto: "spike" to keep this step's update out."""
+        self.last_z = self.zscore(loss)
+        return "spike" if self.last_z is not None and self.last_z > self.z else None
+
+    def applied(self, loss: float) -> None:
+        self.losses = (self.losses + [loss])[-self.window:]
+
+    def spike(self, step: int) -> None:
+        self.skipped += 1
+        self.recent = [s for s in self.recent if s > step - self.rollback_window] + [step]
+
+    def wants_rollback(self) -> bool:
+        return self.rollback_after > 0 and len(self.recent) >= self.rollback_after
+
+    def state(self) -> dict[str, Any]:
+        """TrainState's fields."""
+        return {"spike_losses": list(self.losses), "spike_skipped": self.skipped,
+                "spike_recent": list(self.recent), "rollbacks": [dict(r) for r in self.rollbacks]}
+
+    def load(self, state: TrainState) -> None:
+        self.losses = [float(x) for x in state.spike_losses][-self.window:]
+        self.skipped, self.recent = state.spike_skipped, list(state.spike_recent)
+        self.rollbacks = [dict(r) for r in state.rollbacks]
 
 
 @torch.no_grad()
@@ -422,6 +495,7 @@ class Trainer:
         self.step = self.tokens = 0
         self.skipped = 0
         """Steps whose update a non-finite loss or gradient norm kept out (--skip-nonfinite)."""
+        self.spikes = SpikeGuard(cfg.skip_spikes, cfg.spike_window, cfg.spike_rollback, cfg.spike_rollback_window)
         self.data_fp = None if is_remote(cfg.data) else data_fingerprint(cfg.data)  # streams are verified as fetched
         if ckpt is not None:
             self.restore(ckpt)
@@ -507,15 +581,25 @@ class Trainer:
         scale_lr(self.optimizers, factor)
         self.placed.forward.train()
         batches = fixed if fixed is not None else (self.loader.next_batch() for _ in range(self.accum))
-        out = train_step(self.placed, self.rt, batches, self.accum, self.optimizers, self.scaler, cfg.grad_clip)
-        if not out.applied:  # a non-finite loss or norm: no update was applied; skip it or stop
+        out = train_step(self.placed, self.rt, batches, self.accum, self.optimizers, self.scaler, cfg.grad_clip,
+                         veto=self.spikes.veto if self.spikes.on else None)
+        if out.skip_reason == "nonfinite":  # no update was applied; skip it or stop
             self.skipped, note = nonfinite_step(self.step + 1, out.loss, out.grad_norm, self.skipped,
                                                 cfg.skip_nonfinite, self.checkpointer.last_good())
             self.say(note)
+        elif out.skip_reason == "spike":  # no update was applied
+            self.spikes.spike(self.step + 1)
+            self.say(f"step {self.step + 1}: loss {out.loss:.4f} is a spike, {self.spikes.last_z:.1f} standard "
+                     f"deviations above the mean of the last {cfg.spike_window} steps (--skip-spikes "
+                     f"{cfg.skip_spikes:g}); update skipped")
+        elif self.spikes.on:
+            self.spikes.applied(out.loss)
         self.rt.synchronize()
         self.step += 1
         self.tokens += cfg.total_batch_tokens
         self._log_step(out, cfg.lr * factor, time.time() - t0, bar)
+        if self.spikes.wants_rollback():
+            self.rollback()
         return out.loss
 
     def _log_step(self, out: StepResult, lr: float, dt: float, bar) -> None:
@@ -527,12 +611,65 @@ class Trainer:
         mfu = mcfg.flops_per_token(mcfg.seq_len) * tok_s / (peak * self.env.world_size) if peak else None
         self.logger.log({"step": self.step, "kind": "train", "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
                          "tokens": self.tokens, "tok_per_s": tok_s, "mfu": mfu, "time": time.time(),
-                         "epoch": self.loader.epoch, **({} if out.applied else {"skipped": True})})
+                         "epoch": self.loader.epoch, **self._skip_fields(out)})
         post = {"loss": f"{out.loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
         bar.set_postfix(post, refresh=False)
         bar.update(1)
+
+    def _skip_fields(self, out: StepResult) -> dict:
+        if out.applied:
+            return {}
+        extra = {"spike_z": self.spikes.last_z} if out.skip_reason == "spike" else {}
+        return {"skipped": True, "skip_reason": out.skip_reason, **extra}
+
+    # ------------------------------------------------------------------ loss spikes: rollback
+
+    def rollback(self) -> None:
+        """--spike-rollback: K spikes within the window. Back to the newest checkpoint written on the
+        --checkpoint-every schedule before the first of them (only those: a run stopped by a signal
+        and resumed, which also saved where it stopped, picks the same one): its weights, optimizer,
+        loss scale, RNG states and spike window. The step count, the tokens seen and the data loader
+        go on where they are, so the batches since that checkpoint, the ones that caused the spikes
+        among them, are not trained on again: their updates are discarded. Collective; every rank
+        decides alike (the losses are the means over ranks)."""
+        recent, step = list(self.spikes.recent), self.step
+        self.checkpointer.wait()  # a background save in flight is complete before the choice
+        target = self._rollback_target(min(recent))
+        self.spikes.recent = []  # these spikes are dealt with, whether or not a checkpoint is there
+        shown = ", ".join(map(str, recent))
+        if target is None:
+            self.say(f"step {step}: {len(recent)} loss spikes within {self.cfg.spike_rollback_window} steps "
+                     f"(steps {shown}), but no scheduled checkpoint before step {recent[0]} to roll back to; "
+                     f"going on")
+            self._log({"step": step, "kind": "rollback", "tokens": self.tokens, "skips": recent, "checkpoint": None})
+            return
+        ckpt, at = target
+        state = self._load_checkpoint(ckpt, weights=True)
+        self.spikes.losses = [float(x) for x in state.spike_losses][-self.spikes.window:]
+        record = {"step": step, "checkpoint_step": at, "skips": recent, "discarded": [at + 1, step]}
+        self.spikes.rollbacks.append(record)
+        self._log({**record, "kind": "rollback", "tokens": self.tokens, "checkpoint": ckpt.name})
+        self.say(f"step {step}: {len(recent)} loss spikes within {self.cfg.spike_rollback_window} steps (steps "
+                 f"{shown}): rolled back to {ckpt} (the weights of step {at}); the batches and updates of steps "
+                 f"{at + 1}-{step} are discarded, training goes on with the next batch")
+
+    def _rollback_target(self, first_spike: int) -> tuple[Path, int] | None:
+        """The newest checkpoint of this run saved on the --checkpoint-every schedule (any, without one)
+        at a step before `first_spike`, and its step. Checkpoints that an earlier rollback discarded
+        (saved after its checkpoint and before it) are not candidates."""
+        every, best = self.cfg.checkpoint_every, None
+        gone = [(r["checkpoint_step"], r["step"]) for r in self.spikes.rollbacks]
+        for ckpt in self.run.checkpoints():
+            at = ckpt_mod.checkpoint_step(ckpt)
+            if (at < first_spike and (every == 0 or at % every == 0) and not any(a < at < b for a, b in gone)
+                    and (best is None or at > best[1])):
+                best = (ckpt, at)
+        if best is not None and self.placed.fsdp and not ckpt_mod.is_sharded_checkpoint(best[0]):
+            self.say(f"{best[0]} is a single-file checkpoint: an FSDP run rolls back to sharded ones only")
+            return None
+        return best
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -552,11 +689,19 @@ class Trainer:
                            data_fingerprint=self.data_fp, loader=self.loader.state_dict(),
                            grad_scaler=self.scaler.state_dict() if self.scaler is not None else None,
                            config={"model": self.model.config.to_dict(), "train": self.cfg.to_dict()},
-                           world_size=self.env.world_size, rng=ckpt_mod.all_rng_states())
+                           world_size=self.env.world_size, rng=ckpt_mod.all_rng_states(), **self.spikes.state())
         return self.checkpointer.save(self.step, self.model, self.optimizers, state, wait=wait)
 
     def restore(self, ckpt: Path) -> None:
-        """Optimizer, data position, step, loss scale and RNG states from a checkpoint."""
+        """Optimizer, data position, step, loss scale, spike detector and RNG states from a checkpoint."""
+        state = self._load_checkpoint(ckpt)
+        self.loader.load_state_dict(state.loader)
+        self.step, self.tokens, self.skipped = state.step, state.tokens, state.nonfinite_skipped
+        self.spikes.load(state)
+
+    def _load_checkpoint(self, ckpt: Path, weights: bool = False) -> TrainState:
+        """A checkpoint's optimizer, loss scale and RNG states loaded (and its single-file weights with
+        `weights`; sharded ones always); returns its TrainState for the rest."""
         sharded = ckpt_mod.is_sharded_checkpoint(ckpt)
         shapes = None if sharded else {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         state, opt_tensors = ckpt_mod.read_train_state(ckpt, param_shapes=shapes)  # checked, or refused
@@ -566,12 +711,13 @@ class Trainer:
         if sharded:  # weights and optimizer, resharded to this world size
             ckpt_mod.load_sharded_checkpoint(ckpt, self.model, self.optimizers[0], state.to_json())  # AdamW alone
         else:
+            if weights:  # in place: DDP, the compiled wrapper and the optimizers keep the same tensors
+                ckpt_mod.load_checkpoint_weights(ckpt, self.model)
             load_optimizer(self.placed, self.optimizers, ckpt_mod.optimizer_from_files(opt_tensors, state.optimizer))
-        self.loader.load_state_dict(state.loader)
-        self.step, self.tokens, self.skipped = state.step, state.tokens, state.nonfinite_skipped
         if self.scaler is not None and state.grad_scaler:
             self.scaler.load_state_dict(state.grad_scaler)
         state.restore_rng(self.env.rank, self.env.world_size, self.cfg.seed)
+        return state
 
     # ------------------------------------------------------------------ set-up
 
