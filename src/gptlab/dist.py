@@ -61,8 +61,36 @@ def init(device_type: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
             kwargs["device_id"] = env.device(torch.device("cuda"))
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=env.rank, world_size=env.world_size)
+        tdist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return env
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """The store for this attempt's process group under torchrun restarts, or None (torch's own).
+    torchrun's agent hosts one TCPStore for every attempt of its workers (TORCHELASTIC_USE_AGENT_STORE),
+    so a restarted group can read a dead attempt's keys (its peers' addresses) and fail or hang
+    joining. With one agent (one node: --standalone, gptlab's --nproc) every worker knows the same
+    TORCHELASTIC_RESTART_COUNT, and keys under it are this attempt's alone. Across nodes the agents
+    count restarts apart, so only TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per attempt) helps."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) <= 0:
+        return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # rank 0 hosts a new store each attempt
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            print("gptlab: torchrun restarts over several nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                  "for torchrun, or a restarted group may join with a dead attempt's addresses",
+                  file=sys.stderr, flush=True)
+        return None
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return tdist.PrefixStore(f"gptlab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:
