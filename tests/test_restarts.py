@@ -98,6 +98,64 @@ def test_torchrun_restart_after_a_sigkill_equals_the_unbroken_run(data, tmp_path
     assert len(steps) == len(set(steps))
 
 
+# A worker entry point that stops rank 0 of the first attempt in the middle of its 2nd checkpoint
+# (step 8): the weights are written to the save's temporary directory, nothing is renamed, and a
+# marker file says so. The test SIGKILLs it there.
+HALF_SAVE = """
+import os, sys, time
+from gptlab import checkpoint
+from gptlab.cli import main
+
+real, calls = checkpoint._write_model_files, []
+
+def write_then_hang(model, path, weights=None):
+    real(model, path, weights)
+    calls.append(path)
+    if len(calls) == 2 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        open(os.environ["HALF_SAVED"], "w").write(str(path))
+        time.sleep(300)
+
+checkpoint._write_model_files = write_then_hang
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_rank0_killed_in_the_middle_of_a_save_restarts_from_the_checkpoint_before(data, tmp_path, unbroken):
+    script = tmp_path / "half_save.py"
+    script.write_text(HALF_SAVE)
+    marker = tmp_path / "half_saved"
+    run = tmp_path / "run"
+    cmd = torchrun("--max-restarts", "1", str(script), *train_args(data, run, "--resume", "auto"))
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **ENV, "HALF_SAVED": str(marker)})
+        try:
+            deadline = time.time() + 200
+            while not marker.exists():
+                assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.01)
+            stage = Path(marker.read_text())
+            assert stage.parent == run / "checkpoints" and stage.is_dir()  # half a save, not yet renamed
+            assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000004"]
+            workers = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(proc.pid).children()}
+            workers[0].send_signal(signal.SIGKILL)
+            proc.wait(timeout=200)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = log.read_text()
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "step_000004 at step 4" in out  # not the half-written step 8
+    assert not stage.exists()  # the dead writer's temporary is cleared
+    assert all(p.name.startswith("step_") or p.name == "latest" for p in (run / "checkpoints").iterdir())
+    got = losses(run)
+    assert sorted(got) == sorted(unbroken)
+    assert max(abs(got[s] - unbroken[s]) for s in unbroken) <= 1e-6
+
+
 @pytest.mark.slow
 def test_self_launch_restart_after_a_sigkill_equals_the_unbroken_run(data, tmp_path, unbroken):
     run = tmp_path / "run"
