@@ -74,10 +74,20 @@ def run_and_kill(cmd: list[str], run: Path, rank: int, after_steps: int = 10, ti
             workers[rank].send_signal(signal.SIGKILL)
             proc.wait(timeout=max(1.0, deadline - time.time()))
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop(proc)
     return proc.returncode, log.read_text(), killed_at
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a launcher still running (a failed test) and its workers, which would outlive it."""
+    if proc.poll() is None:
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+        except psutil.NoSuchProcess:
+            pass
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.slow
@@ -143,9 +153,7 @@ def test_a_rank0_killed_in_the_middle_of_a_save_restarts_from_the_checkpoint_bef
             workers[0].send_signal(signal.SIGKILL)
             proc.wait(timeout=200)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop(proc)
     out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out and "step_000004 at step 4" in out  # not the half-written step 8
