@@ -66,7 +66,7 @@ def test_report_error_under_self_launch_goes_to_the_launcher(capsys, monkeypatch
     assert capsys.readouterr().err == ""  # the workers print nothing
     assert dist.peer_reported_error()
     assert dist._first_error(str(tmp_path)) == "gptlab train: error: second"  # rank 0's
-    (tmp_path / "error.0").unlink()
+    (tmp_path / "error.0.0").unlink()  # error.ATTEMPT.RANK
     monkeypatch.setenv("RANK", "3")
     dist.report_error("gptlab train: error: third")
     assert dist._first_error(str(tmp_path)) == "gptlab train: error: first"  # else the earliest

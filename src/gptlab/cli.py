@@ -453,13 +453,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = config_flags(args, TrainConfig)
     if flags.get("dry_run"):
         return _print_plan(args, flags)
+    if flags.get("max_restarts"):  # a restarted group runs the same command line again
+        if flags.get("nproc") is None:
+            raise UserError("--max-restarts restarts the workers of --nproc N; under your own torchrun, "
+                            "give torchrun --max-restarts (and gptlab --resume auto)")
+        if args.resume != "auto":
+            raise UserError("--max-restarts needs --resume auto: a restart runs the same command again, and a "
+                            "plain start would be refused on the run's checkpoints (a bare --resume before the "
+                            "first one)")
     if flags.get("nproc") is not None:
         from gptlab import dist
 
         n = dist.resolve_nproc(flags["nproc"])
         if dist.needs_launch(n):
             _check_before_launch(args, flags)  # a refusal is one line here, before any worker starts
-            return dist.self_launch(n, args.argv, "train")
+            return dist.self_launch(n, args.argv, "train", max_restarts=flags.get("max_restarts") or 0)
         flags["nproc"] = None  # one process, or already under torchrun: train here
     from gptlab.train import train
 
@@ -604,7 +612,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if flags.get("nproc") is not None:
         n = dist.resolve_nproc(flags["nproc"])
         if dist.needs_launch(n):
-            return dist.self_launch(n, args.argv, "bench")
+            return dist.self_launch(n, args.argv, "bench", max_restarts=flags.get("max_restarts") or 0)
         flags["nproc"] = None
     cfg = BenchConfig(**given(flags))
     with json_stdout(cfg.json) as out:  # under torchrun, only rank 0 has a result to print

@@ -290,6 +290,9 @@ class LaunchOptions:
     fsdp: bool = option(False, "shard parameters, gradients and optimizer state with FSDP2 (large models; "
                                "needs several processes: torchrun or --nproc)")
     dist_timeout: float = option(600.0, "seconds before a collective gives up when a rank is lost", saved=False)
+    max_restarts: int = option(0, "with --nproc: restart the workers up to N times when one fails (needs "
+                                  "--resume auto: each restart continues from the latest checkpoint)",
+                               parse="nonneg_int", metavar="N", saved=False)
 
 
 @dataclass

@@ -62,8 +62,36 @@ def init(device_type: str = "cpu", timeout_s: float = 600.0) -> DistEnv:
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
             kwargs["device_id"] = env.device(torch.device("cuda"))
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=env.rank, world_size=env.world_size)
+        tdist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return env
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """The store for this attempt's process group under torchrun restarts, or None (torch's own).
+    torchrun's agent hosts one TCPStore for every attempt of its workers (TORCHELASTIC_USE_AGENT_STORE),
+    so a restarted group can read a dead attempt's keys (its peers' addresses) and fail or hang
+    joining. With one agent (one node: --standalone, gptlab's --nproc) every worker knows the same
+    TORCHELASTIC_RESTART_COUNT, and keys under it are this attempt's alone. Across nodes the agents
+    count restarts apart, so only TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per attempt) helps."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) <= 0:
+        return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # rank 0 hosts a new store each attempt
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            print("gptlab: torchrun restarts over several nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                  "for torchrun, or a restarted group may join with a dead attempt's addresses",
+                  file=sys.stderr, flush=True)
+        return None
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return tdist.PrefixStore(f"gptlab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:
@@ -138,6 +166,7 @@ def needs_launch(n: int) -> bool:
 
 
 LAUNCH_DIR_ENV = "GPTLAB_LAUNCH_DIR"  # set by self_launch for its workers: where they report a UserError
+SHUTDOWN_TIMEOUT_S = 120  # how long torchrun lets workers save after passing on a signal (torch's own: 30)
 _ELASTIC_LOGGERS = ("torch.distributed.run", "torch.distributed.launcher", "torch.distributed.elastic")
 
 
@@ -148,7 +177,7 @@ def report_error(line: str) -> None:
     rank = os.environ.get("RANK")
     where = os.environ.get(LAUNCH_DIR_ENV)
     if rank is not None and where:
-        path = os.path.join(where, f"error.{rank}")
+        path = os.path.join(where, f"error.{_attempt()}.{rank}")
         try:
             write_text(path, line)  # whole or absent: the launcher never reads half a line
             return
@@ -158,28 +187,54 @@ def report_error(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def _attempt() -> int:
+    """Which start of the worker group this process belongs to: 0, then 1, 2, ... after each
+    restart (torchrun's TORCHELASTIC_RESTART_COUNT)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+def _reported(where: str) -> dict[int, list[str]]:
+    """The error files in a launch directory, by attempt: error.ATTEMPT.RANK."""
+    found: dict[int, list[str]] = {}
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return found
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "error" and parts[1].isdigit() and parts[2].isdigit():
+            found.setdefault(int(parts[1]), []).append(name)
+    return found
+
+
 def peer_reported_error() -> bool:
-    """Under self_launch: whether some worker has already reported a UserError (the failures of
-    the other workers that follow, such as a collective whose peer left, are not news)."""
+    """Under self_launch: whether some worker of this attempt has already reported a UserError (the
+    failures of the other workers that follow, such as a collective whose peer left, are not news).
+    An earlier attempt's report is not: a restarted group speaks of its own failures."""
     where = os.environ.get(LAUNCH_DIR_ENV)
-    return bool(where and os.path.isdir(where)
-                and any(n.startswith("error.") and not n.endswith(".tmp") for n in os.listdir(where)))
+    return bool(where and _reported(where).get(_attempt()))
 
 
-def _first_error(where: str) -> str | None:
-    """The line to show for a launch: rank 0's when it reported one (the rank that prints under a
-    user's own torchrun, and the one that holds the real cause when the others only learn of a
-    failure through a collective), else the first reported, by time (later ones are consequences)."""
+def _first_error(where: str, attempt: int | None = None) -> str | None:
+    """The line to show for a launch: from `attempt`'s reports (None: the latest attempt that made
+    one), rank 0's when it reported one (the rank that prints under a user's own torchrun, and the
+    one that holds the real cause when the others only learn of a failure through a collective),
+    else the first reported, by time (later ones are consequences)."""
+    reported = _reported(where)
+    if attempt is None:
+        attempt = max(reported, default=0)
     found = []
-    for name in os.listdir(where):
-        if name.startswith("error.") and not name.endswith(".tmp"):
-            path = os.path.join(where, name)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    line = f.read().strip()
-                found.append((name != "error.0", os.stat(path).st_mtime_ns, name, line))
-            except OSError:
-                continue
+    for name in reported.get(attempt, []):
+        path = os.path.join(where, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                line = f.read().strip()
+            found.append((not name.endswith(".0"), os.stat(path).st_mtime_ns, name, line))
+        except OSError:
+            continue
     return min(found)[3] if found else None
 
 
@@ -199,13 +254,18 @@ class _Held(logging.Handler):
             print(f"torchrun: {r.levelname.lower()}: {r.getMessage()}", file=sys.stderr)
 
 
-def self_launch(n: int, argv: list[str], command: str = "train") -> int:
+def self_launch(n: int, argv: list[str], command: str = "train", max_restarts: int = 0) -> int:
     """`gptlab train --nproc N ...`: run `python -m gptlab` with the same arguments (without
     --nproc) as N worker processes on this node, through torchrun's launcher (its agent runs in
-    this process). Returns the exit status for the whole job:
+    this process). When a worker fails, torchrun stops the others and starts the group again, up to
+    `max_restarts` times (with --resume auto each start continues from the latest checkpoint).
+    After passing on a signal, torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default here
+    SHUTDOWN_TIMEOUT_S) for the workers' save before it kills them.
+    Returns the exit status for the whole job:
     - 0 when every worker finished;
-    - 2 when a worker stopped on a UserError: the first line reported is printed once, with no
-      torchrun traceback or failure summary (the workers report through LAUNCH_DIR_ENV);
+    - 2 when a worker stopped on a UserError (in the last attempt, once restarts are spent): the
+      first line reported is printed once, with no torchrun traceback or failure summary (the
+      workers report through LAUNCH_DIR_ENV, keyed by attempt);
     - 128 + the signal after SIGTERM/SIGINT/SIGHUP here: torchrun sends it to every worker, they
       save at the step boundary and exit, rank 0 saying how to continue (143 after SIGTERM, as a
       single process);
@@ -217,8 +277,10 @@ def self_launch(n: int, argv: list[str], command: str = "train") -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    rest = strip_flag(argv, "--nproc")
-    targs = ["--standalone", f"--nproc_per_node={n}", "-m", "gptlab", *rest]
+    rest = strip_flag(strip_flag(argv, "--nproc"), "--max-restarts")  # the launcher's, not the workers
+    shutdown_s = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(SHUTDOWN_TIMEOUT_S)
+    targs = ["--standalone", f"--nproc_per_node={n}", f"--max-restarts={max_restarts}",
+             f"--shutdown-timeout={shutdown_s}", "-m", "gptlab", *rest]
     print(f"gptlab: launching {n} processes: torchrun {' '.join(targs)}", file=sys.stderr, flush=True)
     held = _Held()
     saved = []
@@ -240,7 +302,7 @@ def self_launch(n: int, argv: list[str], command: str = "train") -> int:
                 return 2
             return 128 + int(e.sigval)
         except ChildFailedError as e:
-            line = _first_error(where)
+            line = _first_error(where, max_restarts)  # the group fails once its restarts are spent
             if line is not None:
                 print(line, file=sys.stderr, flush=True)
                 return 2
