@@ -638,8 +638,16 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake in the flags is one line (what is wrong, and where the help is), not
+    the whole usage block before it. Exit status 2, as argparse's own."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gptlab", description="Reproduce GPT-2: prepare, train, eval, sample, export, plot.",
         formatter_class=HelpFormatter,
     )
@@ -666,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         _report_error(f"gptlab {args.command}: error: {e}")
         return 2
+    except BrokenPipeError:  # a reader that stopped early (| head): not an error of ours
+        return 0
     except OSError as e:
         from gptlab.atomic import FULL_DISK, DiskFullError
 
@@ -678,8 +688,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
     except Exception:
         if _peer_reported_error():
             return 1
