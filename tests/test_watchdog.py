@@ -238,7 +238,10 @@ STALL_TIMEOUT = 6
 
 
 @pytest.mark.slow
-def test_sigstopped_rank_dumps_stacks_exits_and_restart_equals_unbroken(data_dir, train_script, tmp_path):
+def test_sigstopped_rank_dumps_stacks_exits_and_the_same_command_continues_exactly(data_dir, train_script, tmp_path):
+    """SIGSTOP rank 1 mid-run: rank 0's watchdog (not the longer collective timeout) writes its stacks
+    and exits 3, torchrun ends the job; the same command again (as a requeue) continues from the
+    latest checkpoint and its per-step losses equal an unbroken run's."""
     args = ["train", *TINY, "--data", str(data_dir), "--max-steps", "16", "--eval-every", "8",
             "--checkpoint-every", "4", "--dist-timeout", "120", "--stall-timeout", str(STALL_TIMEOUT),
             "--resume", "auto"]
@@ -249,8 +252,9 @@ def test_sigstopped_rank_dumps_stacks_exits_and_restart_equals_unbroken(data_dir
     assert not (unbroken / "stalls").exists()
 
     run = tmp_path / "run"
-    p = subprocess.Popen(torchrun(train_script, *args, "--out", str(run), extra=["--max-restarts", "1"]),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(STEP_SLEEP=0.4))
+    log = open(tmp_path / "stderr.txt", "w+")  # a file, not a pipe: a stopped worker must not hold our read
+    p = subprocess.Popen(torchrun(train_script, *args, "--out", str(run)), stdout=subprocess.DEVNULL, stderr=log,
+                         env=env(STEP_SLEEP=0.4))
     stopped = None
     try:
         deadline = time.time() + 150
@@ -267,20 +271,30 @@ def test_sigstopped_rank_dumps_stacks_exits_and_restart_equals_unbroken(data_dir
         assert dumps, "rank 0's watchdog wrote no stacks"
         assert STALL_TIMEOUT - 1 <= waited <= STALL_TIMEOUT + 30, waited
         text = dumps[0].read_text()
-        assert "no step finished" in text and "train_step" in text, text
-        out, err = p.communicate(timeout=240)
+        assert "no step finished" in text and "all_reduce" in text and "gptlab/train.py" in text, text
+        p.wait(timeout=120)  # torchrun ends the stopped worker (SIGTERM, then SIGKILL after its 30 s)
+        ended = time.time() - t0
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
         if stopped is not None:
             try:
                 os.kill(stopped, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    assert p.returncode == 0, err[-4000:]
-    assert f"rank 0: no step finished" in err and f"exiting with status {watchdog.EXIT_CODE}" in err
-    assert "resumed from" in err
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    log.seek(0)
+    err = log.read()
+    assert p.returncode != 0, err[-3000:]
+    assert ended < STALL_TIMEOUT + 30 + 60, ended
+    assert "rank 0: no step finished" in err and f"exiting with status {watchdog.EXIT_CODE}" in err
+    assert "exitcode: 3" in err  # torchrun saw the watchdog's status
+    assert not list((run / "stalls").glob("rank1-*.txt"))  # the stopped rank said nothing
+
+    r = subprocess.run(torchrun(train_script, *args, "--out", str(run)), capture_output=True, text=True,
+                       timeout=300, env=env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
     a, b = metrics_by_step(unbroken, "train"), metrics_by_step(run, "train")
     assert sorted(a) == sorted(b) == list(range(1, 17))
     for s in a:
