@@ -156,10 +156,26 @@ class Rank0Timeout(TimeoutError):
     """Raised on a waiting rank when rank 0's work took longer than the wait's own timeout."""
 
 
+_namespace: tuple[object, str] | None = None  # (the process group, its key prefix)
+_generation = 0  # process groups this process has used sections with (the same count on every rank)
+
+
 def _section_key(name: str) -> str:
-    # every rank enters the sections in the same order, so the n-th "checkpoint" is the same key on all
+    """The store key of the next section called `name`: the same on every rank (they enter the
+    sections in the same order), and new for each process group. A store can outlive its workers
+    (torchrun's agent keeps one over restarts), so the keys name the restart attempt: a key set by
+    an earlier attempt never ends a wait."""
+    global _namespace, _generation
+    from torch.distributed import distributed_c10d
+
+    group = distributed_c10d._get_default_group()
+    if _namespace is None or _namespace[0] is not group:
+        _generation += 1
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        _namespace = (group, f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}/{_generation}")
+        _sections.clear()
     n = _sections[name] = _sections.get(name, 0) + 1
-    return f"gptlab/rank0/{name}/{n}"
+    return f"gptlab/rank0/{_namespace[1]}/{name}/{n}"
 
 
 def _store():
