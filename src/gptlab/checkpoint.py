@@ -702,8 +702,8 @@ class Checkpointer:
             self.last = final
             return final
         opt_state = full_optimizer_state(model, opts) if opts else None  # every rank (collective under FSDP)
-        path = None
-        if self.rank == 0:
+
+        def write() -> Path:  # rank 0 alone; the others wait outside any collective (no --dist-timeout)
             try:
                 path = save_checkpoint(final, model, opt_state, record)
             except DiskFullError as e:
@@ -711,7 +711,12 @@ class Checkpointer:
                                 f"is intact. Free some space, then continue with: gptlab train --out "
                                 f"{self.run.path} --resume") from None
             self._publish(path)
-        dist.barrier()
+            return path
+
+        if dist.is_initialized():
+            path = dist.rank0_only("checkpoint", write)
+        else:
+            path = write() if self.rank == 0 else None
         self.last = path
         return path
 

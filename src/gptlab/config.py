@@ -296,6 +296,17 @@ class LaunchOptions:
 
 
 @dataclass
+class StallOptions:
+    """The stall watchdog of a training run (listed with the launch options)."""
+
+    GROUP = "launch"
+    stall_timeout: float | None = option(None, "seconds without a finished step after which every rank writes its "
+                                         "Python stacks to RUN/stalls/ and exits with status 3, for the launcher "
+                                         "to restart the job; 0: never (default: 1800 with several ranks, "
+                                         "none with one)", parse="float", metavar="SECONDS", saved=False)
+
+
+@dataclass
 class PlanOptions:
     """The memory plan printed instead of training."""
 
@@ -307,7 +318,7 @@ class PlanOptions:
 
 
 @dataclass
-class TrainConfig(_Saved, PlanOptions, LaunchOptions, RuntimeOptions, BatchOptions, ModelShapeOptions):
+class TrainConfig(_Saved, PlanOptions, StallOptions, LaunchOptions, RuntimeOptions, BatchOptions, ModelShapeOptions):
     """Everything `gptlab train` needs: the shared groups (model shape, batch, runtime, launch, the
     memory plan) and the recipe below. Flags are the --kebab-case forms of the fields; config.json
     holds to_dict(), every field but the launch-only ones."""
@@ -412,6 +423,7 @@ class TrainConfig(_Saved, PlanOptions, LaunchOptions, RuntimeOptions, BatchOptio
             (self.spike_rollback == 0 or self.skip_spikes > 0,
              "--spike-rollback needs --skip-spikes Z (it counts the spikes that skipped their update)"),
             (self.spike_rollback_window >= 1, "--spike-rollback-window must be positive"),
+            (self.stall_timeout is None or self.stall_timeout >= 0, "--stall-timeout must be >= 0 (0: no watchdog)"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0,
              "--muon-lr must be positive, --muon-momentum in [0, 1), --muon-weight-decay >= 0"),

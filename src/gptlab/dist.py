@@ -9,13 +9,18 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as tdist
 
 from gptlab.atomic import write_text
 from gptlab.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,120 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_initialized():
         tdist.barrier()
+
+
+# ----------------------------------------------------------------------------- rank-0-only work
+# Work that only rank 0 does (--eval-tasks, writing a single-file checkpoint) may take longer than
+# --dist-timeout: the other ranks wait for it through the process group's store, not in a
+# collective. Rank 0 sets a key when done ("ok") or failed ("error"), and bumps a pulse counter
+# while it works; a waiting rank feeds its stall watchdog only while that pulse moves, so a rank 0
+# stopped by the OS still ends the job (the watchdog of rank 0 itself is paused for its section).
+
+_sections: dict[str, int] = {}
+PULSE_S = 1.0
+
+
+class Rank0Failed(RuntimeError):
+    """Raised on the waiting ranks when rank 0's work failed (rank 0 reports the cause)."""
+
+
+class Rank0Timeout(TimeoutError):
+    """Raised on a waiting rank when rank 0's work took longer than the wait's own timeout."""
+
+
+_namespace: tuple[object, str] | None = None  # (the process group, its key prefix)
+_generation = 0  # process groups this process has used sections with (the same count on every rank)
+
+
+def _section_key(name: str) -> str:
+    """The store key of the next section called `name`: the same on every rank (they enter the
+    sections in the same order), and new for each process group. A store can outlive its workers
+    (torchrun's agent keeps one over restarts), so the keys name the restart attempt: a key set by
+    an earlier attempt never ends a wait."""
+    global _namespace, _generation
+    from torch.distributed import distributed_c10d
+
+    group = distributed_c10d._get_default_group()
+    if _namespace is None or _namespace[0] is not group:
+        _generation += 1
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        _namespace = (group, f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{attempt}/{_generation}")
+        _sections.clear()
+    n = _sections[name] = _sections.get(name, 0) + 1
+    return f"gptlab/rank0/{_namespace[1]}/{name}/{n}"
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def signal_rank0_done(name: str, key: str, ok: bool) -> None:
+    """Rank 0: tell the waiting ranks that section `key` ended (failed unless ok)."""
+    _store().set(key, b"ok" if ok else b"error")
+
+
+def wait_for_rank0(name: str, key: str | None = None, timeout: float | None = None, max_poll_s: float = 0.5) -> None:
+    """A rank other than 0: wait until rank 0 has signalled the end of section `key` (the next
+    section called `name` when None), polling the store, so the wait never counts against the
+    collective timeout. Feeds the stall watchdog while rank 0's pulse moves. Raises Rank0Failed when
+    rank 0 failed, Rank0Timeout after `timeout` seconds (None: no limit but the watchdog's)."""
+    from gptlab import watchdog
+
+    key = key or _section_key(name)
+    store, t0, poll, pulse = _store(), time.monotonic(), 0.002, -1
+    while not store.check([key]):
+        seen = store.add(key + "/pulse", 0)
+        if seen != pulse:
+            pulse = seen
+            watchdog.beat()  # rank 0 is alive and working: not a stall
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise Rank0Timeout(f"rank 0 did not finish {name} in {timeout:g} s")
+        time.sleep(poll)
+        poll = min(max_poll_s, poll * 2)
+    watchdog.beat()
+    if store.get(key) != b"ok":
+        if os.environ.get(LAUNCH_DIR_ENV):  # let rank 0's one-line report arrive first (cli: then quiet)
+            deadline = time.monotonic() + 5
+            while not peer_reported_error() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        raise Rank0Failed(f"rank 0 failed during {name} (its error is reported by rank 0)")
+
+
+def rank0_only(name: str, work: Callable[[], T], timeout: float | None = None) -> T | None:
+    """Run work() on rank 0 while the other ranks wait for it outside any collective (see above);
+    returns its result on rank 0, None elsewhere. Collective in the sense that every rank calls it,
+    in the same order. With one process, simply work()."""
+    if not is_initialized():
+        return work()
+    from gptlab import watchdog
+
+    key = _section_key(name)
+    if tdist.get_rank() != 0:
+        wait_for_rank0(name, key, timeout)
+        return None
+    store, done = _store(), threading.Event()
+
+    def pulse() -> None:
+        while not done.wait(PULSE_S):
+            try:
+                store.add(key + "/pulse", 1)
+            except Exception:  # the store is gone: the job is ending anyway
+                return
+
+    beat = threading.Thread(target=pulse, name="gptlab-rank0-pulse", daemon=True)
+    beat.start()
+    ok = False
+    try:
+        with watchdog.paused():
+            result = work()
+        ok = True
+        return result
+    finally:
+        done.set()
+        beat.join()
+        signal_rank0_done(name, key, ok)
 
 
 def strip_flag(argv: list[str], flag: str) -> list[str]:

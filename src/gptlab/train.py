@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gptlab import checkpoint as ckpt_mod
-from gptlab import dist, evaluate, hellaswag
+from gptlab import dist, evaluate, hellaswag, watchdog
 from gptlab.checkpoint import Checkpointer, TrainState
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
 from gptlab.data.fingerprint import data_fingerprint
@@ -529,11 +529,12 @@ class Trainer:
         cfg = self.cfg
         last_loss = val_loss = stopped_by = None
         fixed = [self.loader.next_batch() for _ in range(self.accum)] if cfg.overfit_batch else None
-        with StopFlag() as stop:
+        with StopFlag() as stop, self._watchdog():
             bar = progress_bar(self.steps, self.step, self.env.is_main)
             try:
                 while self.step < self.steps:
                     last_loss = self.train_step(fixed, bar)
+                    watchdog.beat()  # a step finished
                     self.checkpointer.poll()  # publish a background save that has finished
                     if cfg.overfit_batch and last_loss < 0.05:
                         self.say(f"step {self.step}: overfit loss {last_loss:.4f} is near zero: the model can learn")
@@ -541,9 +542,11 @@ class Trainer:
                     last_step = self.step == self.steps
                     if self.should_validate(self.step, last_step):
                         val_loss = self.evaluate()
+                        watchdog.beat()  # each phase between steps has the whole --stall-timeout
                     stop_now = _agree_to_stop(stop.signal is not None, self.env)
                     if self.should_checkpoint(self.step, last_step) or stop_now:
                         self.save(wait=last_step or stop_now)
+                        watchdog.beat()
                     if stop_now:
                         stopped_by = stop.signal or "a signal on another rank"
                         self.say(f"stopped by {stopped_by} at step {self.step}; checkpoint saved to "
@@ -563,6 +566,13 @@ class Trainer:
                 print(f"gptlab train: plots skipped: {e}", file=sys.stderr)
         return TrainResult(run_dir=self.run.path, steps=self.step, final_loss=last_loss, val_loss=val_loss,
                            stopped_by=stopped_by, checkpoint=self.checkpointer.last)
+
+    def _watchdog(self):
+        """The stall watchdog of --stall-timeout over the loop (a no-op context when it is off)."""
+        timeout = watchdog.timeout_for(self.cfg.stall_timeout, self.env.world_size)
+        if timeout <= 0:
+            return contextlib.nullcontext()
+        return watchdog.Watchdog(timeout, self.run.path / "stalls", self.env.rank)
 
     def should_validate(self, step: int, last_step: bool = False) -> bool:
         return self.cfg.eval_every > 0 and (step % self.cfg.eval_every == 0 or last_step)
@@ -794,14 +804,17 @@ class Trainer:
     def _evaluate_tasks(self) -> None:
         """--eval-tasks on rank 0 (the harness runs in one process), logged as a "tasks" record; the
         other ranks wait for it."""
-        if self.tasks is not None:
+        def run_tasks() -> None:
+            if self.tasks is None:
+                return
             metrics = self.tasks.run_during_training(ckpt_mod.raw_model(self.model), self.rt.device,
                                                      self.rt.dtype_name)
             self._log({"step": self.step, "kind": "tasks", "tokens": self.tokens, "tasks": metrics})
             for task, row in metrics.items():
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if "stderr" not in k)
                 self.say(f"step {self.step}: {task}: {shown}")
-        dist.barrier()
+
+        dist.rank0_only("eval-tasks", run_tasks)  # the others wait outside any collective (no --dist-timeout)
 
     def _val_tokens(self) -> int:
         """Validation tokens per evaluation. A sharded forward is a collective, so under FSDP every rank
