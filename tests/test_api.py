@@ -58,6 +58,15 @@ def test_greedy_generate_equals_gptlab_generate_and_sample(gptlab_model_dir, cli
     assert out[0, 1:1 + len(tokens)].tolist() == tokens  # sample stops early at <|endoftext|> only
 
 
+def test_seeded_generate_equals_gptlab_sample_seed(gptlab_model_dir, cli):
+    model = gptlab.GPT.from_pretrained(gptlab_model_dir)
+    out = model.generate(torch.tensor([[50256]]), 10, top_k=50, generator=make_generator("cpu", 7))
+    r = cli("sample", gptlab_model_dir, "--seed", "7", "--max-new-tokens", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    tokens = json.loads(r.stdout)["samples"][0]["tokens"]
+    assert len(tokens) >= 1 and out[0, 1:1 + len(tokens)].tolist() == tokens
+
+
 def test_generate_rows_match_single_prompts():
     model = random_gptlab(seed=3, noise=0.3)
     idx = torch.randint(0, 1000, (3, 5), generator=torch.Generator().manual_seed(0))
