@@ -389,6 +389,28 @@ class TrainConfig(_Saved, PlanOptions, StallOptions, LaunchOptions, RuntimeOptio
                                         parse="positive_int", metavar="W")
 
     @classmethod
+    def for_model(cls, model: str = "gpt2", **overrides: Any) -> "TrainConfig":
+        """The config `gptlab train --model MODEL` starts from: the preset's training defaults
+        (TRAIN_PRESETS: tiny trains 60 small steps, not the gpt2 recipe), then `overrides` (fields by
+        name; None means the preset's value). What Python code should build a TrainConfig with."""
+        return resolve_train_config({**overrides, "model": model})
+
+    def check_recipe(self) -> None:
+        """Refuse a config whose training defaults are the gpt2 recipe's while its model is another
+        preset: TrainConfig(model="tiny") keeps batch 32, 524,288 tokens a step, 19,073 steps.
+        A config from for_model or resolve_train_config (the CLI's) passes as it is."""
+        if getattr(self, "_preset_applied", None) == self.model:
+            return
+        own = TRAIN_PRESETS.get(self.model, {})
+        gpt2 = {name: TrainConfig.__dataclass_fields__[name].default for name in own}
+        kept = [f"{n}={gpt2[n]!r}" for n, v in own.items() if getattr(self, n) == gpt2[n] != v]
+        if kept:
+            raise UserError(
+                f"TrainConfig(model={self.model!r}) keeps the gpt2 recipe's {', '.join(kept)}; build it with "
+                f"TrainConfig.for_model({self.model!r}, ...) for the {self.model} preset's defaults (as "
+                f"`gptlab train --model {self.model}`), or set those fields")
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """A saved config (config.json's "train"). Launch-only keys, which runs written by earlier
         versions recorded, are dropped: a resume takes them from its own command line."""
@@ -504,7 +526,9 @@ def resolve_train_config(flags: dict[str, Any], config_file: str | None = None) 
     values.update(file_values)
     values.update({k: v for k, v in flags.items() if v is not None})
     values["model"] = model
-    return _from_dict(TrainConfig, values, "train config")  # launch options from flags or --config kept
+    cfg = _from_dict(TrainConfig, values, "train config")  # launch options from flags or --config kept
+    cfg._preset_applied = model  # check_recipe: the preset's defaults are in
+    return cfg
 
 
 @dataclass

@@ -8,7 +8,7 @@ are a key map plus the Conv1D transposes (in hf.py).
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -137,6 +137,61 @@ class GPT(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    # How from_pretrained loads: gptlab.checkpoint.load_model, set by the package (gptlab.GPT). The
+    # loaders build GPTs, so this module cannot import them without an import circle.
+    _loader: ClassVar[Callable[..., tuple["GPT", str]] | None] = None
+
+    @classmethod
+    def from_pretrained(cls, model: Any, device: Any = "cpu") -> "GPT":
+        """A GPT from anything `gptlab sample` takes as MODEL: a run directory (its latest
+        checkpoint), a checkpoint or model directory, a local Hugging Face GPT-2 directory, or a hub
+        id ('gpt2', 'gpt2-medium', ..., 'owner/name'). In eval mode, on device."""
+        if GPT._loader is None:
+            raise RuntimeError("GPT.from_pretrained needs the loaders: use gptlab.GPT (from gptlab import GPT)")
+        return GPT._loader(model, device)[0]
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> (B, T + max_new_tokens): each row continued by max_new_tokens
+        sampled ids, as nanoGPT's GPT.generate (no stop token). temperature 0 is greedy; top_k
+        (None or 0: off) and top_p (1: off) cut the candidates; draws use `generator`, else torch's
+        global RNG. The keys and values are cached (gptlab.generate.KVCache); once the context is
+        full, each step sees the last seq_len tokens, as nanoGPT crops them."""
+        from gptlab.generate import KVCache, check_sampling, sample_next
+
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (B, T) LongTensor of token ids, got {idx.dtype} of shape {tuple(idx.shape)}")
+        if idx.size(1) < 1:
+            raise ValueError("idx is empty; give at least one token per row (e.g. 50256, <|endoftext|>)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
+        T_max = self.config.seq_len
+        out = idx
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                if max_new_tokens == 0:
+                    return idx.clone()
+                ctx = idx[:, -T_max:]  # a longer prompt: the model sees its last seq_len tokens
+                cache = KVCache.for_model(self, idx.size(0), max_len=min(T_max, ctx.size(1) + max_new_tokens - 1))
+                logits = self.logits(self.hidden(ctx, cache)[:, -1, :])
+                for step in range(max_new_tokens):
+                    nxt = sample_next(logits, temperature, top_k, top_p, generator).unsqueeze(1)  # (B, 1)
+                    out = torch.cat([out, nxt.to(idx.dtype)], dim=1)
+                    if step == max_new_tokens - 1:
+                        break
+                    if cache.pos < cache.max_len:
+                        h = self.hidden(nxt, cache)
+                    else:  # the context is full: slide it, without the cache
+                        h = self.hidden(out[:, -T_max:])
+                    logits = self.logits(h[:, -1, :])
+        finally:
+            self.train(was_training)
+        return out
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

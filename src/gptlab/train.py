@@ -25,6 +25,7 @@ import random
 import signal
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -864,6 +865,8 @@ def train(cfg: TrainConfig, resume: bool | str = False, resume_flags: dict[str, 
     started as cfg says."""
     if resume not in (False, True, "auto"):
         raise ValueError(f"resume={resume!r}: False, True or 'auto'")
+    if resume is not True:  # (a resume trains with the run's own config)
+        cfg.check_recipe()
     run = RunDir(cfg.out)
     if resume is True and not run.has_config():
         raise UserError(f"{run.path}: nothing to resume (no {run.config_path.name}); start it without --resume")
@@ -924,3 +927,21 @@ def _task_runner(cfg: TrainConfig):
         raise UserError(f"{cfg.eval_include_path}: no such task directory (--eval-include-path)")
     harness = require_extra("gptlab.harness", "eval", "--eval-tasks needs lm-evaluation-harness")
     return harness.TaskRunner(tasks, include_path=cfg.eval_include_path, limit=cfg.eval_tasks_limit or None)
+
+
+# ----------------------------------------------------------------------------- gptlab.train(...)
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: `gptlab.train(model="tiny", max_steps=20, out="runs/x")` trains from
+    Python as `gptlab train` does (the preset's defaults, then the fields given), and
+    `gptlab.train(cfg)` trains a TrainConfig; the module's names stay where they are."""
+
+    def __call__(self, cfg: TrainConfig | None = None, /, *, resume: bool | str = False, **fields: Any) -> TrainResult:
+        if cfg is None:
+            cfg = TrainConfig.for_model(**fields)
+        elif fields:
+            raise TypeError("gptlab.train takes a TrainConfig or its fields as keywords, not both")
+        return train(cfg, resume=resume)
+
+
+sys.modules[__name__].__class__ = _CallableModule
