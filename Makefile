@@ -24,8 +24,11 @@ $(STAMP): $(CORE)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval]"
 	touch $(STAMP)
 
+# The suite on TEST_WORKERS processes (pytest-xdist), a test file to a worker: most tests wait on the
+# processes they start, so two workers keep a 2-core machine busy.
+TEST_WORKERS ?= 2
 test: setup chromium slurm
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 # The playground's browser test drives Debian's chromium (never a browser download).
 chromium:
@@ -37,7 +40,7 @@ slurm:
 	tests/slurm/install.sh
 
 test-fast: setup chromium
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # The set-up-and-run command: prepare the embedded corpus, train `tiny` with Muon on the CPU for about
 # six minutes, evaluate, sample and plot. runs/demo is the demo's own directory and is replaced.
