@@ -263,3 +263,20 @@ def sigterm_after(args, metrics: Path, lines: int = 5, timeout: float = 120, env
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
+
+
+import signal as _signal  # noqa: E402
+
+
+def sigterm_at_step(monkeypatch, step: int) -> None:
+    """A real SIGTERM to this process right after `step` (the loop saves there and stops)."""
+    from gptlab import train as train_mod
+
+    real = train_mod.Trainer.train_step
+
+    def step_then_signal(trainer, fixed, bar):
+        loss = real(trainer, fixed, bar)
+        if trainer.step == step:
+            os.kill(os.getpid(), _signal.SIGTERM)
+        return loss
+    monkeypatch.setattr(train_mod.Trainer, "train_step", step_then_signal)

@@ -3,9 +3,7 @@ checkpoint and continues it exactly when it does: what a scheduler's requeue, to
 and a spot-instance supervisor need, since each runs the same command again."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_toy_data
-from gptlab import train as train_mod
+from conftest import make_toy_data, sigterm_at_step
 from gptlab.cli import main
 from gptlab.rundir import RunDir
 
@@ -46,18 +43,6 @@ def unbroken(data_dir, tmp_path_factory) -> dict[int, float]:
     run = tmp_path_factory.mktemp("unbroken") / "run"
     assert main(command(data_dir, run)) == 0
     return losses(run)
-
-
-def sigterm_at_step(monkeypatch, step: int) -> None:
-    """A real SIGTERM to this process right after `step` (the loop saves there and stops)."""
-    real = train_mod.Trainer.train_step
-
-    def step_then_signal(trainer, fixed, bar):
-        loss = real(trainer, fixed, bar)
-        if trainer.step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    monkeypatch.setattr(train_mod.Trainer, "train_step", step_then_signal)
 
 
 def test_the_same_command_twice_continues_exactly(data_dir, tmp_path, unbroken, monkeypatch, capsys):

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import read_metrics, write_shard
+from conftest import read_metrics, sigterm_at_step, write_shard
 from gptlab import train as train_mod
 from gptlab.checkpoint import TrainState, load_model_dir
 from gptlab.data.loader import TrainLoader
@@ -195,18 +193,6 @@ def test_rollback_triggers_at_the_second_spike_and_restores_the_checkpoint(data,
                                  Path("state.json"))
     assert [(r["step"], r["checkpoint_step"]) for r in state.rollbacks] == expected_rollbacks(rand)
     assert state.step == STEPS and state.spike_skipped == len(rand)
-
-
-def sigterm_at_step(monkeypatch, step: int) -> None:
-    """A real SIGTERM to this process right after `step` (the loop saves there and stops)."""
-    real = train_mod.Trainer.train_step
-
-    def step_then_signal(trainer, fixed, bar):
-        loss = real(trainer, fixed, bar)
-        if trainer.step == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    monkeypatch.setattr(train_mod.Trainer, "train_step", step_then_signal)
 
 
 @pytest.mark.parametrize("where", ["between the spikes", "after the rollback"])
