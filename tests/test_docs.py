@@ -22,6 +22,7 @@ FOREIGN_FLAGS = {
     "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",  # torchrun
     "--no-deps",  # pip
     "--directory",  # python -m http.server
+    "--cov",  # pytest-cov
     "--model_args",  # lm_eval
     "--nodes", "--gpus-per-node", "--cpus-per-task", "--time", "--requeue", "--open-mode", "--signal",  # sbatch
 }
