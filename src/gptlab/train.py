@@ -40,7 +40,7 @@ from gptlab.checkpoint import Checkpointer, TrainState
 from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
 from gptlab.data.fingerprint import data_fingerprint
 from gptlab.data.loader import TrainLoader, val_windows
-from gptlab.data.stream import is_remote
+from gptlab.data.remote import is_remote
 from gptlab.errors import UserError, require_extra
 from gptlab.generate import generate_ids
 from gptlab.metrics import MetricsLogger, progress_bar

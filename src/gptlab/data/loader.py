@@ -37,6 +37,7 @@ import torch
 
 from gptlab.data import shards as sh
 from gptlab.data import stream as st
+from gptlab.data.remote import is_remote
 from gptlab.errors import UserError
 
 STATE_KIND = "gptlab.TrainLoader"
@@ -203,7 +204,7 @@ class _ShardOrder:
 
 
 def _split_shards(data_dir: str | Path, split: str) -> list[sh.Shard]:
-    if st.is_remote(data_dir) and split == "val":
+    if is_remote(data_dir) and split == "val":
         shards = st.val_split(data_dir)
         if not shards:
             raise UserError(f"{data_dir}: no val split")
@@ -256,7 +257,7 @@ class TrainLoader:
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.global_batch = batch_size * grad_accum * world_size  # windows per optimizer step
         self._stream: st.ShardStream | None = None
-        if st.is_remote(data_dir):
+        if is_remote(data_dir):
             self._open_stream(cache, disk_budget, ahead, retry)
         else:
             self._windows = _Windows(_split_shards(data_dir, split), seq_len)

@@ -29,7 +29,7 @@ from typing import Iterator
 from gptlab import downloads
 from gptlab.atomic import sha256_file, temp_path
 from gptlab.data import shards as sh
-from gptlab.data.remote import RemoteDataset, download_shard, is_remote, open_remote  # noqa: F401 (is_remote: callers read it here)
+from gptlab.data.remote import RemoteDataset, download_shard, open_remote
 from gptlab.errors import UserError
 from gptlab.net import Retry, Stopped, describe
 from gptlab.units import human, parse_size
