@@ -100,6 +100,11 @@ def _attempt_store(timeout: datetime.timedelta):
 
 
 def shutdown() -> None:
+    """Destroy the process group. The rank-0 section namespace lets go of it first: a process group
+    still referenced at interpreter exit is destroyed during finalization, where gloo aborted the
+    process ("terminate called without an active exception", exit -6) in about one run in five."""
+    global _namespace
+    _namespace = None
     if tdist.is_initialized():
         try:
             tdist.destroy_process_group()
