@@ -280,3 +280,27 @@ def sigterm_at_step(monkeypatch, step: int) -> None:
             os.kill(os.getpid(), _signal.SIGTERM)
         return loss
     monkeypatch.setattr(train_mod.Trainer, "train_step", step_then_signal)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With GPTLAB_TEST_CPU=FILE, append each test's wall time and CPU seconds (this process and
+    the processes it started and waited for) to FILE, one JSON object a line: where the suite's
+    time goes (`make test-profile` sums it by file)."""
+    path = os.environ.get("GPTLAB_TEST_CPU")
+    if not path:
+        return (yield)
+    import resource
+    import time
+
+    def cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    t0, c0 = time.monotonic(), cpu()
+    try:
+        return (yield)
+    finally:
+        rec = {"test": item.nodeid, "wall": round(time.monotonic() - t0, 2), "cpu": round(cpu() - c0, 2)}
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
