@@ -390,6 +390,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 # ===================================================================== end prepare / data
 
 
+def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    from gptlab.tokenizer_train import add_cli_args
+
+    add_cli_args(p)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from gptlab.tokenizer_train import run_cli
+
+    return run_cli(args)
+
+
 # ===================================================================== eval (Evaluation)
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     from gptlab.config import EvalConfig
@@ -627,6 +639,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into GPT-2 token shards", add_prepare_args, cmd_prepare),
     "data": ("inspect or verify a prepared dataset", add_data_args, cmd_data),
+    "tokenizer": ("train your own byte-level BPE tokenizer on a corpus", add_tokenizer_args, cmd_tokenizer),
     "train": ("train a GPT-2 (CPU, one GPU, or many through torchrun)", add_train_args, cmd_train),
     "plan": ("print the memory per GPU a training run needs (the flags of train)", add_train_args, cmd_plan),
     "eval": ("HellaSwag, validation loss and lm-evaluation-harness tasks of a model", add_eval_args, cmd_eval),
