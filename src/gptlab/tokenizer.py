@@ -270,3 +270,121 @@ def gpt2_hf_files() -> dict[str, bytes]:
     """GPT-2's vocab.json and merges.txt (its encoder.json and vocab.bpe)."""
     bpe, enc = vocab_files()
     return {VOCAB_JSON: enc.read_bytes(), MERGES_TXT: bpe.read_bytes()}
+
+
+# ----------------------------------------------------------- the tokenizer of a dataset or a model
+DATA_TOKENIZER_DIR = "tokenizer"  # inside a prepared dataset, a model and a checkpoint directory
+TOKENIZER_FILES = (VOCAB_JSON, MERGES_TXT, MANIFEST)
+
+
+def copy_tokenizer(tok: Tokenizer, dest: str | Path) -> None:
+    """Write a trained tokenizer's files into dest (GPT-2's needs none: it is the default)."""
+    if not isinstance(tok, FileTokenizer):
+        return
+    dest = Path(dest)
+    if dest.resolve() == tok.path.resolve():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        (dest / name).write_bytes((tok.path / name).read_bytes())
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    return tokenizer_info(a) == tokenizer_info(b)
+
+
+def describe_tokenizer(tok: Tokenizer) -> str:
+    return f"{tok.name} ({tok.vocab_size:,} ids)"
+
+
+def dataset_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a prepared dataset was made with: GPT-2's, unless its manifest names another,
+    which is read from data_dir/tokenizer (and must have the recorded hashes). A remote dataset,
+    or one without a manifest (llm.c shards), is GPT-2's."""
+    from gptlab.config import read_json
+
+    path = Path(data_dir)
+    if "://" in str(data_dir) or not (path / "manifest.json").is_file():
+        return get_tokenizer()
+    info = (read_json(path / "manifest.json").get("tokenizer") or {})
+    if info.get("name", NAME) == NAME and "sha256" not in info:
+        return get_tokenizer()
+    tok = load_tokenizer(path / DATA_TOKENIZER_DIR)
+    if tokenizer_info(tok) != info:
+        raise UserError(f"{path / DATA_TOKENIZER_DIR}: not the tokenizer the manifest records "
+                        f"({info.get('name')}, sha256 {info.get('sha256')}); prepare the data again")
+    return tok
+
+
+def model_tokenizer(model) -> Tokenizer:
+    """The tokenizer a model was trained with (attached by set_model_tokenizer, or read from its
+    directory by checkpoint.load_model_dir); GPT-2's for every other model."""
+    inner = getattr(model, "module", model)  # DDP
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    tok = getattr(inner, "gptlab_tokenizer", None)
+    return tok if tok is not None else get_tokenizer()
+
+
+def set_model_tokenizer(model, tok: Tokenizer | None) -> None:
+    """Attach a trained tokenizer to a model, so that saving the model saves it too."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    object.__setattr__(inner, "gptlab_tokenizer", tok if isinstance(tok, FileTokenizer) else None)
+
+
+def read_model_dir_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The trained tokenizer a model directory carries (path/tokenizer), or None (GPT-2's)."""
+    d = Path(path) / DATA_TOKENIZER_DIR
+    return load_tokenizer(d) if (d / MANIFEST).is_file() else None
+
+
+def bind_data_tokenizer(model, data_dir: str | Path, model_tok: Tokenizer, where: str) -> Tokenizer:
+    """Before training `model` (whose tokenizer is model_tok, from `where`) on data_dir: refuse, in
+    one line, data made with another tokenizer or a vocabulary the model does not have; then attach
+    the data's tokenizer to the model, so its checkpoints carry it. Returns that tokenizer."""
+    data_tok = dataset_tokenizer(data_dir)
+    if not same_tokenizer(model_tok, data_tok):
+        raise UserError(f"{data_dir} was tokenized with {describe_tokenizer(data_tok)}, but {where} uses "
+                        f"{describe_tokenizer(model_tok)}; prepare the data with the model's tokenizer "
+                        f"(prepare --tokenizer), or train a fresh model")
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    cfg = getattr(inner, "config", None)
+    if cfg is not None and cfg.vocab_size != data_tok.vocab_size:
+        raise UserError(f"{where} has a vocabulary of {cfg.vocab_size:,} ids, but {data_dir} was tokenized with "
+                        f"{describe_tokenizer(data_tok)}")
+    set_model_tokenizer(inner, data_tok)
+    return data_tok
+
+
+def data_vocab_size(data_dir: str | Path | None) -> int | None:
+    """The vocabulary size a fresh model needs for data_dir: None for GPT-2's (the presets' own)."""
+    if not data_dir:
+        return None
+    tok = dataset_tokenizer(data_dir)
+    return tok.vocab_size if isinstance(tok, FileTokenizer) else None
+
+
+def token_byte_lengths(tok: Tokenizer) -> list[int]:
+    """UTF-8 bytes per token id (end-of-text: 0), for bits per byte."""
+    return list(_byte_lengths(tok.enc, tok.eot, tok.vocab_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _byte_lengths(enc, eot: int, n: int) -> tuple[int, ...]:
+    return tuple(0 if i == eot else len(enc.decode_single_token_bytes(i)) for i in range(n))
+
+
+def val_tokenizer(model, data) -> Tokenizer | None:
+    """The tokenizer to count a val split's bytes with (bits per byte), or None where the data does
+    not say which made it (llm.c shards, remote data). Data made with another tokenizer than the
+    model's is refused in one line."""
+    path = data
+    if not isinstance(path, (str, Path)) or "://" in str(path) or not (Path(path) / "manifest.json").is_file():
+        return None
+    data_tok = dataset_tokenizer(path)
+    model_tok = model_tokenizer(model)
+    if not same_tokenizer(data_tok, model_tok):
+        raise UserError(f"{path} was tokenized with {describe_tokenizer(data_tok)}, but the model uses "
+                        f"{describe_tokenizer(model_tok)}: its loss on this data means nothing")
+    return data_tok
