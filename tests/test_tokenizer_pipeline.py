@@ -133,7 +133,11 @@ def test_data_verify_counts_the_trained_end_of_text(cli, prepared):
 
 
 def test_gpt2_only_tasks_refused_for_a_trained_tokenizer(cli, run, prepared, tmp_path):
-    r = cli("eval", str(run), "--hellaswag", "--device", "cpu")
+    from test_cli_eval import make_items
+
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps(it) + "\n" for it in make_items(3)), encoding="utf-8")
+    r = cli("eval", str(run), "--hellaswag-file", str(hs), "--device", "cpu")
     assert r.returncode == 2 and "GPT-2's BPE only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli("train", *TRAIN, "--data", str(prepared), "--hellaswag", "--out", str(tmp_path / "h"))
     assert r.returncode == 2 and "GPT-2's BPE only" in r.stderr
