@@ -31,7 +31,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")
 TEST_REF = re.compile(r"(?:(test_\w+\.py))?::(test_\w+)")
 TEST_FILE = re.compile(r"(?<![\w/])(?:tests/)?(test_\w+\.py)")
-COMMAND = re.compile(r"(?<![\w-])gptlab ([a-z]+)(?: (info|verify))?\b")
+COMMAND = re.compile(r"(?<![\w-])gptlab ([a-z]+)(?: (info|verify|train))?\b")
 
 
 def doc_files() -> list[Path]:

@@ -40,6 +40,7 @@ from gptlab.model import GPT
 from gptlab.parallel import full_optimizer_state
 from gptlab.weights import clean_state_dict, load_weights, model_state_dict, raw_model
 from gptlab import hf
+from gptlab import tokenizer
 from gptlab.rundir import RunDir
 
 CONFIG = "config.json"
@@ -57,6 +58,7 @@ def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, to
     else:  # already gathered (FSDP): same cleaning
         weights = {k: v.detach().to("cpu").contiguous() for k, v in clean_state_dict(weights).items()}
     save_file(weights, str(path / WEIGHTS), metadata={"format": "pt", "producer": "gptlab"})
+    tokenizer.copy_tokenizer(tokenizer.model_tokenizer(raw_model(model)), path / tokenizer.DATA_TOKENIZER_DIR)
 
 
 def save_model(model: torch.nn.Module, path: str | Path) -> Path:
@@ -127,6 +129,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     model = GPT(cfg)
     load_weights(model, sd, source=str(path / WEIGHTS))
     check_finite(model, str(path / WEIGHTS))
+    tokenizer.set_model_tokenizer(model, tokenizer.read_model_dir_tokenizer(path))
     return model.to(device)
 
 
@@ -622,6 +625,7 @@ class ShardedWriter:
         flat, groups = _sharded_tensors(model, optimizer)
         if self.rank == 0:
             write_json(tmp / CONFIG, raw_model(model).config.to_dict())
+            tokenizer.copy_tokenizer(tokenizer.model_tokenizer(raw_model(model)), tmp / tokenizer.DATA_TOKENIZER_DIR)
             write_json(tmp / STATE, {**state, "format": SHARDED_FORMAT, "optimizer": {"param_groups": groups}})
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
         if self.use_async:
@@ -787,4 +791,5 @@ def load_sharded_model(ckpt: str | Path) -> GPT:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP says it assumes a single process: that is the point
         _dcp_load(flat, ckpt, no_dist=True)
+    tokenizer.set_model_tokenizer(model, tokenizer.read_model_dir_tokenizer(ckpt))
     return model

@@ -213,7 +213,7 @@ def _sample(args: argparse.Namespace, out) -> int:
     from gptlab.config import SampleConfig
     from gptlab.generate import PromptWarning, make_generator, sample_text
     from gptlab.runtime import get_runtime
-    from gptlab.tokenizer import get_tokenizer
+    from gptlab.tokenizer import model_tokenizer
 
     cfg = SampleConfig.from_flags(config_flags(args, SampleConfig))
     opts, seed = cfg.sampling(), cfg.seed
@@ -225,7 +225,7 @@ def _sample(args: argparse.Namespace, out) -> int:
     if rt.dtype != torch.float32:
         model.to(rt.dtype)  # inference only: weights and KV cache in the compute dtype
     status(f"{where}: {model.num_params() / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
-    tok = get_tokenizer()
+    tok = model_tokenizer(model)  # a trained tokenizer travels with the model; else GPT-2's
     stream = not cfg.json and len(shown) * opts["num_samples"] == 1
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can split a character
 
@@ -310,6 +310,8 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="download cache (default: $GPTLAB_CACHE, else ~/.cache/gptlab); the "
                         "tinyshakespeare URL can be overridden with $GPTLAB_TINYSHAKESPEARE_URL")
     p.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--tokenizer", default="gpt2", metavar="DIR",
+                   help="gpt2, or a directory written by `gptlab tokenizer train` (recorded in the manifest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -345,7 +347,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     out = args.out or f"data/{args.source}"
     result = prepare(source, out, name=args.name, shard_tokens=args.shard_tokens, max_docs=args.max_docs,
                      tokens=args.tokens, val_fraction=args.val_fraction, val_tokens=args.val_tokens,
-                     workers=args.workers, progress=not args.no_progress, log=print)
+                     workers=args.workers, progress=not args.no_progress, log=print, tokenizer=args.tokenizer)
     if result["status"] == "done":
         print(f"{out}: already prepared ({result['shard_count']} shards, {result['tokens']:,} tokens); nothing to do")
         return 0
@@ -388,6 +390,18 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"{args.dir}: no manifest; {r['shards']} shard headers and sizes are consistent (no hashes to check)")
     return 0
 # ===================================================================== end prepare / data
+
+
+def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    from gptlab.tokenizer_train import add_cli_args
+
+    add_cli_args(p)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from gptlab.tokenizer_train import run_cli
+
+    return run_cli(args)
 
 
 # ===================================================================== eval (Evaluation)
@@ -627,6 +641,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into GPT-2 token shards", add_prepare_args, cmd_prepare),
     "data": ("inspect or verify a prepared dataset", add_data_args, cmd_data),
+    "tokenizer": ("train your own byte-level BPE tokenizer on a corpus", add_tokenizer_args, cmd_tokenizer),
     "train": ("train a GPT-2 (CPU, one GPU, or many through torchrun)", add_train_args, cmd_train),
     "plan": ("print the memory per GPU a training run needs (the flags of train)", add_train_args, cmd_plan),
     "eval": ("HellaSwag, validation loss and lm-evaluation-harness tasks of a model", add_eval_args, cmd_eval),

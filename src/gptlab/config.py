@@ -239,8 +239,10 @@ class ModelShapeOptions:
     seq_len: int | None = option(None, "context length T (default: the preset's)")
 
     def model_config(self) -> ModelConfig:
-        return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head,
-                            n_embd=self.n_embd, seq_len=self.seq_len)
+        from gptlab.tokenizer import data_vocab_size  # the vocabulary follows the data's tokenizer
+
+        return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                            seq_len=self.seq_len, vocab_size=data_vocab_size(getattr(self, "data", None)))
 
 
 @dataclass

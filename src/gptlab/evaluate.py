@@ -24,6 +24,7 @@ from gptlab.config import VAL_LOSS_REFERENCES, preset_for_shape
 from gptlab.data.remote import is_remote
 from gptlab.errors import UserError, require_extra
 from gptlab.scoring import autocast_or_null, context_len, eval_mode, progress, rank_world
+from gptlab.tokenizer import val_tokenizer
 from gptlab.weights import raw_model
 
 # ----------------------------------------------------------------------------- validation loss
@@ -38,6 +39,7 @@ def evaluate_val_loss(
     max_tokens: int | None = None,
     autocast: Callable[[], Any] | None = None,
     show_progress: bool = False,
+    tokenizer=None,
 ) -> dict:
     """Mean cross-entropy over the val split's fixed windows (capped at max_tokens), and its
     perplexity. When a process group is up every rank must call this: each takes its share of
@@ -45,7 +47,9 @@ def evaluate_val_loss(
     number of ranks gives the 1-rank number up to float summation order.
     data: a dataset directory, a remote source (its val split fetched on its own), or the ValSplit
     to read (a train loader's, TrainLoader.val_split(): a streamed run's copy in its own cache).
-    Returns {"loss", "perplexity", "tokens"}."""
+    Returns {"loss", "perplexity", "tokens"}; with the data's `tokenizer`, also "bytes" (the UTF-8
+    bytes of the scored target tokens, end-of-text counting none) and "bits_per_byte": the summed
+    loss in bits over those bytes, which compares models whatever their tokenizers."""
     from gptlab.data.loader import iter_val_batches, open_val, val_windows
 
     if seq_len <= 0 or batch_size <= 0:
@@ -60,6 +64,8 @@ def evaluate_val_loss(
     acc = torch.float32 if torch.device(device).type == "mps" else torch.float64
     loss_sum = torch.zeros((), dtype=acc, device=device)
     tokens = 0
+    nbytes = None if tokenizer is None else torch.zeros((), dtype=torch.int64, device=device)
+    table = None if tokenizer is None else torch.tensor(token_byte_lengths(tokenizer), dtype=torch.int64, device=device)
     ctx = autocast_or_null(autocast)
     bar = progress(val_windows(val, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
                    "val loss", "tok", show_progress and rank == 0, unit_scale=True)  # rank 0's share
@@ -73,14 +79,37 @@ def evaluate_val_loss(
                     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
             loss_sum += loss.to(acc) * y.numel()  # the mean over B*T tokens, weighted back to a sum
             tokens += y.numel()
+            if table is not None:
+                nbytes += table[y.reshape(-1)].sum()
             bar.update(y.numel())
-    t = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=acc, device=device)])
+    extra = [] if nbytes is None else [nbytes.to(acc)]
+    t = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=acc, device=device), *extra])
     dist.all_reduce_sum(t)
-    total_loss, total_tokens = t.tolist()
+    total_loss, total_tokens, *total_bytes = t.tolist()
     if total_tokens == 0:
         raise UserError(f"{val.where}: the val split has no complete window of {seq_len + 1} tokens")
     loss = total_loss / total_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(total_tokens)}
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(total_tokens)}
+    if total_bytes:
+        out["bytes"] = int(total_bytes[0])
+        out["bits_per_byte"] = total_loss / math.log(2) / total_bytes[0] if total_bytes[0] else None
+    return out
+
+
+def gpt2_tasks_only(net, where: str) -> None:
+    """HellaSwag and the harness tasks tokenize with GPT-2's BPE: refuse a model of another tokenizer."""
+    from gptlab.tokenizer import FileTokenizer, describe_tokenizer, model_tokenizer
+
+    tok = model_tokenizer(net)
+    if isinstance(tok, FileTokenizer):
+        raise UserError(f"{where} uses the tokenizer {describe_tokenizer(tok)}; HellaSwag and harness tasks "
+                        f"tokenize with GPT-2's BPE only (its validation loss and bits per byte work: --val)")
+
+
+def token_byte_lengths(tokenizer) -> list[int]:
+    from gptlab.tokenizer import token_byte_lengths as lengths
+
+    return lengths(tokenizer)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -94,6 +123,9 @@ def format_report(results: dict, *, preset: str | None = None, split: str = "val
     if val is not None:
         lines.append(f"validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f} "
                      f"over {val['tokens']:,} tokens")
+        if val.get("bits_per_byte") is not None:
+            lines.append(f"  bits per byte {val['bits_per_byte']:.4f} over {val['bytes']:,} bytes "
+                         f"(comparable across tokenizers)")
         if preset in VAL_LOSS_REFERENCES:
             lines.append(f"  {hs.GPT2_NAMES[preset]}: {VAL_LOSS_REFERENCES[preset]:.4f} on FineWeb-Edu's first "
                          "100M val tokens (comparable on that data only)")
@@ -188,6 +220,8 @@ def run_eval(
             path = hs.find_on_all_ranks(env, dev, path=hellaswag_file, cache_dir=cache, split=split)
             items = hs.render_hellaswag(hs.load_hellaswag(path, limit))
         net, where = load_model(model, dev)
+        if items is not None or tasks is not None:
+            gpt2_tasks_only(net, str(where))
         results: dict[str, Any] = {}
         if items is not None:
             results["hellaswag"] = hs.evaluate_hellaswag(
@@ -197,6 +231,7 @@ def run_eval(
             results["val"] = evaluate_val_loss(
                 net, val_dir, device=dev, seq_len=net.config.seq_len, batch_size=batch_size or 8,
                 max_tokens=val_tokens, autocast=rt.autocast, show_progress=True,
+                tokenizer=val_tokenizer(net, val_dir),
             )
         if tasks is not None:
             results["tasks"] = _run_tasks(net, str(where), tasks, device=dev, dtype=dtype, limit=limit,

@@ -255,25 +255,26 @@ def sample_text(model: torch.nn.Module, tok, prompts: Sequence[str], *, num_samp
     on_sample(prompt_i, sample_i, sample) sees each sample as soon as it is complete."""
     results: list[Sample] = []
     for pi, prompt in enumerate(prompts):
-        ids = tok.encode(prompt, allow_special=True) or [EOT_TOKEN]
+        eot = getattr(tok, "eot", EOT_TOKEN)  # the model's own tokenizer's end-of-text
+        ids = tok.encode(prompt, allow_special=True) or [eot]
         new: list[list[int]] = [[] for _ in range(num_samples)]
         done: list[Sample | None] = [None] * num_samples
 
         def finish(i: int) -> None:
-            done[i] = Sample(prompt, tok.decode([t for t in new[i] if t != EOT_TOKEN]), new[i])
+            done[i] = Sample(prompt, tok.decode([t for t in new[i] if t != eot]), new[i])
             if on_sample is not None:
                 on_sample(pi, i, done[i])
 
         for step in generate(model, ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                             stop_token=EOT_TOKEN):
+                             stop_token=eot):
             for i, t in enumerate(step):
                 if t is None:
                     continue
                 new[i].append(t)
                 if on_token is not None:
                     on_token(pi, i, t)
-                if t == EOT_TOKEN:
+                if t == eot:
                     finish(i)
         for i in range(num_samples):
             if done[i] is None:

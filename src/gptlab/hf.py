@@ -143,9 +143,9 @@ def load_hf_dir(path: str | Path) -> GPT:
 
 # ----------------------------------------------------------------------------- out
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """A transformers GPT2Config dict for cfg."""
-    eot = EOT_TOKEN if cfg.vocab_size > EOT_TOKEN else None
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, eot: int | None = EOT_TOKEN) -> dict:
+    """A transformers GPT2Config dict for cfg (eot: the tokenizer's end-of-text id)."""
+    eot = eot if eot is not None and cfg.vocab_size > eot else None
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -174,10 +174,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     }
 
 
-def _tokenizer_files(seq_len: int) -> dict[str, bytes]:
-    from gptlab.tokenizer import vocab_files
+def _tokenizer_files(seq_len: int, tok=None) -> dict[str, bytes]:
+    from gptlab.tokenizer import FileTokenizer, gpt2_hf_files
 
-    bpe, enc = vocab_files()
     eot = "<|endoftext|>"
     special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
     tok_config = {
@@ -191,8 +190,9 @@ def _tokenizer_files(seq_len: int) -> dict[str, bytes]:
     }
     dump = lambda d: (json.dumps(d, indent=2) + "\n").encode()  # noqa: E731
     return {
-        "vocab.json": enc.read_bytes(),  # encoder.json is HF's vocab.json
-        "merges.txt": bpe.read_bytes(),  # vocab.bpe is HF's merges.txt
+        # GPT-2's encoder.json and vocab.bpe are HF's vocab.json and merges.txt; a trained tokenizer's
+        # files are in that format already
+        **(tok.hf_files() if isinstance(tok, FileTokenizer) else gpt2_hf_files()),
         "tokenizer_config.json": dump(tok_config),
         "special_tokens_map.json": dump(special),
     }
@@ -225,13 +225,16 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
         raise UserError(f"{out}: exists and is not a directory")
     if out.exists() and not _is_replaceable(out):
         raise UserError(f"{out}: exists and is not empty or an earlier export; refusing to overwrite it")
+    from gptlab.tokenizer import model_tokenizer
+
     cfg: ModelConfig = raw_model(model).config
+    tok = model_tokenizer(raw_model(model))  # the model's own tokenizer goes with it
     sd = gptlab_to_hf_state_dict(model)
     dtype = sd["transformer.wte.weight"].dtype
     with staged_dir(out) as tmp:
         save_file(sd, str(tmp / HF_SAFETENSORS), metadata={"format": "pt", "producer": _PRODUCER})
-        files = {HF_CONFIG: (json.dumps(hf_config(cfg, dtype), indent=2) + "\n").encode()}
-        files.update(_tokenizer_files(cfg.seq_len))
+        files = {HF_CONFIG: (json.dumps(hf_config(cfg, dtype, tok.eot), indent=2) + "\n").encode()}
+        files.update(_tokenizer_files(cfg.seq_len, tok))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
     return out

@@ -332,6 +332,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         _plot_hellaswag(metrics, refs, size, title, out / "hellaswag.png"),
         _plot_tasks(metrics, title, out / "tasks.png"),
         _plot_throughput(metrics, title, out / "throughput.png"),
+        _plot_bpb_overlay([(title, metrics)], out / "bpb.png"),
     ]
     files = [p for p in written if p is not None]
     if not files:
@@ -409,6 +410,26 @@ def _plot_loss_overlay(runs: list[tuple[str, dict]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _plot_bpb_overlay(runs: list[tuple[str, dict]], path: Path) -> Path | None:
+    """Val bits per byte per run against the step: the loss that compares runs whatever their
+    tokenizers (loss per token does not). Drawn only when some run logged it."""
+    fig, ax = _figure()
+    drawn = False
+    for i, (label, metrics) in enumerate(runs):
+        xs, ys = _series(metrics.get("val", []), "step", "bits_per_byte")
+        if ys:
+            ax.plot(xs, ys, lw=1.8, color=f"C{i % 10}", marker="o" if len(ys) <= 50 else None, ms=3,
+                    label=f"{label} val")
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("val bits per byte — " + " vs ".join(label for label, _ in runs))
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def _plot_lr_overlay(runs: list[tuple[str, dict]], path: Path) -> Path | None:
     fig, ax = _figure()
     drawn = False
@@ -435,7 +456,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str]
     labels = labels or run_labels(run_dirs)
     runs = [(label, _run_metrics(Path(r))) for label, r in zip(labels, run_dirs)]
     out = _make_out(Path(out_dir))
-    written = [_plot_loss_overlay(runs, out / "loss.png"), _plot_lr_overlay(runs, out / "lr.png")]
+    written = [_plot_loss_overlay(runs, out / "loss.png"), _plot_lr_overlay(runs, out / "lr.png"),
+               _plot_bpb_overlay(runs, out / "bpb.png")]
     files = [p for p in written if p is not None]
     if not files:
         raise UserError("nothing to plot: no run has train or val loss values")

@@ -95,7 +95,7 @@ def _prompts(body: dict, tok, cfg: ServeConfig, vocab: int) -> tuple[list[list[i
     ids, texts = [], []
     for item in p:
         if isinstance(item, str):
-            ids.append(tok.encode(item) or [EOT])
+            ids.append(tok.encode(item) or [getattr(tok, "eot", EOT)])
             texts.append(item)
         elif ints(item):
             if not all(0 <= i < vocab for i in item):
@@ -424,7 +424,7 @@ def load_engine(cfg: ServeConfig, status=print) -> tuple[Engine, str]:
 
     from gptlab.checkpoint import load_model
     from gptlab.runtime import get_runtime
-    from gptlab.tokenizer import get_tokenizer
+    from gptlab.tokenizer import model_tokenizer
 
     rt = get_runtime(device=cfg.device, dtype=cfg.dtype, compile=False)
     model, where = load_model(cfg.model, rt.device)
@@ -433,7 +433,7 @@ def load_engine(cfg: ServeConfig, status=print) -> tuple[Engine, str]:
     n_params = sum(p.numel() for p in model.parameters())
     status(f"{where}: {n_params / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
     name = cfg.model_name or Path(str(cfg.model).rstrip("/")).name or "gptlab"
-    return Engine(model, get_tokenizer(), max_batch=cfg.max_batch), name
+    return Engine(model, model_tokenizer(model), max_batch=cfg.max_batch), name
 
 
 def run_server(cfg: ServeConfig, status=print) -> None:

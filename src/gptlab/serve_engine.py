@@ -292,7 +292,7 @@ class Engine:
     def _advance(self, s: Sequence, t: int) -> bool:
         """Feed one new token to a sequence's text; True if the sequence has ended."""
         reason = None
-        if t == EOT:
+        if t == getattr(self.tok, "eot", EOT):
             delta, _ = s.text.feed(b"", final=True)
             reason = "stop"
         else:

@@ -50,7 +50,8 @@ from gptlab.parallel import Placed, load_optimizer, place, place_sharded
 from gptlab.plot import plot_run
 from gptlab.rundir import RunDir
 from gptlab.runtime import Runtime, get_runtime
-from gptlab.tokenizer import get_tokenizer
+from gptlab.tokenizer import (bind_data_tokenizer, get_tokenizer, model_tokenizer, read_model_dir_tokenizer,
+                              val_tokenizer)
 
 SAMPLE_PROMPTS = ("Hello, I'm a language model,", "The meaning of life is")
 
@@ -439,6 +440,17 @@ def build_model(cfg: TrainConfig) -> GPT:
     return model
 
 
+def _model_tokenizer(cfg: TrainConfig, model, ckpt: Path | None) -> tuple:
+    """The tokenizer the model being trained already has, and where it comes from."""
+    if ckpt is not None:
+        return read_model_dir_tokenizer(ckpt) or get_tokenizer(), f"the checkpoint {ckpt}"
+    if cfg.init_from:
+        return model_tokenizer(ckpt_mod.raw_model(model)), f"--init-from {cfg.init_from}"
+    from gptlab.tokenizer import dataset_tokenizer
+
+    return dataset_tokenizer(cfg.data), "the fresh model"
+
+
 def _place_fsdp(cfg: TrainConfig, rt: Runtime, env: dist.DistEnv, ckpt: Path | None) -> Placed:
     """FSDP on the meta device (parallel.place_sharded). Full weights, where a run starts from some
     (--init-from, or a single-file checkpoint), are read by rank 0 alone and sent shard by shard;
@@ -471,6 +483,10 @@ class Trainer:
         self.cfg, self.rt, self.env, self.run = cfg, rt, env, run
         self.placed = self._place(ckpt)
         model = self.model
+        bind_data_tokenizer(ckpt_mod.raw_model(model), cfg.data, *_model_tokenizer(cfg, model, ckpt))
+        self.val_tokenizer = val_tokenizer(ckpt_mod.raw_model(model), cfg.data)  # bits per byte, where known
+        if cfg.hellaswag or cfg.eval_tasks:
+            evaluate.gpt2_tasks_only(ckpt_mod.raw_model(model), "the model")  # GPT-2's BPE only: one line
         T = model.config.seq_len
         self.batch_size = cfg.batch_size
         if self.batch_size == "auto":
@@ -775,11 +791,13 @@ class Trainer:
         try:
             res = evaluate.evaluate_val_loss(self.model, self.loader.val_split(), device=rt.device, seq_len=self.model.config.seq_len,
                                              batch_size=self.batch_size, max_tokens=self._val_tokens(),
-                                             autocast=rt.autocast)
+                                             autocast=rt.autocast, tokenizer=self.val_tokenizer)
             val_loss = res["loss"]
+            bpb = {"bits_per_byte": res["bits_per_byte"]} if res.get("bits_per_byte") is not None else {}
             self._log({"step": step, "kind": "val", "loss": val_loss, "tokens": self.tokens,
-                       "perplexity": res.get("perplexity"), "eval_tokens": res.get("tokens")})
-            self.say(f"step {step}: val loss {val_loss:.4f}")
+                       "perplexity": res.get("perplexity"), "eval_tokens": res.get("tokens"), **bpb})
+            self.say(f"step {step}: val loss {val_loss:.4f}"
+                     + (f", {bpb['bits_per_byte']:.4f} bits per byte" if bpb else ""))
         except UserError as e:
             self.say(f"step {step}: val loss skipped: {e}")
         if self.hellaswag_path is not None:  # every rank takes part (under FSDP each forward is a collective)
@@ -830,7 +848,7 @@ class Trainer:
         return n * T
 
     def _write_samples(self) -> None:
-        tok = get_tokenizer()
+        tok = model_tokenizer(ckpt_mod.raw_model(self.model))
         # sampling has its own generator: it never touches the training RNG
         gen = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed + self.step)
         lines = [f"=== step {self.step} ==="]

@@ -59,11 +59,26 @@ def available_cores() -> int:
 
 
 # --------------------------------------------------------------------------------- tokenizing
+_TOKENIZER: list = []  # the tokenizer of this prepare (empty: GPT-2's); workers inherit or rebuild it
+
+
+def _tokenizer():
+    return _TOKENIZER[0] if _TOKENIZER else tk.get_tokenizer()
+
+
+def use_tokenizer(spec: str | Path | None) -> Any:
+    """Make `spec` (None or "gpt2": GPT-2's; else a tokenizer directory) the one encode_texts uses."""
+    tok = tk.load_tokenizer(spec)
+    _TOKENIZER[:] = [] if spec is None or str(spec) == tk.NAME else [tok]
+    return tok
+
+
 def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize documents (special-token text as plain text) into one stream, each document
     preceded by EOT. Returns tokens (sum(lengths),) uint16 and lengths (n,) int64, EOT included.
     Runs in worker processes; arrays pickle back as raw buffers, far cheaper than lists."""
-    enc = tk.get_encoding()
+    tok = _tokenizer()
+    enc, eot = tok.enc, tok.eot
     pieces = []
     for text in texts:
         pieces.append(_encode(enc, text))
@@ -71,8 +86,8 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty(int(lengths.sum()), dtype=np.uint16)
     pos = 0
     for p in pieces:
-        out[pos] = EOT_TOKEN
-        out[pos + 1: pos + 1 + len(p)] = p  # ids < 50257 fit uint16
+        out[pos] = eot
+        out[pos + 1: pos + 1 + len(p)] = p  # ids < 65536 fit uint16
         pos += 1 + len(p)
     return out, lengths
 
@@ -104,7 +119,7 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, tokenizer: str | None = None) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and shuts the pool down,
     # so workers must not die printing tracebacks of their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -128,6 +143,8 @@ def _worker_init(parent: int) -> None:
             os._exit(1)
 
         threading.Thread(target=watch, daemon=True).start()
+    if tokenizer is not None and not _TOKENIZER:  # spawned, not forked: build it here
+        use_tokenizer(tokenizer)
 
 
 def _warm(_: int = 0) -> int:
@@ -139,11 +156,12 @@ def start_pool(workers: int) -> ProcessPoolExecutor | None:
     inherit it instead of rebuilding it, and before any thread exists in this process."""
     if workers <= 1:
         return None
-    tk.get_encoding()
+    tok = _tokenizer()
+    spec = str(tok.path) if _TOKENIZER else None
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(os.getpid(),))
+                               initargs=(os.getpid(), spec))
     list(pool.map(_warm, range(workers)))
     return pool
 
@@ -221,8 +239,8 @@ class _ShardWriter:
     after every shard so that a rerun can continue exactly there."""
 
     def __init__(self, out: Path, name: str, capacity: int, shards: list[dict[str, Any]],
-                 stream_tokens: int, save_progress: Callable[[dict[str, Any]], None]) -> None:
-        self.out, self.name, self.capacity = out, name, capacity
+                 stream_tokens: int, save_progress: Callable[[dict[str, Any]], None], eot: int = EOT_TOKEN) -> None:
+        self.out, self.name, self.capacity, self.eot = out, name, capacity, eot
         self.shards = shards
         self.stream_tokens = stream_tokens  # tokens in complete shards
         self.save_progress = save_progress
@@ -260,7 +278,7 @@ class _ShardWriter:
         self.shards.append({
             "file": fname, "split": self.split, "tokens": int(self.fill),
             # each document opens with EOT, and text never encodes to EOT: EOTs count documents
-            "documents": int(np.count_nonzero(tokens == EOT_TOKEN)), "sha256": digest,
+            "documents": int(np.count_nonzero(tokens == self.eot)), "sha256": digest,
         })
         self.stream_tokens += self.fill
         self.fill = 0
@@ -288,19 +306,23 @@ def _describe_diff(old: dict, new: dict) -> str:
 def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, max_docs: int | None = None, tokens: int | None = None,
             val_fraction: float | None = None, val_tokens: int | None = None, workers: int | None = None,
-            progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: bool = True, log: Callable[[str], None] | None = None,
+            tokenizer: str | Path | None = None) -> dict[str, Any]:
     """Tokenize source into shards under out_dir; continue an unfinished prepare there; do nothing
-    to a finished one with the same parameters. Returns a summary (status: prepared, resumed or done)."""
+    to a finished one with the same parameters. Returns a summary (status: prepared, resumed or done).
+    tokenizer: None or "gpt2" (GPT-2's), or a directory of `gptlab tokenizer train`, which is
+    recorded in the manifest (name, eot, size, hashes) and copied into out_dir/tokenizer."""
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(out_dir)
     name = name or source.name.replace("-", "_")
     workers = available_cores() if workers is None else workers
     _check_args(name, shard_tokens, max_docs, tokens, val_fraction, val_tokens, workers)
+    tok = use_tokenizer(tokenizer)
     params = {
         "name": name,
         "source": source.describe(),
-        "tokenizer": {"name": tk.NAME, "eot": EOT_TOKEN, "vocab_hashes": tk.vocab_hashes()},
+        "tokenizer": tk.tokenizer_info(tok),
         "prepare": {"shard_tokens": shard_tokens, "max_docs": max_docs, "tokens": tokens,
                     "val_fraction": val_fraction, "val_tokens": val_tokens},
     }
@@ -339,7 +361,7 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
         pool = start_pool(workers)
         with disk_full_guard(out):  # a full disk: one line naming it; the complete shards stay
             tokenized = _run(source, out, name, shard_tokens, plan, state, save_progress, pool, workers,
-                             n_docs, max_docs, tokens, progress)
+                             n_docs, max_docs, tokens, progress, tok.eot)
     except BaseException:
         if not state["shards"] and not resumed:
             # Failed before its first shard (say, the hub could not be reached): nothing to
@@ -351,7 +373,10 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        _TOKENIZER.clear()
 
+    if isinstance(tok, tk.FileTokenizer):  # the data carries its tokenizer (train and sample read it)
+        tk.copy_tokenizer(tok, out / tk.DATA_TOKENIZER_DIR)
     manifest = {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, **params, "val": plan,
                 **_totals(state["shards"]), "shards": state["shards"]}
     sh.write_manifest(out, manifest)
@@ -423,14 +448,14 @@ def _check_written(out: Path, shards: list[dict[str, Any]]) -> None:
 
 def _run(source: Source, out: Path, name: str, shard_tokens: int, plan: dict[str, int | None],
          state: dict[str, Any], save_progress: Callable, pool, workers: int, n_docs: int | None,
-         max_docs: int | None, budget: int | None, progress: bool) -> int:
+         max_docs: int | None, budget: int | None, progress: bool, eot: int = EOT_TOKEN) -> int:
     """The stream loop. Returns how many documents were tokenized in this run."""
     from tqdm import tqdm
 
     doc = state["next_doc"]  # global index of the next document to take
     skip = state["skip_tokens"]  # tokens of that document already in complete shards
     total = state["stream_tokens"] - skip  # tokens of all documents before `doc`
-    writer = _ShardWriter(out, name, shard_tokens, state["shards"], state["stream_tokens"], save_progress)
+    writer = _ShardWriter(out, name, shard_tokens, state["shards"], state["stream_tokens"], save_progress, eot)
     vmax_docs, vmax_tokens = plan["max_docs"], plan["max_tokens"]
     if vmax_docs is None and vmax_tokens is None:
         raise AssertionError("an unlimited validation split")

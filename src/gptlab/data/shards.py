@@ -348,7 +348,7 @@ def check_digest(name: str, entry: Entry | Shard, digest: str, eots: int | None)
         raise UserError(f"shard {name}: holds {eots} documents but the manifest says {entry.documents}")
 
 
-def _hash_and_count(path: Path, chunk_tokens: int = 1 << 22) -> Iterator[tuple[int, str | None, int]]:
+def _hash_and_count(path: Path, chunk_tokens: int = 1 << 22, eot: int = EOT_TOKEN) -> Iterator[tuple[int, str | None, int]]:
     """Yield (bytes read so far, None, eot count so far) while reading, then the final sha256."""
     h = hashlib.sha256()
     eots = 0
@@ -360,7 +360,7 @@ def _hash_and_count(path: Path, chunk_tokens: int = 1 << 22) -> Iterator[tuple[i
         while block := f.read(2 * chunk_tokens):
             h.update(block)
             # Documents are counted as the end-of-text tokens that open them.
-            eots += int(np.count_nonzero(np.frombuffer(block, dtype=TOKEN_DTYPE, count=len(block) // 2) == EOT_TOKEN))
+            eots += int(np.count_nonzero(np.frombuffer(block, dtype=TOKEN_DTYPE, count=len(block) // 2) == eot))
             done += len(block)
             yield done, None, eots
     yield done, h.hexdigest(), eots
@@ -375,11 +375,12 @@ def verify_dataset(directory: str | Path, progress: bool = True) -> dict[str, An
     from tqdm import tqdm
 
     total = sum(HEADER_BYTES + 2 * s.tokens for s in ds.shards)
+    eot = int((ds.manifest.get("tokenizer") or {}).get("eot", EOT_TOKEN))  # a trained tokenizer's own
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None if progress else True,
               file=None) as bar:
         for s in ds.shards:
             last = 0
-            for done, digest, eots in _hash_and_count(s.path):
+            for done, digest, eots in _hash_and_count(s.path, eot=eot):
                 bar.update(done - last)
                 last = done
             check_digest(s.path.name, s, digest, eots)
