@@ -57,6 +57,27 @@ class DiskFullError(UserError):
                          f"while writing {self.path}")
 
 
+class NotWritableError(UserError):
+    """A write refused by the file system (read-only, or no permission): one line naming the path
+    and the disk it is on."""
+
+    ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+    def __init__(self, path: str | Path, e: OSError | None = None):
+        self.path = Path(path)
+        self.mount = mount_point(self.path)
+        why = "read-only file system" if e is not None and e.errno == errno.EROFS else "permission denied"
+        super().__init__(f"cannot write {self.path}: {why} (the disk mounted at {self.mount}); "
+                         f"choose another --out")
+
+
+def file_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask), for files a library creates 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def mount_point(path: str | Path) -> Path:
     """The mount point of the file system holding `path` (or its nearest existing parent)."""
     p = Path(os.path.abspath(path))

@@ -18,7 +18,7 @@ from gptlab.config import BenchConfig
 from gptlab.model import GPT
 from gptlab.optim import make_adamw
 from gptlab.parallel import place
-from gptlab.runtime import Runtime, get_runtime
+from gptlab.runtime import Runtime, get_runtime, native_bf16_matmul
 from gptlab.train import find_batch_size, train_step
 
 
@@ -29,6 +29,9 @@ def run_bench(cfg: BenchConfig) -> dict | None:
     rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
     env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
     rt.device = env.device(rt.device)
+    if rt.dtype == torch.bfloat16 and not native_bf16_matmul(rt.device) and env.is_main:
+        print(f"gptlab bench: warning: bf16 is emulated on this {rt.device.type} (no native bf16 matmuls): "
+              f"expect it far slower than fp32, and the numbers not to be bf16's", file=sys.stderr, flush=True)
     try:
         torch.manual_seed(cfg.seed)
         model = GPT(mcfg)

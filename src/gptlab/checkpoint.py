@@ -14,6 +14,7 @@ Nothing is ever unpickled from a file.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import random
 import warnings
@@ -33,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gptlab import dist
-from gptlab.atomic import DiskFullError, StagedDir, staged_dir, write_json
+from gptlab.atomic import DiskFullError, StagedDir, file_mode, staged_dir, write_json
 from gptlab.config import ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
@@ -59,6 +60,7 @@ def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, to
         weights = {k: v.detach().to("cpu").contiguous() for k, v in clean_state_dict(weights).items()}
     save_file(weights, str(path / WEIGHTS), metadata={"format": "pt", "producer": "gptlab"})
     tokenizer.copy_tokenizer(tokenizer.model_tokenizer(raw_model(model)), path / tokenizer.DATA_TOKENIZER_DIR)
+    os.chmod(path / WEIGHTS, file_mode())  # safetensors creates it 0600; readable as config.json beside it
 
 
 def save_model(model: torch.nn.Module, path: str | Path) -> Path:
@@ -711,7 +713,12 @@ class Checkpointer:
             try:
                 path = save_checkpoint(final, model, opt_state, record)
             except DiskFullError as e:
-                raise UserError(f"{e}; step {step} was not checkpointed, the last checkpoint {self.last_good()} "
+                good = self.last_good()
+                if good is None:  # nothing to resume from: the run starts again
+                    raise UserError(f"{e}; step {step} was not checkpointed and no checkpoint was saved before "
+                                    f"it. Free some space, then start the run again (the same command, or "
+                                    f"--resume auto)") from None
+                raise UserError(f"{e}; step {step} was not checkpointed, the last checkpoint {good} "
                                 f"is intact. Free some space, then continue with: gptlab train --out "
                                 f"{self.run.path} --resume") from None
             self._publish(path)

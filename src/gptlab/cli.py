@@ -77,6 +77,14 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def port(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: any free port)."""
+    value = nonneg_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return value
+
+
 def batch_size_arg(text: str):
     """A positive integer, or 'auto'."""
     if text == "auto":
@@ -129,7 +137,7 @@ def json_stdout(as_json: bool):
 # how a flag's text becomes a value, by the names config.option's `parse` takes ("text": kept as typed)
 PARSERS: dict[str, Callable | None] = {
     "int": int, "float": float, "str": str, "text": None, "count": count, "size": size,
-    "positive_int": positive_int, "nonneg_int": nonneg_int, "batch_size": batch_size_arg,
+    "positive_int": positive_int, "nonneg_int": nonneg_int, "batch_size": batch_size_arg, "port": port,
 }
 
 
@@ -201,6 +209,21 @@ def _read_prompts(cfg) -> list[str]:
     return prompts
 
 
+def _cap_new_tokens(n: int, prompts: list[str], tok, seq_len: int, status) -> int:
+    """--max-new-tokens capped to what fits in the context after the longest prompt (one that fits
+    itself), so that the whole prompt is kept, as the server keeps it (it refuses the request)."""
+    lengths = [len(tok.encode(p, allow_special=True)) for p in prompts] or [1]
+    longest = max((m for m in lengths if m <= seq_len), default=None)
+    if longest is None:
+        return n  # a prompt beyond the context is cropped (generate says so)
+    room = seq_len - longest + 1  # the last new token is never fed back
+    if n > room:
+        status(f"warning: --max-new-tokens {n}: only {room} new tokens fit in the context of {seq_len} after "
+               f"a {longest}-token prompt; drawing {room}, the prompt kept whole")
+        return room
+    return n
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     with json_stdout(args.json) as out:
         return _sample(args, out)
@@ -226,6 +249,7 @@ def _sample(args: argparse.Namespace, out) -> int:
         model.to(rt.dtype)  # inference only: weights and KV cache in the compute dtype
     status(f"{where}: {model.num_params() / 1e6:.1f}M parameters, context {model.config.seq_len}; {rt.describe()}")
     tok = model_tokenizer(model)  # a trained tokenizer travels with the model; else GPT-2's
+    opts["max_new_tokens"] = _cap_new_tokens(opts["max_new_tokens"], prompts, tok, model.config.seq_len, status)
     stream = not cfg.json and len(shown) * opts["num_samples"] == 1
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can split a character
 
@@ -354,6 +378,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"{out}: {result['status']} {result['shard_count']} shards, {result['tokens']:,} tokens, "
           f"{result['documents']:,} documents in {result['seconds']:.1f}s")
     _print_splits(result["splits"])
+    if result["tokens"] <= result["documents"]:  # each document is <|endoftext|> and its text
+        print(f"gptlab prepare: warning: the corpus is empty ({result['documents']:,} documents without text): "
+              f"{out} holds only <|endoftext|> separators, nothing to train on", file=sys.stderr)
     return 0
 
 
@@ -692,21 +719,34 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # a reader that stopped early (| head): not an error of ours
         return 0
     except OSError as e:
-        from gptlab.atomic import FULL_DISK, DiskFullError
+        from gptlab.atomic import FULL_DISK, DiskFullError, NotWritableError
 
+        if e.errno in NotWritableError.ERRNOS and e.filename:
+            _report_error(f"gptlab {args.command}: error: {NotWritableError(e.filename, e)}")
+            return 2
         if e.errno not in FULL_DISK:
             if _peer_reported_error():
                 return 1
             raise
-        _report_error(f"gptlab {args.command}: error: {DiskFullError(e.filename or '.')}")
+        _report_error(f"gptlab {args.command}: error: {DiskFullError(e.filename or _out_of(args))}")
         return 2
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        from gptlab.atomic import DiskFullError, is_disk_full
+
+        if is_disk_full(e):  # a library's own error for a full disk (safetensors' SafetensorError)
+            _report_error(f"gptlab {args.command}: error: {DiskFullError(_out_of(args))}")
+            return 2
         if _peer_reported_error():
             return 1
         raise
+
+
+def _out_of(args: argparse.Namespace) -> str:
+    """The directory a command writes to, for an error that does not name its file."""
+    return getattr(args, "out", None) or "."
 
 
 def _report_error(line: str) -> None:

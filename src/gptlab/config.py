@@ -26,7 +26,29 @@ def _from_dict(cls, d: dict[str, Any], what: str):
     unknown = set(d) - {f.name for f in fields(cls)}
     if unknown:
         raise UserError(f"{what}: unknown fields {sorted(unknown)}")
+    for f in fields(cls):
+        if f.name in d:
+            _check_type(f.name, d[f.name], str(f.type), what)
     return cls(**d)
+
+
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "None": "null"}
+
+
+def _check_type(name: str, value: Any, annotation: str, what: str) -> None:
+    """A JSON value against its field's annotation ("int | None", "list[str] | None", ...): a
+    config file's "lr": "fast" is one line naming the field, not a TypeError deep in a check."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    for k in kinds:
+        if k.startswith("list"):
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return
+        elif isinstance(value, _JSON_TYPES.get(k, (object,))) and (k == "bool" or not isinstance(value, bool)):
+            return
+    want = " or ".join(_TYPE_WORDS.get(k, "a list of strings" if k.startswith("list") else k) for k in kinds)
+    raise UserError(f"{what}: {name} must be {want}, got {json.dumps(value)}")
 
 
 def pad_to_multiple(n: int, multiple: int) -> int:
@@ -179,7 +201,7 @@ def option(default: Any, help: str, *, parse: str | None = None, choices: tuple[
     help: the flag's --help text. Where the default is not simply the field's value, the text names
       it ("(default: the preset's)"); otherwise --help appends "(default: VALUE)", once.
     parse: how the flag's text becomes a value, by name (cli.PARSERS): int, float, str, count (5B,
-      100M), size (10G bytes), positive_int, nonneg_int, batch_size (N or 'auto'), or text (kept as
+      100M), size (10G bytes), positive_int, nonneg_int, batch_size (N or 'auto'), port, or text (kept as
       typed, checked by the config); by default the field's type.
     action: store_true or append (else a value, or --x/--no-x for a bool).
     saved: False for launch-only options (how the process starts, not what it trains): to_dict()
@@ -563,7 +585,7 @@ class ServeConfig(DeviceOptions):
     GROUP = "serving"
     model: str = option("", MODEL_HELP, positional=True, metavar="MODEL")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
-    port: int = option(8000, "port to listen on (0: any free port)", parse="nonneg_int")
+    port: int = option(8000, "port to listen on, 0 to 65535 (0: any free port)", parse="port")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 requests (default: none)",
                                  metavar="KEY")
     max_batch: int = option(32, "sequences decoded together; more wait for a free row", parse="positive_int",
@@ -578,7 +600,8 @@ class ServeConfig(DeviceOptions):
                                     metavar="NAME")
 
     def validate(self) -> None:
-        _check([(self.max_batch >= 1, f"--max-batch must be at least 1, got {self.max_batch}")])
+        _check([(self.max_batch >= 1, f"--max-batch must be at least 1, got {self.max_batch}"),
+                (0 <= self.port <= 65535, f"--port must be from 0 to 65535, got {self.port}")])
 
 
 def _flag_value(flags: dict[str, Any], name: str, default: Any, cast: Callable, ok: Callable, want: str):

@@ -8,13 +8,14 @@ This module owns the Hugging Face directory format; checkpoint.py owns gptlab's 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from gptlab.atomic import staged_dir
+from gptlab.atomic import file_mode, staged_dir
 from gptlab.config import EOT_TOKEN, ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.hf_config import GPT2_HUB_NAMES, HF_CONFIG, HF_SAFETENSORS, model_config_from_hf
@@ -233,6 +234,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
     dtype = sd["transformer.wte.weight"].dtype
     with staged_dir(out) as tmp:
         save_file(sd, str(tmp / HF_SAFETENSORS), metadata={"format": "pt", "producer": _PRODUCER})
+        os.chmod(tmp / HF_SAFETENSORS, file_mode())  # safetensors creates it 0600; readable as its neighbours
         files = {HF_CONFIG: (json.dumps(hf_config(cfg, dtype, tok.eot), indent=2) + "\n").encode()}
         files.update(_tokenizer_files(cfg.seq_len, tok))
         for name, data in files.items():

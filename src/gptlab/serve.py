@@ -436,12 +436,24 @@ def load_engine(cfg: ServeConfig, status=print) -> tuple[Engine, str]:
     return Engine(model, model_tokenizer(model), max_batch=cfg.max_batch), name
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run_server(cfg: ServeConfig, status=print) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
     cfg.validate()
     sock = _listen(cfg.host, cfg.port)
+    if not cfg.api_key and not _is_loopback(sock.getsockname()[0]):
+        status(f"warning: listening on {cfg.host}, reachable from other machines, without --api-key: anyone "
+               f"who can reach this port can use the model")
     engine, name = load_engine(cfg, status)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

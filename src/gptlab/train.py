@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from gptlab import checkpoint as ckpt_mod
 from gptlab import dist, evaluate, hellaswag, watchdog
 from gptlab.checkpoint import Checkpointer, TrainState
-from gptlab.config import DATA_FIELDS, MODEL_FIELDS, ModelConfig, TrainConfig
+from gptlab.config import DATA_FIELDS, MODEL_FIELDS, PRESETS, ModelConfig, TrainConfig
 from gptlab.data.fingerprint import data_fingerprint
 from gptlab.data.loader import TrainLoader, val_windows
 from gptlab.data.remote import is_remote
@@ -71,14 +71,22 @@ class TrainResult:
 class StopFlag:
     """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = False) -> None:
         self.signal: str | None = None
         self._old: dict[int, Any] = {}
+        self.announce = announce
+        """Say at once what the first signal does (rank 0): a long step ends minutes later."""
 
     def _handler(self, signum, frame) -> None:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means now
+        first = self.signal is None
         self.signal = signal.Signals(signum).name
+        if first and self.announce:
+            with contextlib.suppress(Exception):  # (a write interrupted mid-way must not fail the run)
+                sys.stderr.write(f"\ngptlab train: {self.signal}: stopping after this step, with a checkpoint; "
+                                 f"Ctrl-C again to stop now\n")
+                sys.stderr.flush()
 
     def __enter__(self) -> "StopFlag":
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -130,8 +138,13 @@ def resume_config(run: RunDir, flags: dict[str, Any]) -> TrainConfig:
         if getattr(base, name) == value or (name == "data" and same_path(base.data, value)):
             continue
         if name in MODEL_FIELDS:
+            now = getattr(base, name)
+            if now is None and hasattr(ModelConfig, name):  # the preset's value: the run's real shape
+                now = getattr(base.model_config(), name)
+            if now == value:
+                continue
             raise UserError(f"--{name.replace('_', '-')} would change the model of a run being resumed "
-                            f"({getattr(base, name)!r} -> {value!r}); start a new run with another --out instead")
+                            f"({now!r} -> {value!r}); start a new run with another --out instead")
         if name == "optimizer":  # the checkpoint holds the other optimizer's state
             raise UserError(f"--optimizer {value} would change the optimizer of a run being resumed "
                             f"(it trains with {base.optimizer}); start a new run with another --out instead")
@@ -498,9 +511,17 @@ class Trainer:
                                   cache=cfg.data_cache, disk_budget=cfg.data_disk_budget)
         self.steps = total_steps(cfg, self.loader)
         self.warmup = warmup_for(cfg, self.steps)
+        design = PRESETS[cfg.model].seq_len if cfg.model in PRESETS else T
+        if ckpt is None and T > design and env.is_main:  # (a resume keeps the run's own)
+            self.say(f"warning: --seq-len {T} is {T / design:.3g}x the {cfg.model} preset's context of {design}: "
+                     f"the position table grows to {T:,} x {model.config.n_embd} and attention costs "
+                     f"{model.config.flops_per_token(T) / model.config.flops_per_token(design):.3g}x the FLOPs a "
+                     f"token; each step of {self.accum} x {self.batch_size} sequences of {T:,} tokens is slow")
         if ckpt is not None and ckpt_mod.checkpoint_step(ckpt) > self.steps:  # before config.json is rewritten
             raise UserError(f"{ckpt} is at step {ckpt_mod.checkpoint_step(ckpt)}, past the {self.steps} steps "
                             f"asked for (--max-steps, --max-tokens or --epochs); ask for more steps to continue the run")
+        if ckpt is not None and env.is_main:  # before config.json is rewritten
+            self._warn_rescaled(TrainConfig.from_dict(run.read_config()["train"]))
         if env.is_main:
             run.create()
             run.write_config(model.config.to_dict(), cfg.to_dict())
@@ -534,6 +555,20 @@ class Trainer:
     def model(self) -> GPT:
         return self.placed.model
 
+    def _warn_rescaled(self, before: TrainConfig) -> None:
+        """A resume that changes the run's length stretches or squeezes its lr schedule: say so."""
+        steps = total_steps(before, self.loader)
+        if steps == self.steps or self.cfg.schedule == "constant":
+            return
+        at = ckpt_mod.checkpoint_step(self.run.latest_checkpoint()) if self.run.latest_checkpoint() else 0
+
+        def lr(total: int) -> float:
+            return lr_at(at, schedule=self.cfg.schedule, max_lr=self.cfg.lr, total_steps=total,
+                         warmup_steps=warmup_for(self.cfg, total), min_lr_ratio=self.cfg.min_lr_ratio,
+                         decay_frac=self.cfg.decay_frac)
+        self.say(f"warning: the run was {steps} steps and now is {self.steps}: its {self.cfg.schedule} "
+                 f"learning-rate schedule is rescaled (at step {at}: lr {lr(steps):.3g} -> {lr(self.steps):.3g})")
+
     def say(self, msg: str) -> None:
         if self.env.is_main:
             tqdm.write(msg, file=sys.stderr)  # above the progress bar, which is on stderr too
@@ -546,7 +581,7 @@ class Trainer:
         cfg = self.cfg
         last_loss = val_loss = stopped_by = None
         fixed = [self.loader.next_batch() for _ in range(self.accum)] if cfg.overfit_batch else None
-        with StopFlag() as stop, self._watchdog():
+        with StopFlag(announce=self.env.is_main) as stop, self._watchdog():
             bar = progress_bar(self.steps, self.step, self.env.is_main)
             try:
                 while self.step < self.steps:
@@ -706,8 +741,10 @@ class Trainer:
         exploding update made. Returns the newest good checkpoint."""
         loss = next_batch_loss(self.placed, self.rt, self.loader)
         if not math.isfinite(loss):
+            good = self.checkpointer.last_good()
             msg = (f"step {self.step}: not checkpointed, its weights give a loss of {loss} on the next batch; "
-                   f"the last good checkpoint is {self.checkpointer.last_good()}")
+                   + (f"the last good checkpoint is {good}" if good is not None else
+                      "no good checkpoint was saved before it (try a lower --lr)"))
             if self.step == self.steps or self.cfg.overfit_batch:
                 raise UserError(msg)  # no later step will be saved
             self.say(msg)
