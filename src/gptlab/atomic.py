@@ -1,4 +1,4 @@
-"""Atomic file-system writes and file digests, shared by every format owner: things appear whole
+"""Atomic file-system writes, file digests and JSON reads, shared by every format owner: things appear whole
 or not at all. No torch here (data preparation uses it).
 
 Two ways to write; this is the ONLY module that renames a temporary into place (a test in
@@ -319,3 +319,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """A JSON object from a file; max_bytes refuses a file too large to be what it claims."""
+    path = Path(path)
+    try:
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes, too large for this file "
+                            f"(at most {max_bytes:,} expected)")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from gptlab.atomic import read_json  # noqa: F401  (re-exported: most readers of config files import it from here)
 from gptlab.errors import UserError
-
-GPT2_VOCAB_SIZE = 50257
-EOT_TOKEN = 50256
+from gptlab.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, data_vocab_size
 
 
 def _from_dict(cls, d: dict[str, Any], what: str):
@@ -168,26 +167,6 @@ def preset_for_shape(cfg: ModelConfig) -> str | None:
     return None
 
 
-def read_json(path: str | Path, max_bytes: int | None = None) -> dict[str, Any]:
-    """A JSON object from a file; max_bytes refuses a file too large to be what it claims."""
-    path = Path(path)
-    try:
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise UserError(f"{path}: {path.stat().st_size:,} bytes, too large for this file "
-                            f"(at most {max_bytes:,} expected)")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
-
-
 # ----------------------------------------------------------------------------- options
 # A command's config is a dataclass composed of option groups (ModelShapeOptions, RuntimeOptions,
 # LaunchOptions, ...), each defined once here. cli builds every flag, its --help and its parsing
@@ -261,8 +240,7 @@ class ModelShapeOptions:
     seq_len: int | None = option(None, "context length T (default: the preset's)")
 
     def model_config(self) -> ModelConfig:
-        from gptlab.tokenizer import data_vocab_size  # the vocabulary follows the data's tokenizer
-
+        # the vocabulary follows the data's tokenizer
         return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
                             seq_len=self.seq_len, vocab_size=data_vocab_size(getattr(self, "data", None)))
 

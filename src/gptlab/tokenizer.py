@@ -12,11 +12,11 @@ import importlib.util
 import json
 from pathlib import Path
 
-from gptlab.atomic import sha256_file
-from gptlab.config import EOT_TOKEN
+from gptlab.atomic import read_json, sha256_file
 from gptlab.errors import UserError
 
-EOT = EOT_TOKEN  # <|endoftext|>, GPT-2's document separator
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE: 50,000 merges, 256 bytes and <|endoftext|>
+EOT_TOKEN = EOT = 50256  # <|endoftext|>, GPT-2's document separator
 NAME = "gpt2"
 # GPT-2's published vocabulary files, as pinned by tiktoken for the `gpt2` encoding.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -165,8 +165,6 @@ def files_digest(hashes: dict[str, str]) -> str:
 
 
 def read_tokenizer_manifest(path: str | Path) -> dict:
-    from gptlab.config import read_json
-
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise UserError(f"{path}: not a tokenizer directory (no {MANIFEST}; write one with `gptlab tokenizer train`)")
@@ -301,8 +299,6 @@ def dataset_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer a prepared dataset was made with: GPT-2's, unless its manifest names another,
     which is read from data_dir/tokenizer (and must have the recorded hashes). A remote dataset,
     or one without a manifest (llm.c shards), is GPT-2's."""
-    from gptlab.config import read_json
-
     path = Path(data_dir)
     if "://" in str(data_dir) or not (path / "manifest.json").is_file():
         return get_tokenizer()
@@ -350,7 +346,8 @@ def bind_data_tokenizer(model, data_dir: str | Path, model_tok: Tokenizer, where
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
     cfg = getattr(inner, "config", None)
-    if cfg is not None and cfg.vocab_size != data_tok.vocab_size:
+    # GPT-2's data keeps the old rule (any model vocabulary: toy models use a few ids); a trained one must fit
+    if cfg is not None and isinstance(data_tok, FileTokenizer) and cfg.vocab_size != data_tok.vocab_size:
         raise UserError(f"{where} has a vocabulary of {cfg.vocab_size:,} ids, but {data_dir} was tokenized with "
                         f"{describe_tokenizer(data_tok)}")
     set_model_tokenizer(inner, data_tok)

@@ -335,15 +335,7 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
     state = _unfinished_state(out, params)
     resumed = bool(state["shards"]) or state["next_doc"] > 0
 
-    # Counting first surfaces a bad source (a missing file, a failed download) before any work.
-    n_docs = source.count()
-    if max_docs is not None:
-        n_docs = max_docs if n_docs is None else min(n_docs, max_docs)
-    plan = val_plan(n_docs, budget=tokens, val_fraction=val_fraction, val_tokens=val_tokens)
-    if "val" in state and state["val"] != plan:
-        raise UserError(f"{out}: the corpus changed since this prepare began (validation plan differs); "
-                        f"choose another --out")
-    state["val"] = plan
+    n_docs, plan = _count_and_plan(source, out, state, max_docs, tokens, val_fraction, val_tokens)
 
     def save_progress(position: dict[str, Any]) -> None:
         state.update(position)
@@ -384,6 +376,22 @@ def prepare(source: Source, out_dir: str | Path, *, name: str | None = None,
     return {"status": "resumed" if resumed else "prepared", "directory": str(out), **_totals(state["shards"]),
             "documents": state["next_doc"], "tokenized_documents": tokenized, "resumed_from_doc": start_doc,
             "seconds": time.perf_counter() - t0}
+
+
+def _count_and_plan(source: Source, out: Path, state: dict[str, Any], max_docs: int | None, tokens: int | None,
+                    val_fraction: float | None, val_tokens: int | None) -> tuple[int | None, dict[str, Any]]:
+    """The documents to read and the validation plan, recorded in state (a continued prepare must
+    find the plan it began with). Counting first surfaces a bad source (a missing file, a failed
+    download) before any work."""
+    n_docs = source.count()
+    if max_docs is not None:
+        n_docs = max_docs if n_docs is None else min(n_docs, max_docs)
+    plan = val_plan(n_docs, budget=tokens, val_fraction=val_fraction, val_tokens=val_tokens)
+    if "val" in state and state["val"] != plan:
+        raise UserError(f"{out}: the corpus changed since this prepare began (validation plan differs); "
+                        f"choose another --out")
+    state["val"] = plan
+    return n_docs, plan
 
 
 def _check_args(name: str, shard_tokens: int, max_docs: int | None, tokens: int | None,
