@@ -22,9 +22,10 @@ class ShardServer:
     rate: bytes per second per response (None: as fast as possible);
     faults: {file name: "404" | "truncate" | "corrupt" | "stall"}, applied to the next `fault_count[name]`
     requests of that file (missing count: every request);
-    requests: the paths asked for, in order."""
+    requests: the paths asked for, in order.
+    port: 0 for any free one; a stopped server's port brings it back at the same URL."""
 
-    def __init__(self, root: Path, repo: str = "owner/shards") -> None:
+    def __init__(self, root: Path, repo: str = "owner/shards", port: int = 0) -> None:
         self.root, self.repo = Path(root), repo
         self.rate: float | None = None
         self.faults: dict[str, str] = {}
@@ -40,7 +41,7 @@ class ShardServer:
             def do_GET(self) -> None:
                 server._handle(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

@@ -173,6 +173,8 @@ def test_self_launch_restart_after_a_sigkill_equals_the_unbroken_run(data, tmp_p
     assert code == 0, out[-4000:]
     assert killed_at < STEPS
     assert "torchrun --standalone --nproc_per_node=2 --max-restarts=2" in out  # the launcher's command
+    # the restart is announced, once (it was silent before)
+    assert out.count("gptlab train: restarting the workers (restart 1 of 2) after: a worker exited or was killed") == 1, out[-3000:]
     assert "gptlab train: resumed from" in out
     got = losses(run)
     assert sorted(got) == sorted(unbroken)
@@ -236,3 +238,26 @@ def test_self_launch_hands_restarts_and_a_shutdown_timeout_to_torchrun(monkeypat
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # the user's own setting wins
     assert dist.self_launch(2, ["train", "--out", "x"]) == 0
     assert seen[1].max_restarts == 0 and seen[1].shutdown_timeout == 600
+
+
+def test_a_restart_is_announced_with_the_error_of_the_attempt_that_failed(monkeypatch, tmp_path, capsys):
+    """torchrun's agent announces a restart at INFO level; the launcher turns it into one line naming
+    the failed attempt's reported error (a restart was silent before: a streamed run whose server
+    went away restarted with nothing said)."""
+    import logging
+
+    monkeypatch.setenv(dist.LAUNCH_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    dist.report_error("gptlab train: error: http://x/d: cannot fetch shard 3 (connection refused)")
+    handler = dist._Restarts("train", str(tmp_path))
+    notice = "[%s] Worker group %s. %s/%s attempts left; will restart worker group"
+    for left in (3, 2):  # attempt 0 reported nothing, attempt 1 the error above
+        handler.handle(logging.LogRecord(dist._AGENT_LOGGER, logging.INFO, __file__, 1, notice,
+                                         ("default", "FAILED", left, 3), None))
+    handler.handle(logging.LogRecord(dist._AGENT_LOGGER, logging.INFO, __file__, 1, "something else", (), None))
+    assert capsys.readouterr().err.splitlines() == [
+        "gptlab train: restarting the workers (restart 1 of 3) after: a worker exited or was killed "
+        "(its output is above)",
+        "gptlab train: restarting the workers (restart 2 of 3) after: error: http://x/d: cannot fetch shard 3 "
+        "(connection refused)"]

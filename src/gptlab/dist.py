@@ -292,6 +292,7 @@ def needs_launch(n: int) -> bool:
 LAUNCH_DIR_ENV = "GPTLAB_LAUNCH_DIR"  # set by self_launch for its workers: where they report a UserError
 SHUTDOWN_TIMEOUT_S = 120  # how long torchrun lets workers save after passing on a signal (torch's own: 30)
 _ELASTIC_LOGGERS = ("torch.distributed.run", "torch.distributed.launcher", "torch.distributed.elastic")
+_AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"  # the one that announces restarts
 
 
 def report_error(line: str) -> None:
@@ -362,6 +363,28 @@ def _first_error(where: str, attempt: int | None = None) -> str | None:
     return min(found)[3] if found else None
 
 
+class _Restarts(logging.Handler):
+    """Says in one line when torchrun restarts the worker group, and why: the error a worker
+    reported for the attempt that failed, else that one exited or was killed (its output is above).
+    Without it a restart is silent."""
+
+    def __init__(self, command: str, where: str) -> None:
+        super().__init__(logging.INFO)
+        self.command, self.where = command, where
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "will restart worker group" not in str(record.msg) or len(record.args or ()) != 4:
+            return
+        left, most = int(record.args[2]), int(record.args[3])
+        attempt = most - left  # the attempt that failed: 0 first
+        line = _first_error(self.where, attempt)
+        prefix = f"gptlab {self.command}: "
+        why = line[len(prefix):] if line and line.startswith(prefix) else line
+        why = why or "a worker exited or was killed (its output is above)"
+        print(f"{prefix}restarting the workers (restart {attempt + 1} of {most}) after: {why}",
+              file=sys.stderr, flush=True)
+
+
 class _Held(logging.Handler):
     """Keeps torchrun's own log records back: they are shown only when a launch fails for a
     reason gptlab cannot put in one line."""
@@ -406,15 +429,19 @@ def self_launch(n: int, argv: list[str], command: str = "train", max_restarts: i
     targs = ["--standalone", f"--nproc_per_node={n}", f"--max-restarts={max_restarts}",
              f"--shutdown-timeout={shutdown_s}", "-m", "gptlab", *rest]
     print(f"gptlab: launching {n} processes: torchrun {' '.join(targs)}", file=sys.stderr, flush=True)
-    held = _Held()
-    saved = []
-    for name in _ELASTIC_LOGGERS:
-        log = logging.getLogger(name)
-        saved.append((log, log.propagate))
-        log.addHandler(held)
-        log.propagate = False
     previous = os.environ.get(LAUNCH_DIR_ENV)
     with tempfile.TemporaryDirectory(prefix="gptlab-launch-") as where:
+        held, restarts = _Held(), _Restarts(command, where)
+        saved = []
+        for name in _ELASTIC_LOGGERS:
+            log = logging.getLogger(name)
+            saved.append((log, log.propagate))
+            log.addHandler(held)
+            log.addHandler(restarts)
+            log.propagate = False
+        agent = logging.getLogger(_AGENT_LOGGER)
+        agent_level = agent.level
+        agent.setLevel(logging.INFO)  # its restart notice is an INFO record
         os.environ[LAUNCH_DIR_ENV] = where  # the workers inherit it
         try:
             torchrun.run(torchrun.parse_args(targs))
@@ -444,7 +471,9 @@ def self_launch(n: int, argv: list[str], command: str = "train", max_restarts: i
         finally:
             for log, propagate in saved:
                 log.removeHandler(held)
+                log.removeHandler(restarts)
                 log.propagate = propagate
+            agent.setLevel(agent_level)
             if previous is None:
                 os.environ.pop(LAUNCH_DIR_ENV, None)
             else:
