@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.distributed as tdist
 
 from conftest import make_toy_data, metrics_by_step, run_gptlab
@@ -120,7 +121,7 @@ def _step(model, opt, seed: int) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-class SlowWriter(ckpt_mod.dcp.FileSystemWriter):
+class SlowWriter(dcp.FileSystemWriter):
     """Writes a second late, so that training steps surely run while a save is in flight."""
 
     def write_data(self, plan, planner):
@@ -134,7 +135,7 @@ def test_async_save_overlapping_steps_loses_nothing(tmp_path, monkeypatch):
     want_model = copy.deepcopy(model.state_dict())
     want_opt = copy.deepcopy(opt.state_dict())
     run = RunDir(tmp_path / "run")
-    monkeypatch.setattr(ckpt_mod.dcp, "FileSystemWriter", SlowWriter)
+    monkeypatch.setattr(dcp, "FileSystemWriter", SlowWriter)
     saver = Checkpointer(run, keep=0, rank=0, sharded=True)
     final = saver.save(1, model, opt, TrainState(step=1), wait=False)
     assert saver.pending is not None and not saver.pending[0].done()

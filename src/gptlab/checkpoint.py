@@ -13,6 +13,7 @@ Nothing is ever unpickled from a file.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import pickle
@@ -24,11 +25,6 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 from safetensors import SafetensorError as SafetensorsError  # the class is SafetensorError (no s)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -570,20 +566,32 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}")
 
 
-class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader, with its index read by the restricted unpickler above."""
+@functools.lru_cache(maxsize=1)
+def _safe_reader_class() -> type:
+    """DCP's file reader, with its index read by the restricted unpickler above. Built on first use:
+    torch.distributed.checkpoint takes 0.7 s to import, which every command that never reads a
+    sharded checkpoint (sample, eval, a single-process train) should not pay."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
-    def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / DCP_METADATA
-        try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-            raise UserError(f"{path}: not a readable checkpoint index ({e})") from None
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            path = Path(self.path) / DCP_METADATA
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+                raise UserError(f"{path}: not a readable checkpoint index ({e})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def safe_reader(path: str | Path):
+    return _safe_reader_class()(str(path))
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -594,6 +602,8 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def _sharded_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, list]:
     """The flat dict DCP reads and writes: model.<name> (DTensors under FSDP, plain tensors
     otherwise) and optim/<name>/<moment>; plus the optimizer's param groups (JSON, not DCP)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     flat = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k != _TIED_KEY}
     groups: list = []
     if optimizer is not None:
@@ -629,6 +639,8 @@ class ShardedWriter:
             write_json(tmp / CONFIG, raw_model(model).config.to_dict())
             tokenizer.copy_tokenizer(tokenizer.model_tokenizer(raw_model(model)), tmp / tokenizer.DATA_TOKENIZER_DIR)
             write_json(tmp / STATE, {**state, "format": SHARDED_FORMAT, "optimizer": {"param_groups": groups}})
+        import torch.distributed.checkpoint as dcp
+
         writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
         if self.use_async:
             # stages a host copy of every shard now (so the next steps may change the weights),
@@ -756,6 +768,8 @@ def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module,
     """Read a sharded checkpoint into a placed model (and optimizer): each rank reads the pieces
     of its own shards, whatever world size and sharding wrote them. Collective when a process
     group exists; otherwise a single-process read of full tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     ckpt = Path(ckpt)
     flat, _ = _sharded_tensors(model, optimizer)
     _dcp_load(flat, ckpt, no_dist=not (tdist.is_available() and tdist.is_initialized()))
@@ -780,9 +794,11 @@ def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module,
 
 
 def _dcp_load(flat: dict, ckpt: Path, no_dist: bool) -> None:
-    SafeReader(str(ckpt)).read_metadata()  # a bad index is one clear error here, not one per rank inside DCP
+    import torch.distributed.checkpoint as dcp
+
+    safe_reader(ckpt).read_metadata()  # a bad index is one clear error here, not one per rank inside DCP
     try:
-        dcp.load(flat, storage_reader=SafeReader(str(ckpt)), no_dist=no_dist)
+        dcp.load(flat, storage_reader=safe_reader(ckpt), no_dist=no_dist)
     except UserError:
         raise
     except Exception as e:  # DCP wraps each rank's failure (CheckpointException, AssertionError, ...)

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 from gptlab import dist
 from gptlab.config import ModelConfig
@@ -131,14 +128,22 @@ Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
 # ----------------------------------------------------------------------------- full state of a placed model
 
-def _full_state_options() -> StateDictOptions:
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+def _dsd():
+    """torch.distributed.checkpoint.state_dict, imported on first use (0.7 s: commands that never
+    gather or scatter a placed model's state do not pay it)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def _full_state_options():
+    return _dsd().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def gather_state(placed: Placed, optimizer: Optimizers):
     """Full model weights (FSDP only; None means read them from the module) and the optimizer state
     keyed by parameter name (full_optimizer_state). Collective under FSDP."""
-    weights = get_model_state_dict(placed.model, options=_full_state_options()) if placed.fsdp else None
+    weights = _dsd().get_model_state_dict(placed.model, options=_full_state_options()) if placed.fsdp else None
     return weights, full_optimizer_state(placed.model, optimizer)
 
 
@@ -146,7 +151,7 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: Optimizers) -> dict:
     """The optimizer state keyed by parameter name, on the CPU, the same for DDP, FSDP and one
     process. Collective under FSDP. Several optimizers (AdamW + Muon) give one state: their
     parameters' states and all their param groups."""
-    return get_optimizer_state_dict(model, as_list(optimizer), options=_full_state_options())
+    return _dsd().get_optimizer_state_dict(model, as_list(optimizer), options=_full_state_options())
 
 
 def load_optimizer(placed: Placed, optimizer: Optimizers, full_state: dict) -> None:
@@ -156,7 +161,7 @@ def load_optimizer(placed: Placed, optimizer: Optimizers, full_state: dict) -> N
     opts = as_list(optimizer)
     keep = [{k: g[k] for k in ("fused", "foreach", "capturable", "peak_lr") if k in g}
             for opt in opts for g in opt.param_groups]
-    set_optimizer_state_dict(placed.model, opts, full_state, options=_full_state_options())
+    _dsd().set_optimizer_state_dict(placed.model, opts, full_state, options=_full_state_options())
     # loading replaced the group dicts: read them again
     for g, kept in zip([g for opt in opts for g in opt.param_groups], keep):
         g.update(kept)
@@ -184,7 +189,9 @@ def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: 
             init_shards_like_eager(model, seed)
     else:
         sd = full_state() if env.is_main else {}
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        dsd = _dsd()
+        options = dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        dsd.set_model_state_dict(model, sd, options=options)
     forward: torch.nn.Module = compile_model(model, compile_backend) if rt.compile else model
     guard = forward if isinstance(forward, CompileFallback) else None
     return Placed(model=model, forward=forward, fsdp=True, compiled=guard is not None, guard=guard)
