@@ -286,3 +286,33 @@ def test_corrupted_shard_content_is_caught_when_opened(tmp_path):
     with pytest.raises(UserError, match="does not match the manifest's sha256"):
         for _ in range(200):
             loader.next_batch()
+
+
+def test_a_trained_vocabulary_larger_than_gpt2s_is_read_up_to_its_own_size(tmp_path):
+    """Shards stay uint16, so a trained tokenizer may have up to 65,536 ids. The loader used to
+    refuse every id above GPT-2's 50,256 whatever the manifest said (fails before the fix)."""
+    import hashlib
+    import json
+
+    d = tmp_path / "big"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    entries = []
+    for i, (split, n) in enumerate((("val", 400), ("train", 2000))):
+        toks = rng.integers(50_000, 60_001, n).astype(np.uint16)  # up to the eot of a 60,001-id vocabulary
+        toks[7] = 60_000
+        name = sh.shard_name("big", split, i)
+        sh.write_shard(d / name, toks)
+        entries.append({"file": name, "split": split, "tokens": n, "documents": 1,
+                        "sha256": hashlib.sha256((d / name).read_bytes()).hexdigest()})
+    manifest = {"format": sh.FORMAT, "format_version": sh.FORMAT_VERSION, "shards": entries,
+                "tokenizer": {"name": "big60k", "eot": 60_000, "vocab_size": 60_001}, "source": {"name": "test"}}
+    (d / sh.MANIFEST).write_text(json.dumps(manifest))
+    loader = TrainLoader(d, seq_len=T, batch_size=4)
+    x, y = loader.next_batch()
+    assert int(x.max()) > 50_256 and int(max(x.max(), y.max())) <= 60_000
+    # ids beyond the dataset's own vocabulary are still refused, with its size in the message
+    ds = sh.open_dataset(d)
+    bad = sh.Shard(ds.shards[0].path, "val", 400, None, None, 60_000)
+    with pytest.raises(UserError, match="60000"):
+        sh.open_checked(bad)

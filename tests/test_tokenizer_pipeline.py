@@ -132,12 +132,78 @@ def test_data_verify_counts_the_trained_end_of_text(cli, prepared):
     assert "tokenizer: shk500" in r.stdout
 
 
-def test_gpt2_only_tasks_refused_for_a_trained_tokenizer(cli, run, prepared, tmp_path):
-    from test_cli_eval import make_items
+def _completion_predictions(model, tok, items) -> tuple[list[int], list[int]]:
+    """build-nanogpt's completion scoring, recomputed here with plain forwards in tok's ids: for
+    each item, the ending of lowest summed and lowest mean loss over the ending's own tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    acc, norm = [], []
+    with torch.no_grad():
+        for it in items:
+            ctx = tok.encode(it["ctx"], allow_special=False)
+            sums, means = [], []
+            for e in it["endings"]:
+                cont = tok.encode(" " + e, allow_special=False)
+                ids = torch.tensor([ctx + cont])
+                logits, _ = model(ids[:, :-1])
+                losses = F.cross_entropy(logits[0, -len(cont):].float(), ids[0, -len(cont):], reduction="none")
+                sums.append(float(losses.sum()))
+                means.append(float(losses.mean()))
+            acc.append(min(range(4), key=sums.__getitem__))
+            norm.append(min(range(4), key=means.__getitem__))
+    return acc, norm
+
+
+def short_items(n: int, seed: int = 0) -> list[dict]:
+    """HellaSwag items short enough for a 32-token context in a 500-token vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the king my lord love and thou art to be not what shall I say".split()
+    out = []
+    for _ in range(n):
+        a, b = " ".join(rng.choices(words, k=3)) + ",", rng.choice(words)
+        ends = [" ".join(rng.choices(words, k=rng.randint(1, 3))) + "." for _ in range(4)]
+        out.append({"activity_label": "Speaking", "ctx_a": a, "ctx_b": b, "ctx": a + " " + b,
+                    "endings": ends, "label": rng.randint(0, 3)})
+    return out
+
+
+def test_hellaswag_and_harness_tasks_tokenize_with_the_models_own_tokenizer(cli, run, tmp_path):
+    """Before: refused in one line ("GPT-2's BPE only"). Now HellaSwag is rendered in the trained
+    tokenizer's ids and scores equal a plain recomputation with that tokenizer."""
+    from gptlab.checkpoint import load_model
+    from gptlab.harness import GptlabLM
+
+    items = short_items(8, seed=5)
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps(it) + "\n" for it in items), encoding="utf-8")
+    r = cli("eval", str(run), "--hellaswag-file", str(hs), "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["hellaswag"]["completion"]
+    model, _ = load_model(str(run))
+    model.eval()
+    tok = tk.model_tokenizer(model)
+    acc, norm = _completion_predictions(model, tok, items)
+    labels = [it["label"] for it in items]
+    assert got["n"] == 8
+    assert got["acc"] == pytest.approx(sum(a == y for a, y in zip(acc, labels)) / 8)
+    assert got["acc_norm"] == pytest.approx(sum(a == y for a, y in zip(norm, labels)) / 8)
+    # the harness model speaks the same tokenizer: its ids, its end-of-text, its name
+    lm = GptlabLM(model=model, device="cpu", quiet=True)
+    assert lm.tok_encode("To be, or not") == tok.encode("To be, or not", allow_special=False)
+    assert lm.eot_token_id == 500 and lm.prefix_token_id == 500 and lm.tokenizer_name == "shk500"
+
+
+def test_hellaswag_during_training_with_a_trained_tokenizer(cli, prepared, tmp_path):
+    from conftest import read_metrics
 
     hs = tmp_path / "hs.jsonl"
-    hs.write_text("".join(json.dumps(it) + "\n" for it in make_items(3)), encoding="utf-8")
-    r = cli("eval", str(run), "--hellaswag-file", str(hs), "--device", "cpu")
-    assert r.returncode == 2 and "GPT-2's BPE only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = cli("train", *TRAIN, "--data", str(prepared), "--hellaswag", "--out", str(tmp_path / "h"))
-    assert r.returncode == 2 and "GPT-2's BPE only" in r.stderr
+    hs.write_text("".join(json.dumps(it) + "\n" for it in short_items(4)), encoding="utf-8")
+    flags = [a if a != "0" or TRAIN[i - 1] != "--eval-every" else "3" for i, a in enumerate(TRAIN)]
+    r = cli("train", *flags, "--data", str(prepared), "--hellaswag", "--hellaswag-file", str(hs), "--out", str(tmp_path / "h"))
+    assert r.returncode == 0, r.stderr
+    recs = read_metrics(tmp_path / "h", "hellaswag")
+    assert recs and all(rec["completion"]["n"] == 4 for rec in recs)
+

@@ -24,7 +24,7 @@ from gptlab.config import VAL_LOSS_REFERENCES, preset_for_shape
 from gptlab.data.remote import is_remote
 from gptlab.errors import UserError, require_extra
 from gptlab.scoring import autocast_or_null, context_len, eval_mode, progress, rank_world
-from gptlab.tokenizer import val_tokenizer
+from gptlab.tokenizer import model_tokenizer, val_tokenizer
 from gptlab.weights import raw_model
 
 # ----------------------------------------------------------------------------- validation loss
@@ -94,16 +94,6 @@ def evaluate_val_loss(
         out["bytes"] = int(total_bytes[0])
         out["bits_per_byte"] = total_loss / math.log(2) / total_bytes[0] if total_bytes[0] else None
     return out
-
-
-def gpt2_tasks_only(net, where: str) -> None:
-    """HellaSwag and the harness tasks tokenize with GPT-2's BPE: refuse a model of another tokenizer."""
-    from gptlab.tokenizer import FileTokenizer, describe_tokenizer, model_tokenizer
-
-    tok = model_tokenizer(net)
-    if isinstance(tok, FileTokenizer):
-        raise UserError(f"{where} uses the tokenizer {describe_tokenizer(tok)}; HellaSwag and harness tasks "
-                        f"tokenize with GPT-2's BPE only (its validation loss and bits per byte work: --val)")
 
 
 def token_byte_lengths(tokenizer) -> list[int]:
@@ -218,10 +208,10 @@ def run_eval(
         items = None
         if hellaswag:
             path = hs.find_on_all_ranks(env, dev, path=hellaswag_file, cache_dir=cache, split=split)
-            items = hs.render_hellaswag(hs.load_hellaswag(path, limit))
+            items = hs.load_hellaswag(path, limit)
         net, where = load_model(model, dev)
-        if items is not None or tasks is not None:
-            gpt2_tasks_only(net, str(where))
+        if items is not None:  # in the model's own tokenizer (GPT-2's, or the trained one it carries)
+            items = hs.render_hellaswag(items, model_tokenizer(net))
         results: dict[str, Any] = {}
         if items is not None:
             results["hellaswag"] = hs.evaluate_hellaswag(

@@ -20,7 +20,8 @@ three request types:
   asks to sample; it stops at end-of-text, at max_gen_toks, or once a stop sequence appears, and
   the text is cut at the first stop sequence (the harness's own post-processing).
 
-Tokenization is GPT-2's (tiktoken), as the harness's Hugging Face GPT-2 tokenizer does for text.
+Tokenization is the model's own (tiktoken): GPT-2's BPE, as the harness's Hugging Face GPT-2 tokenizer
+encodes text, or the trained tokenizer the model carries.
 """
 
 from __future__ import annotations
@@ -37,13 +38,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from gptlab.checkpoint import load_model
-from gptlab.config import EOT_TOKEN
 from gptlab.errors import UserError
 from gptlab.generate import generate
 from gptlab.model import GPT
 from gptlab.runtime import get_runtime
 from gptlab.scoring import ContextGroup, plan_shared_batches, score_shared
-from gptlab.tokenizer import get_encoding
+from gptlab.tokenizer import model_tokenizer
 
 DEFAULT_BATCH_SIZE = 32  # continuations a forward pass
 # generation settings that gptlab's sampler understands; others are reported once and ignored
@@ -77,7 +77,8 @@ class GptlabLM(TemplateLM):
         self.model = model.to(rt.device).eval()
         self._device = rt.device
         self._autocast = rt.autocast
-        self.enc = get_encoding()
+        self._tok = model_tokenizer(model)  # GPT-2's, or the trained one the model carries
+        self.enc = self._tok.enc
         self.batch_size = _parse_batch_size(batch_size)
         self._max_gen_toks = int(max_gen_toks)
         self.quiet = quiet  # no progress bars (the trainer's own bar is on screen)
@@ -86,7 +87,7 @@ class GptlabLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return EOT_TOKEN
+        return self._tok.eot
 
     @property
     def max_length(self) -> int:
@@ -98,7 +99,7 @@ class GptlabLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return "gpt2"
+        return self._tok.name
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.enc.encode_ordinary(string)
@@ -156,7 +157,7 @@ class GptlabLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        eos = self.tok_decode([EOT_TOKEN])
+        eos = self.tok_decode([self.eot_token_id])
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or self.quiet or self.rank != 0):
             context, gen_kwargs = req.args
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
@@ -166,7 +167,7 @@ class GptlabLM(TemplateLM):
                 raise UserError(f"max_gen_toks {max_gen} leaves no room for a prompt in the model's "
                                 f"context of {self.max_length}")
             # the prompt keeps its last (context - max_gen) tokens, as the harness's HFLM does
-            prompt = self.tok_encode(context)[-(self.max_length - max_gen):] or [EOT_TOKEN]
+            prompt = self.tok_encode(context)[-(self.max_length - max_gen):] or [self.eot_token_id]
             text = postprocess_generated_text(self._generate(prompt, max_gen, until, kwargs), until, None)
             out.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
@@ -183,10 +184,10 @@ class GptlabLM(TemplateLM):
         tokens: list[int] = []
         steps = generate(self.model, prompt, max_new_tokens=max_gen, temperature=temperature,
                          top_k=kwargs.get("top_k") or None, top_p=float(kwargs.get("top_p") or 1.0),
-                         seed=seed, stop_token=EOT_TOKEN)
+                         seed=seed, stop_token=self.eot_token_id)
         with self._autocast():
             for (tok,) in steps:
-                if tok is None or tok == EOT_TOKEN:
+                if tok is None or tok == self.eot_token_id:
                     break
                 tokens.append(tok)
                 if any(s and s in self.tok_decode(tokens[-64:]) for s in until):

@@ -204,15 +204,17 @@ class RenderedItem:
     harness_chars: tuple[int, ...]
     """len(cleaned ending) per ending: the harness's acc_norm divisor."""
     where: str
+    tokenizer: str = "gpt2"
+    """the name of the tokenizer whose ids the rows hold"""
 
 
-def _harness_rows(enc, query: str, continuations: Sequence[str]) -> list[tuple[int, ...]]:
+def _harness_rows(enc, query: str, continuations: Sequence[str], eot: int = EOT_TOKEN) -> list[tuple[int, ...]]:
     """Token rows of query + each continuation as the harness (v0.4) makes them: trailing spaces
     of the context move to the continuation, context + continuation is encoded as one string, and
     the continuation's ids are what follows the context's own ids. An empty context becomes the
     end-of-text token. Returns rows of context ids + continuation ids, with len(continuation ids)."""
     if query == "":
-        return [((EOT_TOKEN, *enc.encode_ordinary(c)), len(enc.encode_ordinary(c))) for c in continuations]
+        return [((eot, *enc.encode_ordinary(c)), len(enc.encode_ordinary(c))) for c in continuations]
     n_spaces = len(query) - len(query.rstrip())
     context, moved = (query[:-n_spaces], query[-n_spaces:]) if n_spaces else (query, "")
     ctx = enc.encode_ordinary(context)
@@ -223,34 +225,38 @@ def _harness_rows(enc, query: str, continuations: Sequence[str]) -> list[tuple[i
     return rows
 
 
-def render_item(item: HellaSwagItem, enc=None) -> RenderedItem:
-    if enc is None:
-        from gptlab.tokenizer import get_encoding
+def render_item(item: HellaSwagItem, tokenizer=None) -> RenderedItem:
+    """item's 8 rows in the ids of tokenizer (a gptlab Tokenizer: GPT-2's by default, or the
+    model's own trained one, whose end-of-text id stands in for an empty context)."""
+    if tokenizer is None:
+        from gptlab.tokenizer import get_tokenizer
 
-        enc = get_encoding()
+        tokenizer = get_tokenizer()
+    enc, eot = tokenizer.enc, tokenizer.eot
     rows = []
     # completion style (build-nanogpt): ctx, then " " + ending
-    ctx = enc.encode_ordinary(item.ctx) or [EOT_TOKEN]  # an empty context: condition on end-of-text
+    ctx = enc.encode_ordinary(item.ctx) or [eot]  # an empty context: condition on end-of-text
     for e in item.endings:
         cont = enc.encode_ordinary(" " + e)
         rows.append((tuple(ctx + cont), len(cont)))
     # harness style: cleaned query, then " " + cleaned ending
     choices = [harness_preprocess(e) for e in item.endings]
-    rows.extend(_harness_rows(enc, harness_query(item), [" " + c for c in choices]))
+    rows.extend(_harness_rows(enc, harness_query(item), [" " + c for c in choices], eot))
     # a choice that cleans to "" would divide by zero in the harness; count it as 1 character
-    return RenderedItem(item.label, tuple(rows), tuple(max(1, len(c)) for c in choices), item.where)
+    return RenderedItem(item.label, tuple(rows), tuple(max(1, len(c)) for c in choices), item.where, tokenizer.name)
 
 
-def render_hellaswag(items: Iterable[HellaSwagItem | dict]) -> list[RenderedItem]:
-    """Tokenize items once (the trainer keeps the result and passes it to evaluate_hellaswag)."""
-    from gptlab.tokenizer import get_encoding
+def render_hellaswag(items: Iterable[HellaSwagItem | dict], tokenizer=None) -> list[RenderedItem]:
+    """Tokenize items once with tokenizer (default GPT-2's; give the model's own, see
+    tokenizer.model_tokenizer), and pass the result to evaluate_hellaswag."""
+    from gptlab.tokenizer import get_tokenizer
 
-    enc = get_encoding()
+    tokenizer = tokenizer or get_tokenizer()
     out = []
     for i, it in enumerate(items):
         if isinstance(it, dict):
             it = parse_item(it, f"item {i}")
-        out.append(render_item(it, enc))
+        out.append(render_item(it, tokenizer))
     return out
 
 
@@ -288,26 +294,31 @@ def _predictions(sums: Sequence[float], counts: Sequence[int], chars: Sequence[i
 
 
 @functools.lru_cache(maxsize=1)
-def _rendered_file(path: str, size: int, mtime_ns: int, limit: int | None) -> tuple[RenderedItem, ...]:
-    """The rendered items of a file, kept for the next call with the same unchanged file: the
-    trainer evaluates the same file every few hundred steps, and tokenizing 10,042 items takes
-    seconds. size and mtime_ns are part of the key so that an edited file is read again."""
-    return tuple(render_hellaswag(load_hellaswag(path, limit)))
+def _rendered_file(path: str, size: int, mtime_ns: int, limit: int | None, tokenizer) -> tuple[RenderedItem, ...]:
+    """The rendered items of a file, kept for the next call with the same unchanged file and
+    tokenizer: the trainer evaluates the same file every few hundred steps, and tokenizing 10,042
+    items takes seconds. size and mtime_ns are part of the key so that an edited file is read again."""
+    return tuple(render_hellaswag(load_hellaswag(path, limit), tokenizer))
 
 
-def _prepare_items(items_or_path, limit: int | None) -> list[RenderedItem]:
+def _prepare_items(items_or_path, limit: int | None, tokenizer) -> list[RenderedItem]:
+    """Rendered items (in tokenizer's ids) from a path, items, or already rendered items."""
     if isinstance(items_or_path, (str, Path)):
         path = find_hellaswag(items_or_path).resolve()
         st = path.stat()
-        return list(_rendered_file(str(path), st.st_size, st.st_mtime_ns, limit))
+        return list(_rendered_file(str(path), st.st_size, st.st_mtime_ns, limit, tokenizer))
     items = list(items_or_path)
     if limit is not None:
         items = items[:limit]
     if not items:
         raise UserError("no HellaSwag items to evaluate")
     if all(isinstance(it, RenderedItem) for it in items):
+        other = {it.tokenizer for it in items} - {tokenizer.name}
+        if other:
+            raise UserError(f"HellaSwag items were tokenized with {', '.join(sorted(other))}, but the model "
+                            f"uses {tokenizer.name}: render them with the model's tokenizer")
         return items
-    return render_hellaswag(items)
+    return render_hellaswag(items, tokenizer)
 
 
 def _crop_items(rendered: Sequence[RenderedItem], T: int | None) -> tuple[list[tuple], list[bool]]:
@@ -464,11 +475,14 @@ def evaluate_hellaswag(
     item, the former path, kept for comparison). When a process group is up every rank must call
     this; the ranks share the batches and the result is the same on every rank.
     Items longer than the model's context are cropped from the left and counted in "cropped".
+    Text is tokenized with the model's own tokenizer (GPT-2's, or the trained one it carries).
     Returns {"completion": {"acc", "acc_norm", "n"}, "harness": {...}, "cropped": k}."""
+    from gptlab.tokenizer import model_tokenizer
+
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
-    rendered = _prepare_items(items_or_path, limit)
     net = raw_model(model)
+    rendered = _prepare_items(items_or_path, limit, model_tokenizer(net))
     rows, cropped = _crop_items(rendered, context_len(net))
     shared = [share_context and isinstance(net, GPT) and not c and not _sharded(net) for c in cropped]
     scores = hellaswag_row_scores(net, rendered, rows, shared, device=device, batch_size=batch_size,

@@ -26,8 +26,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from gptlab import dist
-from gptlab.config import EOT_TOKEN
 from gptlab.model import GPT
+
+PAD_ID = 0
+"""The id that right-pads rows: never scored and seen by no real token, so any id of every
+vocabulary (GPT-2's or a trained one's) does."""
 
 
 def _head_logprobs(model: GPT, h: torch.Tensor, tgt: torch.Tensor, greedy: bool = False,
@@ -69,7 +72,7 @@ def score_rows(model: torch.nn.Module, rows: Sequence[tuple[Sequence[int], int]]
     rows: (ids, n_cont) with ids = context + continuation, already cropped to the model's context + 1.
     Returns (R,) sums (float64; float32 on MPS) and (R,) int64 counts, on the CPU."""
     lengths = [len(r) - 1 for r, _ in rows]  # inputs are row[:-1]
-    idx = torch.full((len(rows), max(lengths)), EOT_TOKEN, dtype=torch.long)  # (R, T), right-padded
+    idx = torch.full((len(rows), max(lengths)), PAD_ID, dtype=torch.long)  # (R, T), right-padded
     r_idx, c_idx, p_idx, tgt = [], [], [], []
     for i, (ids, n_cont) in enumerate(rows):
         L = len(ids) - 1
@@ -194,7 +197,7 @@ def score_shared(model: GPT, groups: Sequence[ContextGroup], device,
     dev = torch.device(device)
     rows = _pack(groups)
     T = max(len(ctx) + sum(len(c) - 1 for c in cs) for ctx, cs in rows)
-    idx = torch.full((len(rows), T), EOT_TOKEN, dtype=torch.long)
+    idx = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
     positions = torch.zeros(len(rows), T, dtype=torch.long)
     segments = torch.full((len(rows), T), -1, dtype=torch.long)
     at_b: list[int] = []  # scored token k is predicted by the hidden state at (at_b[k], at_t[k])

@@ -498,8 +498,6 @@ class Trainer:
         model = self.model
         bind_data_tokenizer(ckpt_mod.raw_model(model), cfg.data, *_model_tokenizer(cfg, model, ckpt))
         self.val_tokenizer = val_tokenizer(ckpt_mod.raw_model(model), cfg.data)  # bits per byte, where known
-        if cfg.hellaswag or cfg.eval_tasks:
-            evaluate.gpt2_tasks_only(ckpt_mod.raw_model(model), "the model")  # GPT-2's BPE only: one line
         T = model.config.seq_len
         self.batch_size = cfg.batch_size
         if self.batch_size == "auto":

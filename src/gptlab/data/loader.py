@@ -400,7 +400,7 @@ class TrainLoader:
                 s = int(shard[use == u][0])
                 path = self._stream.get(u)
                 toks = sh.open_tokens(path, self._stream.train[s].tokens)  # verified when it was fetched
-                sh.check_vocab(toks, str(path))
+                sh.check_vocab(toks, str(path), sh.manifest_vocab_size(self._stream.ds.manifest))
                 self._current = (u, toks.view(np.ndarray))
             toks = self._current[1]
             for r in np.flatnonzero(use == u).tolist():

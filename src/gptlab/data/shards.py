@@ -148,7 +148,7 @@ def open_checked(shard: "Shard") -> np.ndarray:
             raise UserError(f"shard {shard.path}: content does not match the manifest's sha256 (corrupt or "
                             f"changed since prepare); run `gptlab data verify` and prepare it again")
     tokens = open_tokens(shard.path, shard.tokens)
-    check_vocab(tokens, str(shard.path))
+    check_vocab(tokens, str(shard.path), shard.vocab_size)
     return tokens
 
 
@@ -165,6 +165,13 @@ class Shard:
     tokens: int
     documents: int | None = None  # None for shards without a manifest
     sha256: str | None = None
+    vocab_size: int = GPT2_VOCAB_SIZE  # ids must be below it: the dataset's tokenizer's size
+
+
+def manifest_vocab_size(manifest: dict[str, Any] | None) -> int:
+    """The vocabulary a dataset's ids come from: its recorded tokenizer's, else GPT-2's."""
+    info = (manifest or {}).get("tokenizer") or {}
+    return int(info.get("vocab_size") or GPT2_VOCAB_SIZE)
 
 
 @dataclass
@@ -210,13 +217,13 @@ def open_dataset(directory: str | Path) -> Dataset:
     manifest_path = directory / MANIFEST
     if manifest_path.exists():
         manifest = read_manifest(directory)
-        shards = []
+        shards, vocab = [], manifest_vocab_size(manifest)
         for entry in manifest["shards"]:
             path = directory / entry["file"]
             n = read_header(path)
             if n != entry["tokens"]:
                 raise UserError(f"shard {path}: holds {n} tokens but the manifest says {entry['tokens']}")
-            shards.append(Shard(path, entry["split"], n, entry.get("documents"), entry.get("sha256")))
+            shards.append(Shard(path, entry["split"], n, entry.get("documents"), entry.get("sha256"), vocab))
         if not shards:
             raise UserError(f"{directory}: the manifest lists no shards")
         return Dataset(directory, shards, manifest)

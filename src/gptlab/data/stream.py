@@ -139,7 +139,8 @@ class ShardStream:
 
     def val_split(self) -> list[sh.Shard]:
         """The val split as local shards (val_paths with the listing's counts)."""
-        return [sh.Shard(p, "val", e.tokens, e.documents, e.sha256) for p, e in zip(self.val_paths(), self.val)]
+        vocab = sh.manifest_vocab_size(self.ds.manifest)
+        return [sh.Shard(p, "val", e.tokens, e.documents, e.sha256, vocab) for p, e in zip(self.val_paths(), self.val)]
 
     def _still_good(self, e: sh.Entry, path: Path) -> bool:
         try:
