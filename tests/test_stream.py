@@ -191,6 +191,19 @@ def test_budget_too_small_is_refused(cli, server, tmp_path):
     assert r.returncode == 2 and "size" in r.stderr
 
 
+def test_data_of_a_trained_tokenizer_is_refused_for_streaming_in_one_line(cli, server, tmp_path):
+    """Its tokenizer files are not fetched, so it would be read as GPT-2's: refused, saying what to do."""
+    d = tmp_path / "www" / "ds"
+    m = sh.read_manifest(d)
+    m["tokenizer"] = {"name": "shk500", "eot": 500, "vocab_size": 501, "sha256": "0" * 64}
+    sh.write_manifest(d, m)
+    with pytest.raises(UserError, match="tokenized with shk500"):
+        loader(f"{server.url}/ds", tmp_path)
+    r = cli("train", "--model", "tiny", "--data", f"{server.url}/ds", "--data-cache", str(tmp_path / "c"),
+            "--out", str(tmp_path / "run"), "--device", "cpu", env=CLI_ENV)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "download the dataset" in r.stderr
+
+
 def test_slow_server_gives_the_same_batches(server, tmp_path):
     url = f"{server.url}/ds"
     fast = loader(url, tmp_path, cache="fast")

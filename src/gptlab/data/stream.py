@@ -282,6 +282,10 @@ def open_stream(source: str, *, cache: str | Path | None, budget: int | str | No
     if not ds.split("train"):
         have = ", ".join(sorted({e.split for e in ds.entries})) or "none"
         raise UserError(f"{source}: no train split (splits present: {have})")
+    tok = ((ds.manifest or {}).get("tokenizer") or {}).get("name", "gpt2")
+    if tok != "gpt2":
+        raise UserError(f"{source} was tokenized with {tok}; only GPT-2-tokenized data can be streamed "
+                        f"so far: download the dataset directory and train from it")
     total = parse_size(budget if budget is not None else DEFAULT_BUDGET, "--data-disk-budget")
     directory = cache_dir(cache, source) / f"rank{rank}"
     old = _BY_DIR.pop(directory.resolve(), None)
