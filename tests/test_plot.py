@@ -392,3 +392,18 @@ def test_x_axis_errors(cli, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = cli("plot", str(run), "--x", "time")
     assert r.returncode == 0, r.stderr
+
+
+def test_overlay_loss_inset_holds_every_raw_point(tmp_path, drawn):
+    a = write_run(tmp_path / "a", shifted_records(40, 0.5, 3e-3))
+    b = write_run(tmp_path / "b", shifted_records(30, 0.0, 2e-2))
+    plot_runs([a, b], tmp_path / "cmp")
+    ax = drawn["loss.png"].axes[0]
+    assert ax.get_ylim()[1] < max(r["loss"] for r in shifted_records(40, 0.5, 0))  # capped...
+    (inset,) = ax.child_axes  # ...and each run's raw train and val points are in the inset
+    assert inset.get_xscale() == "log"
+    got = [list(ln.get_ydata()) for ln in inset.get_lines()]
+    want = [[r["loss"] for r in recs if r["kind"] == kind] for recs in (shifted_records(40, 0.5, 0),
+                                                                      shifted_records(30, 0.0, 0))
+            for kind in ("train", "val")]
+    assert got == want

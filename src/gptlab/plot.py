@@ -118,15 +118,18 @@ def _train_lines(ax: Any, tx: list, ty: list, color: str = "C0", label: str = "t
     return sm
 
 
-def _loss_inset(ax: Any, xa: XAxis, tx: list, ty: list, vx: list, vy: list) -> None:
-    """Every point, on a log x axis: the early steps, above the main chart's y limit, are here."""
-    pos = [(x, y) for x, y in zip(tx, ty) if x > 0], [(x, y) for x, y in zip(vx, vy) if x > 0]
+def _loss_inset(ax: Any, xa: XAxis, curves: list[tuple[str, list, list, list, list]]) -> None:
+    """Every point, on a log x axis: the early steps, above the main chart's y limit, are here.
+    curves: (colour, train xs, train ys, val xs, val ys) per run; train thin, val with markers."""
     ins = ax.inset_axes([0.56, 0.5, 0.42, 0.46])
     ins.grid(True, alpha=0.3)
-    if pos[0]:
-        ins.plot(*zip(*pos[0]), lw=0.6, alpha=0.6, color="C0")
-    if pos[1]:
-        ins.plot(*zip(*pos[1]), lw=1.2, color="C1", marker=_marker(vy), ms=2)
+    for color, tx, ty, vx, vy in curves:
+        t = [(x, y) for x, y in zip(tx, ty) if x > 0]  # (a log axis has no 0)
+        v = [(x, y) for x, y in zip(vx, vy) if x > 0]
+        if t:
+            ins.plot(*zip(*t), lw=0.6, alpha=0.6, color=color)
+        if v:
+            ins.plot(*zip(*v), lw=1.2, color=color, marker=_marker(vy), ms=2, ls="--" if t else "-")
     ins.set_xscale("log")
     ins.tick_params(labelsize=7)
     ins.set_title(f"every point ({xa.label}, log scale)", fontsize=8)
@@ -152,7 +155,7 @@ def _plot_loss(metrics: dict, refs: dict, size: str | None, title: str, path: Pa
     clipped = final > 0 and max(ty + vy) > top
     if clipped:
         ax.set_ylim(top=top)
-        _loss_inset(ax, xa, tx, ty, vx, vy)
+        _loss_inset(ax, xa, [("C0", tx, ty, [], []), ("C1", [], [], vx, vy)])
     _x_axis(ax, xa)
     ax.set_ylabel("loss")
     ax.set_title(f"loss — {title}")
@@ -325,11 +328,12 @@ Run = tuple  # (label, metrics, XAxis[, config]): one run of an overlay
 def _plot_loss_overlay(runs: list[Run], path: Path) -> Path | None:
     """Val loss (solid, with markers) and smoothed train loss (thin) per run, one colour each."""
     fig, ax = _figure()
-    finals, peaks, drawn = [], [], False
+    finals, peaks, drawn, raw = [], [], False, []
     for i, (label, metrics, xa, *_) in enumerate(runs):
         tx, ty = series(metrics.get("train", []), xa, "loss")
         vx, vy = series(metrics.get("val", []), xa, "loss")
         color = f"C{i % 10}"
+        raw.append((color, tx, ty, vx, vy))
         ty = smoothed(ty) or ty
         if ty:
             ax.plot(tx, ty, lw=0.9, alpha=0.45, color=color, marker=_lone(ty),
@@ -344,12 +348,14 @@ def _plot_loss_overlay(runs: list[Run], path: Path) -> Path | None:
         return None
     # cap the axis at twice the lowest final loss, so where runs differ is not a sliver of the chart
     low = min(finals)
-    if low > 0 and max(peaks) > 2 * low:
+    clipped = low > 0 and max(peaks + [max(c[2] + c[4], default=0) for c in raw]) > 2 * low
+    if clipped:  # and an inset shows every raw point
         ax.set_ylim(top=2 * low)
+        _loss_inset(ax, runs[0][2], raw)
     _x_axis(ax, runs[0][2])
     ax.set_ylabel("loss")
     ax.set_title("loss — " + " vs ".join(r[0] for r in runs))
-    ax.legend(fontsize="small")
+    ax.legend(loc="lower left" if clipped else "best", fontsize="small")
     return _save(fig, path)
 
 
