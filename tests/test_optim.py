@@ -302,6 +302,9 @@ def test_muon_run_learns_and_resumes_exactly(data_dir, tmp_path):
     train(resolve_train_config(muon_flags(data_dir, tmp_path / "part", checkpoint_every=5)))
     full = train_losses(tmp_path / "full")
     assert full[12] < full[1] - 2.0
+    # each record logs both rates: AdamW's as "lr", Muon's (the same schedule, its own peak) as "muon_lr"
+    recs = read_metrics(tmp_path / "full", "train")
+    assert [r["muon_lr"] for r in recs] == pytest.approx([r["lr"] / 1e-2 * 0.02 for r in recs])
     # throw away everything after step 5 and resume from its checkpoint
     ckdir = tmp_path / "part" / "checkpoints"
     for p in ckdir.glob("step_*"):

@@ -229,7 +229,7 @@ def test_overlay_draws_every_run_with_a_legend(tmp_path, monkeypatch):
     assert lines["adamw val"].get_color() != lines["muon val"].get_color()
     assert lines["adamw val"].get_color() == lines["adamw train (smoothed)"].get_color()
     lr_labels = [t.get_text() for t in drawn["lr.png"].axes[0].get_legend().get_texts()]
-    assert lr_labels == ["adamw", "muon"]
+    assert lr_labels == ["adamw: AdamW", "muon: AdamW"]  # no config.json: AdamW runs
 
 
 def test_overlay_labels_and_errors(tmp_path):
@@ -253,3 +253,157 @@ def test_cli_overlay(cli, tmp_path):
     assert_pngs(r.stdout.splitlines(), out, ["loss.png", "lr.png"])
     r = cli("plot", str(a), str(b))
     assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- readable charts (issue 24)
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """{file name: matplotlib Figure} of every chart drawn while the test runs."""
+    figs: dict = {}
+    real_save = plot_mod._save
+
+    def keep(fig, path):
+        figs[path.name] = fig
+        return real_save(fig, path)
+    monkeypatch.setattr(plot_mod, "_save", keep)
+    return figs
+
+
+def lines_of(ax) -> dict:
+    return {ln.get_label(): ln for ln in ax.get_lines()}
+
+
+def test_long_run_loss_shows_every_point_in_a_log_inset(tmp_path, drawn):
+    """From ~14 down to 3: the main axis stops at twice the final loss (the end stays readable), and
+    an inset on a log x axis holds every train and val point, the early ones included."""
+    recs = full_records(300)
+    plot_run(write_run(tmp_path / "run", recs))
+    ax = drawn["loss.png"].axes[0]
+    train_losses = [r["loss"] for r in recs if r["kind"] == "train"]
+    assert ax.get_ylim()[1] < max(train_losses)  # the early points are above the main axis...
+    (inset,) = ax.child_axes  # ...and in the inset, all of them
+    assert inset.get_xscale() == "log"
+    ys = [list(ln.get_ydata()) for ln in inset.get_lines()]
+    assert ys[0] == train_losses and ys[1] == [r["loss"] for r in recs if r["kind"] == "val"]
+    assert inset.get_ylim()[0] <= min(train_losses) and inset.get_ylim()[1] >= max(train_losses)
+
+
+def test_short_run_shows_every_point_raw_and_smoothed(tmp_path, drawn):
+    """A few dozen noisy steps (10.9 down to 7, as the tiny preset's first 40): no inset and no
+    clipping, a dot on every raw point, and a smoothed line that is not the raw line again."""
+    recs = [dict(train_rec(s), loss=10.9 - 0.1 * s + (0.3 if s % 2 else -0.3)) for s in range(40)]
+    plot_run(write_run(tmp_path / "run", recs))
+    ax = drawn["loss.png"].axes[0]
+    assert not ax.child_axes
+    raw, sm = lines_of(ax)["train loss"], lines_of(ax)["train loss (smoothed over 5 steps)"]
+    assert raw.get_marker() == "o" and len(raw.get_ydata()) == 40
+    assert ax.get_ylim()[0] <= min(raw.get_ydata()) and ax.get_ylim()[1] >= max(raw.get_ydata())
+    gap = max(abs(a - b) for a, b in zip(raw.get_ydata(), sm.get_ydata()))
+    assert gap > 0.25, gap  # the zig-zag is smoothed away: two distinct lines
+    assert sm.get_linewidth() > raw.get_linewidth() and raw.get_alpha() < 1
+
+
+def muon_records(steps: int, with_muon_lr: bool = True) -> list:
+    recs = []
+    for s in range(1, steps + 1):
+        r = train_rec(s)
+        r["lr"] = 3e-3 * min(1.0, s / 10)
+        if with_muon_lr:
+            r["muon_lr"] = 0.02 * min(1.0, s / 10)
+        recs.append(r)
+    return recs
+
+
+@pytest.mark.parametrize("logged", [True, False], ids=["muon_lr logged", "from config.json"])
+def test_muon_run_shows_both_learning_rates_labelled(tmp_path, drawn, logged):
+    run = write_run(tmp_path / "run", muon_records(30, logged))
+    (run / "config.json").write_text(json.dumps({"model": {"n_layer": 4, "n_embd": 128},
+                                                 "train": {"optimizer": "muon", "lr": 3e-3, "muon_lr": 0.02}}))
+    plot_run(run)
+    ax = drawn["lr.png"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["AdamW (embeddings, tied head, gains, biases), peak 0.003", "Muon (the blocks' matrices), peak 0.02"]
+    adamw, muon = ax.get_lines()
+    assert list(muon.get_ydata()) == pytest.approx([0.02 * min(1.0, s / 10) for s in range(1, 31)])
+    assert list(adamw.get_ydata()) == pytest.approx([3e-3 * min(1.0, s / 10) for s in range(1, 31)])
+
+
+def test_adamw_run_lr_is_labelled(tmp_path, drawn):
+    plot_run(write_run(tmp_path / "run", [train_rec(s) for s in range(10)]))
+    assert [t.get_text() for t in drawn["lr.png"].axes[0].get_legend().get_texts()] == ["AdamW, peak 0.0006"]
+
+
+def timed_records(steps: int, dt: float) -> list:
+    """Train records every dt seconds (the first step's end at dt), and a val record at each 5th."""
+    recs = []
+    for s in range(1, steps + 1):
+        recs.append(dict(train_rec(s), tokens=s * 4096, tok_per_s=4096 / dt, time=1_000_000.0 + s * dt))
+        if s % 5 == 0:
+            recs.append(val_rec(s))  # no tokens of its own here: the train record's at its step
+            del recs[-1]["tokens"]
+    return recs
+
+
+@pytest.mark.parametrize("x, unit, label", [("tokens", 1, "tokens"), ("steps", 1, "step"),
+                                            ("time", 1, "wall-clock time (s)")])
+def test_x_axis_choice(tmp_path, drawn, x, unit, label):
+    recs = timed_records(20, 2.0)
+    plot_run(write_run(tmp_path / "run", recs), x=x)
+    expect = {"tokens": [s * 4096 for s in range(1, 21)], "steps": list(range(1, 21)),
+              "time": [2.0 * s for s in range(1, 21)]}[x]  # time: since the run began (step 1 took 2 s)
+    for name in ("loss.png", "lr.png", "throughput.png"):
+        ax = drawn[name].axes[0]
+        assert ax.get_xlabel() == label, name
+        assert list(ax.get_lines()[0].get_xdata()) == pytest.approx(expect), name
+    val = lines_of(drawn["loss.png"].axes[0])["val loss"]
+    assert list(val.get_xdata()) == pytest.approx([expect[s - 1] for s in (5, 10, 15, 20)])
+
+
+def test_time_axis_picks_minutes_or_hours(tmp_path, drawn):
+    plot_run(write_run(tmp_path / "m", timed_records(20, 60.0)), x="time")
+    ax = drawn["loss.png"].axes[0]
+    assert ax.get_xlabel() == "wall-clock time (min)"
+    assert list(ax.get_lines()[0].get_xdata())[-1] == pytest.approx(20.0)
+    a = write_run(tmp_path / "a", timed_records(10, 2.0))
+    b = write_run(tmp_path / "b", timed_records(10, 2000.0))  # 5.6 h: both runs in hours
+    plot_runs([a, b], tmp_path / "cmp", x="time")
+    ax = drawn["loss.png"].axes[0]
+    assert ax.get_xlabel() == "wall-clock time (h)"
+    assert list(lines_of(ax)["a train (smoothed)"].get_xdata())[-1] == pytest.approx(20 / 3600)
+
+
+def test_overlay_lr_labels_each_optimizer(tmp_path, drawn):
+    a = write_run(tmp_path / "adamw", [train_rec(s) for s in range(1, 11)])
+    b = write_run(tmp_path / "muon", muon_records(10))
+    (b / "config.json").write_text(json.dumps({"model": {}, "train": {"optimizer": "muon", "lr": 3e-3}}))
+    plot_runs([a, b], tmp_path / "cmp", x="steps")
+    ax = drawn["lr.png"].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["adamw: AdamW", "muon: AdamW", "muon: Muon"]
+    assert lines_of(ax)["muon: Muon"].get_linestyle() == "--"
+    assert ax.get_xlabel() == "step"
+
+
+def test_x_axis_errors(cli, tmp_path):
+    run = write_run(tmp_path / "run", full_records(5))
+    with pytest.raises(UserError, match="choose one of tokens, steps, time"):
+        plot_run(run, x="epochs")
+    r = cli("plot", str(run), "--x", "epochs")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("plot", str(run), "--x", "time")
+    assert r.returncode == 0, r.stderr
+
+
+def test_overlay_loss_inset_holds_every_raw_point(tmp_path, drawn):
+    a = write_run(tmp_path / "a", shifted_records(40, 0.5, 3e-3))
+    b = write_run(tmp_path / "b", shifted_records(30, 0.0, 2e-2))
+    plot_runs([a, b], tmp_path / "cmp")
+    ax = drawn["loss.png"].axes[0]
+    assert ax.get_ylim()[1] < max(r["loss"] for r in shifted_records(40, 0.5, 0))  # capped...
+    (inset,) = ax.child_axes  # ...and each run's raw train and val points are in the inset
+    assert inset.get_xscale() == "log"
+    got = [list(ln.get_ydata()) for ln in inset.get_lines()]
+    want = [[r["loss"] for r in recs if r["kind"] == kind] for recs in (shifted_records(40, 0.5, 0),
+                                                                      shifted_records(30, 0.0, 0))
+            for kind in ("train", "val")]
+    assert got == want

@@ -1,6 +1,7 @@
 """Training end to end on tiny CPU configs: the loss falls, resume is exact, errors are clear."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,52 @@ def test_out_naming_a_file_is_one_line(cli, data_dir, tmp_path):
     (tmp_path / "f").write_text("x")
     r = cli("train", *SMALL, "--data", str(data_dir), "--out", str(tmp_path / "f"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not a directory" in r.stderr, r.stderr
+
+
+def _signal_mid_step(data_dir, run: Path, sig: str, accum: int):
+    """Start a run whose steps are `accum` micro-batches, send `sig` as step 2 begins, and return
+    (exit status, stderr, seconds from the signal to the announcement or None, seconds to the exit)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    args = ["train", *SMALL, "--data", str(data_dir), "--batch-size", "4", "--total-batch-tokens",
+            str(4 * 32 * accum), "--max-steps", "3", "--eval-every", "0", "--sample-tokens", "0",
+            "--checkpoint-every", "0", "--device", "cpu", "--out", str(run)]
+    proc = subprocess.Popen([sys.executable, "-m", "gptlab", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[tuple[float, str]] = []  # (time read, line), read by a thread so that no read holds the clock
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), ln) for ln in proc.stderr), daemon=True)
+    reader.start()
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break  # step 1 has ended: step 2 has just begun
+        time.sleep(0.01)
+    assert proc.poll() is None, "".join(ln for _, ln in lines)
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    code = proc.wait(timeout=240)
+    ended = time.monotonic()
+    reader.join(timeout=10)
+    said = [t - sent for t, ln in lines if "stopping after this step" in ln and "Ctrl-C again to stop now" in ln]
+    assert len(said) <= 1, said
+    return code, "".join(ln for _, ln in lines), (said[0] if said else None), ended - sent
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
+def test_first_signal_during_a_long_step_is_announced_at_once(data_dir, tmp_path, sig):
+    """The first Ctrl-C (or SIGTERM) mid-step says at once what will happen, not when the step ends:
+    with a step of many micro-batches (several seconds), the line must come well before the exit."""
+    for accum in (8, 64, 512):  # a faster machine needs more micro-batches for a step of seconds
+        run = tmp_path / f"accum{accum}"
+        code, err, said, left = _signal_mid_step(data_dir, run, sig, accum)
+        if left > 2.0:
+            break
+    assert said is not None and sig in err, err
+    assert code == (130 if sig == "SIGINT" else 143), err
+    assert left > 2.0, f"step 2 took only {left:.1f} s: too short to tell 'at once' from 'at the end'"
+    assert said < left / 3, (said, left, err)  # at once: most of the step was still to go
+    assert RunDir(run).latest_checkpoint().name == "step_000002", err  # and it did stop after this step

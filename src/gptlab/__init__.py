@@ -33,6 +33,8 @@ _EXPORTS = {
     "load_model": "gptlab.checkpoint",
     "get_tokenizer": "gptlab.tokenizer",
     "sample_text": "gptlab.generate",
+    "plot_run": "gptlab.plot",
+    "plot_runs": "gptlab.plot",
 }
 
 __all__ = sorted([*_EXPORTS, "train", "__version__"])

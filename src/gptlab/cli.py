@@ -604,6 +604,8 @@ def add_plot_args(p: argparse.ArgumentParser) -> None:
     # SUPPRESS keeps the formatter from appending "(default: None)" to the real default below
     p.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
                    help="directory for the PNGs (default: RUN/plots; needed with several runs)")
+    p.add_argument("--x", choices=("tokens", "steps", "time"), default="tokens",
+                   help="every chart's x axis: tokens seen, optimizer steps, or wall-clock time since the run began")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -612,7 +614,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = getattr(args, "out", None)
     if len(args.run) > 1 and out is None:
         raise UserError("plot: several runs are drawn into one chart; say where with --out DIR")
-    files = plot_run(args.run[0], out) if len(args.run) == 1 else plot_runs(args.run, out)
+    files = plot_run(args.run[0], out, x=args.x) if len(args.run) == 1 else plot_runs(args.run, out, x=args.x)
     for path in files:
         print(path)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,15 @@ class MetricsLogger:
             self._wandb = None
 
 
+def bars_disabled() -> bool:
+    """TQDM_DISABLE set (to anything but 0/false): no progress bar at all, e.g. in a notebook whose
+    stored outputs should stay short. (tqdm reads it only where a caller passes no `disable`.)"""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false")
+
+
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):
-    """One tqdm bar for training steps on stderr (rank 0 only)."""
+    """One tqdm bar for training steps on stderr (rank 0 only; none with TQDM_DISABLE)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled,
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled or bars_disabled(),
                 file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -657,21 +657,24 @@ class Trainer:
         self.rt.synchronize()
         self.step += 1
         self.tokens += cfg.total_batch_tokens
-        self._log_step(out, cfg.lr * factor, time.time() - t0, bar)
+        self._log_step(out, factor, time.time() - t0, bar)
         if self.spikes.wants_rollback():
             self.rollback()
         return out.loss
 
-    def _log_step(self, out: StepResult, lr: float, dt: float, bar) -> None:
+    def _log_step(self, out: StepResult, factor: float, dt: float, bar) -> None:
+        """One train record: `lr` is AdamW's rate this step; a Muon run adds `muon_lr`, Muon's."""
         if self.logger is None:
             return
+        lr = self.cfg.lr * factor
+        muon = {"muon_lr": self.cfg.muon_lr * factor} if self.cfg.optimizer == "muon" else {}
         tok_s = self.cfg.total_batch_tokens / dt if dt > 0 else 0.0
         peak = self.rt.peak_flops()
         mcfg = self.model.config
         mfu = mcfg.flops_per_token(mcfg.seq_len) * tok_s / (peak * self.env.world_size) if peak else None
         self.logger.log({"step": self.step, "kind": "train", "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
                          "tokens": self.tokens, "tok_per_s": tok_s, "mfu": mfu, "time": time.time(),
-                         "epoch": self.loader.epoch, **self._skip_fields(out)})
+                         "epoch": self.loader.epoch, **muon, **self._skip_fields(out)})
         post = {"loss": f"{out.loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
