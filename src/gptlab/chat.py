@@ -169,3 +169,15 @@ def model_chat(net) -> ChatFormat | None:
     if cfg is None or getattr(cfg, "chat", None) != TEMPLATE:
         return None
     return chat_format(model_tokenizer(net))
+
+
+CHAT_FILE = "chat.json"  # in a chat model's directory: the template, its tokens, the Jinja text
+
+
+def chat_record(net) -> dict[str, Any] | None:
+    """What a chat model's directory carries beside config.json (which alone decides: its "chat"
+    field and vocab_size); None for a base model."""
+    fmt = model_chat(net)
+    if fmt is None:
+        return None
+    return {**fmt.info(), "eot_token": fmt.eot, "chat_template": CHAT_TEMPLATE}
