@@ -69,3 +69,38 @@ def test_greedy_generation_through_transformers_equals_gptlab(chat_model):
         theirs = out[0, len(prompt):].tolist()
         assert ours == theirs
     assert ours[-1] == 50260  # the biased run stopped at <|end|>
+
+
+def test_a_trained_tokenizer_carries_the_template_too(tmp_path):
+    """`gptlab tokenizer train` -> prepare chat -> train -> export: the chat tokens are the ids after
+    its <|endoftext|>, and transformers renders and generates exactly as gptlab."""
+    from gptlab.config import resolve_train_config
+    from gptlab.data.prepare_chat import prepare_chat
+    from gptlab.data.sources import shakespeare_source
+    from gptlab.tokenizer import load_tokenizer
+    from gptlab.tokenizer_train import train_tokenizer
+    from gptlab.train import train
+
+    train_tokenizer(shakespeare_source(), tmp_path / "tok", 500, max_docs=4, progress=False)
+    tok = load_tokenizer(tmp_path / "tok")
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"messages": [*m, {"role": "assistant", "content": "Well met."}]}) + "\n"
+                           for m in MESSAGES * 4))
+    prepare_chat([src], tmp_path / "data", tokenizer=str(tmp_path / "tok"))
+    train(resolve_train_config(dict(model="tiny", n_layer=2, n_head=4, n_embd=32, seq_len=64, data=str(tmp_path / "data"),
+                                    out=str(tmp_path / "run"), batch_size=2, total_batch_tokens=128, max_steps=2,
+                                    eval_every=0, sample_tokens=0, checkpoint_every=0, device="cpu")))
+    model, _ = ck.load_model(tmp_path / "run")
+    fmt = chat.model_chat(model)
+    assert fmt is not None and fmt.base == tok.vocab_size and model.config.vocab_size == tok.vocab_size + 4
+    export_hf(model, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for messages in MESSAGES:
+        want, _ = chat.render(tok, messages, add_generation_prompt=True)
+        assert hf_ids(hf_tok, messages) == want
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompt = hf_ids(hf_tok, MESSAGES[1])
+    ours = generate_ids(model.eval(), prompt, max_new_tokens=8, temperature=0.0, stop_token=fmt.end)[0]
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    assert ours == theirs
