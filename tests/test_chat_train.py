@@ -26,10 +26,10 @@ ROLE_ID = {"system": 50257, "user": 50258, "assistant": 50259}
 END = 50260
 
 
-def dataset(tmp_path, convs, name="data"):
+def dataset(tmp_path, convs, name="data", val_fraction=0.0):
     src = tmp_path / f"{name}.jsonl"
     src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
-    return prepare_chat([src], tmp_path / name, val_fraction=0.0)["directory"]
+    return prepare_chat([src], tmp_path / name, val_fraction=val_fraction)["directory"]
 
 
 def pre_model(tmp_path, zero_attention=False):
@@ -102,8 +102,8 @@ def test_loss_is_unchanged_by_what_the_user_turns_say(tmp_path):
 
 def test_chat_resume_is_exact(tmp_path):
     pre_model(tmp_path)
-    data = dataset(tmp_path, CONVS * 4)
-    kw = dict(batch_size=3, total_batch_tokens=3 * 64, max_steps=6)
+    data = dataset(tmp_path, CONVS * 5, val_fraction=0.2)  # 3 val conversations, 12 to train on
+    kw = dict(batch_size=3, total_batch_tokens=3 * 64, max_steps=6, eval_every=3)
     full = sft(data, tmp_path / "full", tmp_path / "pre", **kw)
     sft(data, tmp_path / "part", tmp_path / "pre", **{**kw, "checkpoint_every": 3})
     ckdir = tmp_path / "part" / "checkpoints"
@@ -112,3 +112,6 @@ def test_chat_resume_is_exact(tmp_path):
     train(resolve_train_config({"out": str(tmp_path / "part")}), resume=True, resume_flags={})
     part = [r["loss"] for r in read_metrics(tmp_path / "part", "train")]
     assert part[-6:] == full and len(set(full)) == 6
+    # the val loss is over the val conversations' assistant tokens, the same after the resume
+    vals = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full", "val")}
+    assert set(vals) >= {3, 6} and vals == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "part", "val")}
