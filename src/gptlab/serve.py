@@ -402,7 +402,7 @@ def build_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
     async def models(request: Request):
         check_key(request)
         card = {"id": model_id, "object": "model", "created": started, "owned_by": "gptlab",
-                "max_model_len": seq_len}
+                "max_model_len": seq_len, "chat": chat_fmt is not None}
         return {"object": "list", "data": [card]}
 
     async def run(request: Request, req: CompletionRequest, prefix: str, chat: bool):
