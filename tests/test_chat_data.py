@@ -89,3 +89,21 @@ def test_prepare_chat_cli_and_data_info(tmp_path, cli):
     (tmp_path / "out" / "chat_train_000001.mask").write_bytes(b"junk")
     r = cli("data", "verify", tmp_path / "out")
     assert r.returncode == 2 and "mask" in r.stderr
+
+
+def test_a_chat_dataset_is_not_streamed(tmp_path):
+    """Its masks are not streamed: training from a URL would train on every token, so it is refused."""
+    from shard_server import ShardServer
+
+    from gptlab.data import stream
+    from gptlab.errors import UserError
+
+    prepare_chat([write_jsonl(tmp_path / "c.jsonl", CONVS * 4)], tmp_path / "www" / "chat")
+    srv = ShardServer(tmp_path / "www")
+    try:
+        for call in (lambda: stream.open_stream(srv.url + "/chat", cache=tmp_path / "cache", budget="1GB"),
+                     lambda: stream.val_split(srv.url + "/chat")):
+            with pytest.raises(UserError, match="chat dataset .* local directory only"):
+                call()
+    finally:
+        srv.stop()

@@ -103,7 +103,7 @@ def _prompts(body: dict, tok, cfg: ServeConfig, vocab: int) -> tuple[list[list[i
             if not all(0 <= i < vocab for i in item):
                 raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt", "invalid_value")
             ids.append(list(item))
-            texts.append(tok.decode(item))
+            texts.append(tok.decode([i for i in item if i < tok.vocab_size]))  # a chat token has no text
         else:
             raise bad
     return ids, texts
