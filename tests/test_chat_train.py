@@ -115,3 +115,32 @@ def test_chat_resume_is_exact(tmp_path):
     # the val loss is over the val conversations' assistant tokens, the same after the resume
     vals = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full", "val")}
     assert set(vals) >= {3, 6} and vals == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "part", "val")}
+
+
+@pytest.mark.slow
+def test_chat_two_ranks_equal_one(tmp_path):
+    """1 rank x 2 micro-batches == 2 ranks x 1: each micro-batch's loss is the mean over its own
+    assistant tokens, and steps average micro-batches alike however they are spread."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import run_gptlab
+
+    pre_model(tmp_path)
+    data = dataset(tmp_path, CONVS * 6, val_fraction=0.2)
+    common = ["train", "--init-from", tmp_path / "pre", "--data", data, "--seq-len", "64", "--batch-size", "2",
+              "--total-batch-tokens", "256", "--max-steps", "4", "--lr", "1e-3", "--warmup-steps", "0",
+              "--eval-every", "2", "--eval-tokens", "128", "--sample-tokens", "0", "--checkpoint-every", "0",
+              "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = run_gptlab(*common, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "gptlab", *map(str, common), "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    for kind in ("train", "val"):
+        a = [m["loss"] for m in read_metrics(tmp_path / "one", kind)]
+        b = [m["loss"] for m in read_metrics(tmp_path / "two", kind)]
+        assert a and b == pytest.approx(a, rel=1e-5)
