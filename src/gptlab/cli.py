@@ -688,6 +688,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ===================================================================== end bench
 
 
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    from gptlab.chat_repl import add_cli_args
+
+    add_cli_args(p)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gptlab.chat_repl import run_cli
+
+    return run_cli(args)
+
+
 # name -> (help, add_arguments, handler)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into GPT-2 token shards", add_prepare_args, cmd_prepare),
@@ -700,6 +712,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "export": ("write a model as a Hugging Face GPT-2 directory", add_export_args, cmd_export),
     "plot": ("draw a run's metrics as PNG charts", add_plot_args, cmd_plot),
     "serve": ("serve a model over an OpenAI-compatible API, with a playground page", add_serve_args, cmd_serve),
+    "chat": ("chat with a fine-tuned model in the terminal", add_chat_args, cmd_chat),
     "bench": ("measure training tokens/s, MFU and peak memory on this device", add_bench_args, cmd_bench),
 }
 
