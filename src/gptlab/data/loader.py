@@ -14,6 +14,10 @@ the B positions from m*B on: 2 ranks x 1 micro-step see exactly what 1 rank x 2 
 The loader state is therefore the step (and micro-step) count alone, and loads on any layout
 with the same G.
 
+A chat split (shards with loss masks, `gptlab prepare chat`) is cut into rows instead: row i is
+conversation i alone, padded to T (_ChatRows), its targets the assistant tokens only; the rows are
+visited in the same keyed order, so everything below holds for them too.
+
 Streamed data (`data` an http(s) URL or hf://, see gptlab.data.stream) cannot be shuffled across
 all shards with bounded disk, so it has its own order, shard by shard (_ShardOrder): epoch e
 visits the train shards in a seeded permutation of the shards, and inside each shard its windows
