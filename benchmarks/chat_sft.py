@@ -7,8 +7,9 @@ about a fifth are held out, never seen in fine-tuning. On held-out names the rep
 by following the instruction (copying the asked name into the play's speaker format).
 
 Measured, greedy (20 new tokens), on held-out names (and on fine-tuning names, for contrast):
-  named:  the reply's first line is exactly "NAME."
-  line:   ... and a second line of at least 3 words follows
+  format: the reply is a speech: a first line "SOME NAME." and a second line of 3+ words
+  named:  the reply's first line is exactly "NAME." (the asked name)
+  named_and_line: both
 for the base model (the same instruction as plain text, followed by a blank line, the corpus's
 speech separator) and for the SFT model (the chat template with the generation prompt).
 
@@ -63,10 +64,15 @@ def build(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, list[
     return src, unseen[:n_eval], seen[:n_eval]
 
 
-def score(reply: str, name: str) -> tuple[bool, bool]:
+FORMAT = re.compile(r"[A-Z][A-Z ]{1,30}\.")
+
+
+def score(reply: str, name: str) -> tuple[bool, bool, bool]:
+    """(the play's format: a speaker NAME. line then a line of 3+ words; the asked name; both)"""
     lines = reply.strip("\n").split("\n")
+    form = bool(FORMAT.fullmatch(lines[0].strip())) and len(lines) > 1 and len(lines[1].split()) >= 3
     named = lines[0].strip() == f"{name}."
-    return named, named and len(lines) > 1 and len(lines[1].split()) >= 3
+    return form, named, named and form
 
 
 def follow_rate(model, names: list[str], chat_prompt: bool, max_new: int = 20) -> dict:
@@ -75,7 +81,7 @@ def follow_rate(model, names: list[str], chat_prompt: bool, max_new: int = 20) -
     from gptlab.tokenizer import model_tokenizer
 
     tok = model_tokenizer(model)
-    named = lined = 0
+    formed = named = lined = 0
     examples = []
     for name in names:
         if chat_prompt:
@@ -86,13 +92,15 @@ def follow_rate(model, names: list[str], chat_prompt: bool, max_new: int = 20) -
             prompt = [tok.eot] + tok.encode(instruction(name) + "\n\n")
             ids = generate_ids(model, prompt, max_new_tokens=max_new, temperature=0.0)[0]
             reply = tok.decode([i for i in ids if i != tok.eot])
-        a, b = score(reply, name)
+        f, a, b = score(reply, name)
+        formed += f
         named += a
         lined += b
         if len(examples) < 3:
             examples.append({"name": name, "reply": reply})
     n = max(1, len(names))
-    return {"n": len(names), "named": named / n, "named_and_line": lined / n, "examples": examples}
+    return {"n": len(names), "format": formed / n, "named": named / n, "named_and_line": lined / n,
+            "examples": examples}
 
 
 def main() -> None:
