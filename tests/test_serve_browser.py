@@ -110,3 +110,94 @@ def test_playground_streams_text_and_stops(browser, slow_server):
     assert not engine.active and not engine.pending
     assert page.is_enabled("#generate")
     page.close()
+
+
+@pytest.fixture
+def slow_chat_server(tmp_path):
+    """A tiny chat model (its <|end|> made likely) served with every decode step slowed to 60 ms."""
+    from gptlab import chat
+    from gptlab.serve import BackgroundServer, ServeConfig, load_engine
+
+    model = random_gptlab(seed=5, noise=0.3, vocab_size=50261, chat=chat.TEMPLATE)
+    with torch.no_grad():
+        model.lm_head.weight[50260] += 2.0 * model.transformer.ln_f.weight
+    save_model(model, tmp_path / "tiny-chat")
+    cfg = ServeConfig(model=str(tmp_path / "tiny-chat"), device="cpu")
+    engine, name = load_engine(cfg, status=lambda m: None)
+    hidden = engine.model.hidden
+
+    def slow(*a, **k):
+        time.sleep(0.06)
+        return hidden(*a, **k)
+
+    engine.model.hidden = slow
+    with BackgroundServer(engine, cfg, name) as url:
+        yield url, engine, model
+
+
+def test_chat_view_holds_a_multi_turn_history_streams_and_stops(browser, slow_chat_server):
+    from gptlab import chat
+    from gptlab.generate import generate_ids
+    from gptlab.tokenizer import get_tokenizer
+
+    url, engine, model = slow_chat_server
+    tok = get_tokenizer()
+
+    def greedy(messages, n):
+        prompt, _ = chat.render(tok, messages, add_generation_prompt=True)
+        with torch.no_grad():
+            ids = generate_ids(model, prompt, temperature=0, max_new_tokens=n, stop_token=50260)[0]
+        return chat.decode_reply(tok, ids)
+
+    page = browser.new_page()
+    page.goto(url + "/")
+    page.wait_for_function("!document.getElementById('tab-chat').disabled")
+    page.click("#tab-chat")
+    assert page.is_visible("#message") and not page.is_visible("#prompt")
+    page.fill("#max_tokens", "12")
+    page.fill("#temperature", "0")
+    page.fill("#top_k", "0")
+    page.fill("#system", "Be brief.")
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn in ("Hello", "Tell me more"):
+        page.fill("#message", turn)
+        page.click("#send")
+        page.wait_for_function("document.getElementById('chat-stats').textContent.includes('finished')", timeout=60_000)
+        messages.append({"role": "user", "content": turn})
+        reply = greedy(messages, 12)
+        messages.append({"role": "assistant", "content": reply})
+        texts = page.locator("#history .msg .text").all_inner_texts()
+        assert texts[-2] == turn and texts[-1].strip() == reply.strip() and reply.strip()
+        assert page.inner_text("#chat-error") == ""
+    # the second reply was generated with the whole history: two turns each
+    assert page.locator("#history .msg.user").count() == 2 and page.locator("#history .msg.assistant").count() == 2
+
+    # Clear starts a new conversation (the context is 64 tokens)
+    page.click("#clear")
+    assert page.locator("#history .msg").count() == 0
+    # Stop: the stream is aborted and the server frees the sequence; the partial reply stays a turn
+    page.fill("#max_tokens", "40")
+    page.fill("#system", "")
+    # a message whose greedy reply is long enough to be stopped while it streams
+    long = next(m for m in ("Go on", "Why?", "And then", "Say more", "Once upon a time", "Hm")
+                if len(tok.encode(greedy([{"role": "user", "content": m}], 40))) >= 10)
+    page.fill("#message", long)
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('#history .msg').length == 2 && "
+                           "document.querySelector('#history .msg:last-child .text').textContent.length > 0")
+    page.click("#chat-stop")
+    page.wait_for_function("document.getElementById('chat-stats').textContent.includes('stopped')")
+    deadline = time.monotonic() + 10
+    while (engine.active or engine.pending) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.active and not engine.pending and page.is_enabled("#send")
+    assert page.locator("#history .msg").count() == 2 and page.inner_text("#chat-error") == ""
+    page.close()
+
+
+def test_chat_tab_is_off_for_a_base_model(browser, slow_server):
+    page = browser.new_page()
+    page.goto(slow_server[0] + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+    assert page.is_disabled("#tab-chat") and "no chat template" in page.get_attribute("#tab-chat", "title")
+    page.close()

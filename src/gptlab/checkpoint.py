@@ -56,7 +56,17 @@ def _write_model_files(model: torch.nn.Module, path: Path, weights: dict[str, to
         weights = {k: v.detach().to("cpu").contiguous() for k, v in clean_state_dict(weights).items()}
     save_file(weights, str(path / WEIGHTS), metadata={"format": "pt", "producer": "gptlab"})
     tokenizer.copy_tokenizer(tokenizer.model_tokenizer(raw_model(model)), path / tokenizer.DATA_TOKENIZER_DIR)
+    _write_chat(model, path)
     os.chmod(path / WEIGHTS, file_mode())  # safetensors creates it 0600; readable as config.json beside it
+
+
+def _write_chat(model: torch.nn.Module, path: Path) -> None:
+    """A chat model's chat.json: its template, special tokens and Jinja chat_template."""
+    from gptlab import chat
+
+    record = chat.chat_record(raw_model(model))
+    if record is not None:
+        write_json(path / chat.CHAT_FILE, record)
 
 
 def save_model(model: torch.nn.Module, path: str | Path) -> Path:
@@ -638,6 +648,7 @@ class ShardedWriter:
         if self.rank == 0:
             write_json(tmp / CONFIG, raw_model(model).config.to_dict())
             tokenizer.copy_tokenizer(tokenizer.model_tokenizer(raw_model(model)), tmp / tokenizer.DATA_TOKENIZER_DIR)
+            _write_chat(model, tmp)
             write_json(tmp / STATE, {**state, "format": SHARDED_FORMAT, "optimizer": {"param_groups": groups}})
         import torch.distributed.checkpoint as dcp
 

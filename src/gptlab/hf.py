@@ -175,7 +175,18 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, eot: int | N
     }
 
 
-def _tokenizer_files(seq_len: int, tok=None) -> dict[str, bytes]:
+def _chat_tokenizer_config(fmt) -> dict:
+    """A chat model's added special tokens (at their ids) and the chat template, as transformers'
+    tokenizer_config.json keys: apply_chat_template then gives exactly gptlab's ids."""
+    from gptlab import chat
+
+    added = {str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False, "special": True} for t, i in fmt.ids.items()}
+    return {"added_tokens_decoder": added, "additional_special_tokens": list(chat.SPECIAL_TOKENS),
+            "chat_template": chat.CHAT_TEMPLATE}
+
+
+def _tokenizer_files(seq_len: int, tok=None, fmt=None) -> dict[str, bytes]:
     from gptlab.tokenizer import FileTokenizer, gpt2_hf_files
 
     eot = "<|endoftext|>"
@@ -190,7 +201,15 @@ def _tokenizer_files(seq_len: int, tok=None) -> dict[str, bytes]:
         "clean_up_tokenization_spaces": False,
     }
     dump = lambda d: (json.dumps(d, indent=2) + "\n").encode()  # noqa: E731
-    return {
+    extra = {}
+    if fmt is not None:
+        tok_config.update(_chat_tokenizer_config(fmt))
+        special = {**special, "additional_special_tokens": tok_config["additional_special_tokens"]}
+        # a reply ends at <|end|>: generate() stops there, as gptlab's chat does. pad = eos, because a
+        # pad id found in the prompt (every prompt opens with <|endoftext|>) would be masked out
+        extra["generation_config.json"] = dump({"bos_token_id": fmt.eot, "eos_token_id": fmt.end,
+                                                "pad_token_id": fmt.end})
+    return {**extra,
         # GPT-2's encoder.json and vocab.bpe are HF's vocab.json and merges.txt; a trained tokenizer's
         # files are in that format already
         **(tok.hf_files() if isinstance(tok, FileTokenizer) else gpt2_hf_files()),
@@ -226,6 +245,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
         raise UserError(f"{out}: exists and is not a directory")
     if out.exists() and not _is_replaceable(out):
         raise UserError(f"{out}: exists and is not empty or an earlier export; refusing to overwrite it")
+    from gptlab.chat import model_chat
     from gptlab.tokenizer import model_tokenizer
 
     cfg: ModelConfig = raw_model(model).config
@@ -236,7 +256,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path) -> Path:
         save_file(sd, str(tmp / HF_SAFETENSORS), metadata={"format": "pt", "producer": _PRODUCER})
         os.chmod(tmp / HF_SAFETENSORS, file_mode())  # safetensors creates it 0600; readable as its neighbours
         files = {HF_CONFIG: (json.dumps(hf_config(cfg, dtype, tok.eot), indent=2) + "\n").encode()}
-        files.update(_tokenizer_files(cfg.seq_len, tok))
+        files.update(_tokenizer_files(cfg.seq_len, tok, model_chat(raw_model(model))))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
     return out

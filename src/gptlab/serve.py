@@ -1,6 +1,6 @@
 """`gptlab serve`: an OpenAI-compatible completions server and a playground page.
 
-Endpoints: POST /v1/completions, GET /v1/models, GET /health, and GET / (the playground).
+Endpoints: POST /v1/completions, POST /v1/chat/completions (serve_chat.py), GET /v1/models, GET /health, and GET / (the playground).
 Requests are checked here (OpenAI's error shape on any problem) and handed to serve_engine's
 worker thread, which batches every live sequence; the event loop only parses, waits and writes.
 """
@@ -25,8 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptlab.chat import model_chat
 from gptlab.config import ServeConfig
 from gptlab.errors import UserError
+from gptlab import serve_chat
 from gptlab.serve_engine import Engine, SamplingParams, Sequence
 from gptlab.tokenizer import EOT
 
@@ -101,7 +103,7 @@ def _prompts(body: dict, tok, cfg: ServeConfig, vocab: int) -> tuple[list[list[i
             if not all(0 <= i < vocab for i in item):
                 raise ApiError(400, f"token ids must be in [0, {vocab})", "prompt", "invalid_value")
             ids.append(list(item))
-            texts.append(tok.decode(item))
+            texts.append(tok.decode([i for i in item if i < tok.vocab_size]))  # a chat token has no text
         else:
             raise bad
     return ids, texts
@@ -146,8 +148,7 @@ def _sampling(body: dict, cfg: ServeConfig) -> tuple[SamplingParams, int]:
     return params, n
 
 
-def parse_completion(raw: bytes, tok, cfg: ServeConfig, seq_len: int, vocab: int) -> CompletionRequest:
-    """The body of POST /v1/completions, checked: any problem is an ApiError (400)."""
+def _json_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -156,6 +157,40 @@ def parse_completion(raw: bytes, tok, cfg: ServeConfig, seq_len: int, vocab: int
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", None, "invalid_json")
     _get(body, "model", (str,), None, "a string")
+    return body
+
+
+def parse_chat(raw: bytes, tok, cfg: ServeConfig, seq_len: int, fmt) -> CompletionRequest:
+    """The body of POST /v1/chat/completions, checked: one prompt (the rendered messages), ending
+    at the template's end-of-turn token."""
+    body = _json_body(raw)
+    params, n = _sampling(body, cfg)
+    stream = _get(body, "stream", (bool,), False, "true or false")
+    opts = _get(body, "stream_options", (dict,), {}, "an object")
+    if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
+        params, _ = _sampling({**body, "max_tokens": body["max_completion_tokens"]}, cfg)
+    try:
+        ids = serve_chat.chat_prompt(body, tok, fmt)
+    except serve_chat.ChatError as e:
+        raise ApiError(e.status, e.message, e.param, e.code) from None
+    _check_context([ids], params, seq_len)
+    params = SamplingParams(**{**params.__dict__, "stop_token": fmt.end})
+    return CompletionRequest([ids], [""], params, n, stream, False, bool(opts.get("include_usage", False)))
+
+
+def _check_context(ids: list[list[int]], params: SamplingParams, seq_len: int) -> None:
+    for i, p in enumerate(ids):
+        need = len(p) + params.max_tokens
+        if need > seq_len:
+            which = f"prompt {i} has" if len(ids) > 1 else "the prompt has"
+            raise ApiError(400, f"this model's context is {seq_len} tokens, but {need} were requested "
+                                f"({which} {len(p)} tokens, max_tokens is {params.max_tokens}); "
+                                f"reduce them by {need - seq_len}", "prompt", "context_length_exceeded")
+
+
+def parse_completion(raw: bytes, tok, cfg: ServeConfig, seq_len: int, vocab: int) -> CompletionRequest:
+    """The body of POST /v1/completions, checked: any problem is an ApiError (400)."""
+    body = _json_body(raw)
     params, n = _sampling(body, cfg)
     stream = _get(body, "stream", (bool,), False, "true or false")
     echo = _get(body, "echo", (bool,), False, "true or false")
@@ -164,13 +199,7 @@ def parse_completion(raw: bytes, tok, cfg: ServeConfig, seq_len: int, vocab: int
     if len(ids) * n > cfg.max_prompts:
         raise ApiError(400, f"prompts x n is {len(ids) * n}, above this server's cap of {cfg.max_prompts}",
                        "n", "too_many_choices")
-    for i, p in enumerate(ids):
-        need = len(p) + params.max_tokens
-        if need > seq_len:
-            which = f"prompt {i} has" if len(ids) > 1 else "the prompt has"
-            raise ApiError(400, f"this model's context is {seq_len} tokens, but {need} were requested "
-                                f"({which} {len(p)} tokens, max_tokens is {params.max_tokens}); "
-                                f"reduce them by {need - seq_len}", "prompt", "context_length_exceeded")
+    _check_context(ids, params, seq_len)
     return CompletionRequest(ids, texts, params, n, stream, echo, bool(opts.get("include_usage", False)))
 
 
@@ -274,11 +303,13 @@ async def _complete(req: CompletionRequest, choices: Choices, meta: dict) -> dic
     return {**meta, "choices": out, "usage": choices.usage(req.prompts, req.n)}
 
 
-async def _stream(req: CompletionRequest, choices: Choices, meta: dict):
+async def _stream(req: CompletionRequest, choices: Choices, meta: dict, shape=lambda obj: obj):
     """Server-sent events: one chunk per generated token (its text may be empty while a UTF-8
     character or a possible stop string is incomplete), a last chunk per choice with its
-    finish_reason, then `data: [DONE]`."""
+    finish_reason, then `data: [DONE]`. `shape` turns a chunk into another API's (chat)."""
     def event(payload: dict) -> str:
+        if payload.get("choices"):
+            payload = shape(payload)
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     def chunk(i: int, text: str, reason: str | None) -> str:
@@ -332,8 +363,8 @@ def playground_html() -> str:
 def build_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
     """The FastAPI application around a running engine."""
     app = FastAPI(title="gptlab serve", docs_url=None, redoc_url=None, openapi_url=None)
-    seq_len = engine.model.config.seq_len
-    vocab = engine.model.config.vocab_size
+    seq_len, vocab = engine.model.config.seq_len, engine.model.config.vocab_size
+    chat_fmt = model_chat(engine.model)  # None: a base model, /v1/chat/completions refused
     started = int(time.time())
     page = playground_html()
     mailbox: Mailbox | None = None  # made on the first request, on the server's event loop
@@ -371,30 +402,42 @@ def build_app(engine: Engine, cfg: ServeConfig, model_id: str) -> FastAPI:
     async def models(request: Request):
         check_key(request)
         card = {"id": model_id, "object": "model", "created": started, "owned_by": "gptlab",
-                "max_model_len": seq_len}
+                "max_model_len": seq_len, "chat": chat_fmt is not None}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def run(request: Request, req: CompletionRequest, prefix: str, chat: bool):
         nonlocal mailbox
-        check_key(request)
-        raw = await _read_body(request, cfg.max_body_bytes)
-        # parsing and tokenizing a large body takes a while: off the event loop too
-        req = await asyncio.to_thread(parse_completion, raw, engine.tok, cfg, seq_len, vocab)
         if mailbox is None:
             mailbox = Mailbox(asyncio.get_running_loop())
         choices = Choices(req, mailbox)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}
         for group in choices.groups:
             engine.submit(group)
         if req.stream:
-            return StreamingResponse(_stream(req, choices, meta), media_type="text/event-stream",
+            shape = serve_chat.chunk_shaper() if chat else (lambda obj: obj)
+            return StreamingResponse(_stream(req, choices, meta, shape), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            return await _until_disconnect(request, _complete(req, choices, meta))
+            out = await _until_disconnect(request, _complete(req, choices, meta))
+            return serve_chat.chat_completion(out) if chat else out
         finally:
             choices.cancel()  # finished, failed, or the client left: free the rows
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_key(request)
+        raw = await _read_body(request, cfg.max_body_bytes)
+        # parsing and tokenizing a large body takes a while: off the event loop too
+        req = await asyncio.to_thread(parse_completion, raw, engine.tok, cfg, seq_len, vocab)
+        return await run(request, req, "cmpl", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        req = await asyncio.to_thread(parse_chat, await _read_body(request, cfg.max_body_bytes), engine.tok, cfg,
+                                      seq_len, chat_fmt)
+        return await run(request, req, "chatcmpl", chat=True)
 
     return app
 

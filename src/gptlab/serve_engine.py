@@ -38,6 +38,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     seed: int | None = None
+    stop_token: int | None = None  # a chat reply's end-of-turn token: the reply ends there too
 
 
 # An event for one sequence: ("text", delta) as text becomes final, ("end", finish_reason) once,
@@ -292,11 +293,12 @@ class Engine:
     def _advance(self, s: Sequence, t: int) -> bool:
         """Feed one new token to a sequence's text; True if the sequence has ended."""
         reason = None
-        if t == getattr(self.tok, "eot", EOT):
+        if t == getattr(self.tok, "eot", EOT) or t == s.params.stop_token:
             delta, _ = s.text.feed(b"", final=True)
             reason = "stop"
         else:
-            delta, hit = s.text.feed(self.tok.decode_bytes([t]))
+            # a chat model's other special tokens (past the tokenizer's ids) have no text
+            delta, hit = s.text.feed(self.tok.decode_bytes([t]) if t < self.tok.vocab_size else b"")
             if hit:
                 reason = "stop"
             elif len(s.tokens) >= s.params.max_tokens:

@@ -347,7 +347,9 @@ def bind_data_tokenizer(model, data_dir: str | Path, model_tok: Tokenizer, where
     inner = getattr(inner, "_orig_mod", inner)
     cfg = getattr(inner, "config", None)
     # GPT-2's data keeps the old rule (any model vocabulary: toy models use a few ids); a trained one must fit
-    if cfg is not None and isinstance(data_tok, FileTokenizer) and cfg.vocab_size != data_tok.vocab_size:
+    # (its ids, and a chat dataset's four chat tokens after them)
+    if cfg is not None and isinstance(data_tok, FileTokenizer) and \
+            cfg.vocab_size != (chat_vocab_size(data_dir) or data_tok.vocab_size):
         raise UserError(f"{where} has a vocabulary of {cfg.vocab_size:,} ids, but {data_dir} was tokenized with "
                         f"{describe_tokenizer(data_tok)}")
     set_model_tokenizer(inner, data_tok)
@@ -355,11 +357,26 @@ def bind_data_tokenizer(model, data_dir: str | Path, model_tok: Tokenizer, where
 
 
 def data_vocab_size(data_dir: str | Path | None) -> int | None:
-    """The vocabulary size a fresh model needs for data_dir: None for GPT-2's (the presets' own)."""
+    """The vocabulary size a fresh model needs for data_dir: None for GPT-2's (the presets' own);
+    a chat dataset's includes its chat tokens."""
     if not data_dir:
         return None
+    chat = chat_vocab_size(data_dir)
+    if chat is not None:
+        return chat
     tok = dataset_tokenizer(data_dir)
     return tok.vocab_size if isinstance(tok, FileTokenizer) else None
+
+
+def chat_vocab_size(data_dir: str | Path | None) -> int | None:
+    """For a chat dataset (`gptlab prepare chat`): the tokenizer's ids plus its chat tokens; else None."""
+    path = Path(data_dir) if data_dir else None
+    if path is None or "://" in str(data_dir) or not (path / "manifest.json").is_file():
+        return None
+    chat = read_json(path / "manifest.json").get("chat")
+    if not isinstance(chat, dict):
+        return None
+    return max(int(v) for v in chat["special_tokens"].values()) + 1
 
 
 def token_byte_lengths(tok: Tokenizer) -> list[int]:

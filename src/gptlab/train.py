@@ -50,6 +50,7 @@ from gptlab.parallel import Placed, load_optimizer, place, place_sharded
 from gptlab.plot import plot_run
 from gptlab.rundir import RunDir
 from gptlab.runtime import Runtime, get_runtime
+from gptlab.chat import bind_chat
 from gptlab.tokenizer import (bind_data_tokenizer, get_tokenizer, model_tokenizer, read_model_dir_tokenizer,
                               val_tokenizer)
 
@@ -496,7 +497,9 @@ class Trainer:
         self.cfg, self.rt, self.env, self.run = cfg, rt, env, run
         self.placed = self._place(ckpt)
         model = self.model
-        bind_data_tokenizer(ckpt_mod.raw_model(model), cfg.data, *_model_tokenizer(cfg, model, ckpt))
+        where = _model_tokenizer(cfg, model, ckpt)
+        self.chat = bind_chat(ckpt_mod.raw_model(model), cfg.data, where[1])  # conversations: a chat model
+        bind_data_tokenizer(ckpt_mod.raw_model(model), cfg.data, *where)
         self.val_tokenizer = val_tokenizer(ckpt_mod.raw_model(model), cfg.data)  # bits per byte, where known
         T = model.config.seq_len
         self.batch_size = cfg.batch_size
@@ -809,6 +812,11 @@ class Trainer:
         print(f"gptlab train: {self.steps} steps of {cfg.total_batch_tokens:,} tokens "
               f"(batch {self.batch_size} x seq {T} x accum {self.accum} x ranks {world}); "
               f"{self.loader.tokens_per_epoch:,} train tokens per epoch; run dir {self.run.path}", file=sys.stderr)
+        rows = getattr(self.loader, "_windows", None)
+        if self.chat is not None and rows is not None and hasattr(rows, "padding"):
+            print(f"gptlab train: chat data: {rows.count:,} conversations, one a row of {T} positions "
+                  f"({rows.padding:.1%} padding; {rows.truncated:,} cut at {T + 1} tokens); "
+                  f"loss on assistant tokens only", file=sys.stderr)
         if ckpt is not None:
             print(f"gptlab train: resumed from {ckpt} at step {self.step}", file=sys.stderr)
 

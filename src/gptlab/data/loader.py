@@ -14,6 +14,10 @@ the B positions from m*B on: 2 ranks x 1 micro-step see exactly what 1 rank x 2 
 The loader state is therefore the step (and micro-step) count alone, and loads on any layout
 with the same G.
 
+A chat split (shards with loss masks, `gptlab prepare chat`) is cut into rows instead: row i is
+conversation i alone, padded to T (_ChatRows), its targets the assistant tokens only; the rows are
+visited in the same keyed order, so everything below holds for them too.
+
 Streamed data (`data` an http(s) URL or hf://, see gptlab.data.stream) cannot be shuffled across
 all shards with bounded disk, so it has its own order, shard by shard (_ShardOrder): epoch e
 visits the train shards in a seeded permutation of the shards, and inside each shard its windows
@@ -42,7 +46,8 @@ from gptlab.errors import UserError
 
 STATE_KIND = "gptlab.TrainLoader"
 STATE_VERSION = 1
-STREAM_ORDER = "shards-v1"  # the streamed data order's name in the loader state
+STREAM_ORDER = "shards-v1"
+IGNORE = -100  # a target that is not trained on (the models' ignore_index)  # the streamed data order's name in the loader state
 _M64 = (1 << 64) - 1
 
 
@@ -129,6 +134,69 @@ class _Windows:
             buf[r] = self._tokens(s)[o: o + T + 1]
         t = torch.from_numpy(buf)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+class _ChatRows:
+    """The conversations of a chat split (shards with loss masks): row i is conversation i alone,
+    cut to T+1 tokens and padded after its end, so that no conversation attends to another's
+    tokens. Targets are the next tokens where the mask is 1 (assistant text and its end token),
+    else IGNORE; padding is end-of-text in x and IGNORE in y."""
+
+    def __init__(self, shards: list[sh.Shard], seq_len: int) -> None:
+        self.shards = shards
+        self.T = seq_len
+        manifest = sh.read_manifest(shards[0].path.parent)
+        self.eot = int(manifest["tokenizer"]["eot"])
+        self.vocab_size = max(manifest["chat"]["special_tokens"].values()) + 1
+        rows_shard, rows_start, rows_end = [], [], []
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for k in range(len(shards)):
+            tokens, _ = self._arrays(k)
+            starts = np.flatnonzero(tokens == self.eot)  # every conversation opens with end-of-text
+            rows_shard.append(np.full(len(starts), k, dtype=np.int64))
+            rows_start.append(starts)
+            rows_end.append(np.append(starts[1:], len(tokens)))
+        self.row_shard = np.concatenate(rows_shard)
+        self.row_start = np.concatenate(rows_start).astype(np.int64)
+        self.row_end = np.concatenate(rows_end).astype(np.int64)
+        self.count = len(self.row_start)
+        lengths = self.row_end - self.row_start
+        self.truncated = int(np.count_nonzero(lengths > seq_len + 1))
+        # the cost of one conversation a row: the share of input positions that are padding
+        used = np.minimum(lengths, seq_len + 1) - 1
+        self.padding = 1.0 - float(used.sum()) / max(1, self.count * seq_len)
+
+    def fingerprint(self) -> str:
+        return _fingerprint(self.shards)
+
+    def _arrays(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        m = self._maps.get(k)
+        if m is None:
+            s = self.shards[k]
+            m = self._maps[k] = (sh.open_checked(s, self.vocab_size).view(np.ndarray),
+                                 sh.open_checked_mask(s).view(np.ndarray))
+        return m
+
+    def gather(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (len(ids), T) int64 for row ids."""
+        T = self.T
+        x = np.full((len(ids), T), self.eot, dtype=np.int64)  # (B, T)
+        y = np.full((len(ids), T), IGNORE, dtype=np.int64)
+        for r, i in enumerate(np.asarray(ids).tolist()):
+            tokens, mask = self._arrays(int(self.row_shard[i]))
+            a = int(self.row_start[i])
+            b = min(int(self.row_end[i]), a + T + 1)
+            t, m = tokens[a:b].astype(np.int64), mask[a:b]
+            x[r, : b - a - 1] = t[:-1]
+            y[r, : b - a - 1] = np.where(m[1:] == 1, t[1:], IGNORE)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def open_windows(shards: list[sh.Shard], seq_len: int) -> "_Windows | _ChatRows":
+    """A split's training examples: windows of a token stream, or the rows of a chat split."""
+    if shards and shards[0].mask is not None:
+        return _ChatRows(shards, seq_len)
+    return _Windows(shards, seq_len)
 
 
 def _fingerprint(shards: list[sh.Shard] | list[sh.Entry]) -> str:
@@ -260,7 +328,7 @@ class TrainLoader:
         if is_remote(data_dir):
             self._open_stream(cache, disk_budget, ahead, retry)
         else:
-            self._windows = _Windows(_split_shards(data_dir, split), seq_len)
+            self._windows = open_windows(_split_shards(data_dir, split), seq_len)
             self.windows_per_epoch = self._windows.count
             self._fp = self._windows.fingerprint()
         self.tokens_per_epoch = self.windows_per_epoch * seq_len
@@ -455,7 +523,7 @@ def iter_val_batches(data, *, seq_len: int, batch_size: int, max_tokens: int | N
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise UserError(f"rank must be in [0, {world_size}), got {rank!r}")
     val = open_val(data)
-    windows = _Windows(list(val.shards), seq_len)
+    windows = open_windows(list(val.shards), seq_len)
     n = windows.count
     if n == 0:
         total = sum(s.tokens for s in windows.shards)
@@ -469,7 +537,7 @@ def iter_val_batches(data, *, seq_len: int, batch_size: int, max_tokens: int | N
 
 def val_windows(data, *, seq_len: int, max_tokens: int | None = None) -> int:
     """How many windows iter_val_batches yields over all ranks together."""
-    windows = _Windows(list(open_val(data).shards), seq_len)
+    windows = open_windows(list(open_val(data).shards), seq_len)
     n = windows.count
     return n if max_tokens is None else min(n, max(1, max_tokens // seq_len))
 

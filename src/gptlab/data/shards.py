@@ -12,6 +12,16 @@ documents, sha256). A directory of `.bin` shards without a manifest is accepted 
 split read from each file name. While `gptlab prepare` runs, `progress.json` stands in for the
 manifest; a directory holding only that is an unfinished prepare and is refused.
 
+A chat dataset (`gptlab prepare chat`, manifest key "chat") has one loss mask per shard, beside it,
+so that the token shard itself stays an llm.c shard:
+
+    <shard stem>.mask   header: 256 little-endian int32  [0] magic 20261126, [1] version 1, [2] n
+                        body:   n uint8, 1 where the token is a training target (assistant text and
+                                its end token), else 0
+
+Its manifest entry names it ("mask") with its sha256 ("mask_sha256"); each conversation is one
+document, opened by the end-of-text token.
+
 This module does not import torch.
 """
 
@@ -34,6 +44,10 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4  # 1024
 TOKEN_DTYPE = np.dtype("<u2")
+
+MASK_MAGIC = 20261126
+MASK_SUFFIX = ".mask"
+MASK_DTYPE = np.dtype("u1")
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -85,6 +99,61 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> str:
         f.write(header)
         f.write(body)
     return h.hexdigest()
+
+
+def mask_name(shard_file: str) -> str:
+    """`chat_train_000001.mask` beside `chat_train_000001.bin`."""
+    return shard_file.rsplit(".", 1)[0] + MASK_SUFFIX
+
+
+def write_mask(path: str | Path, mask: np.ndarray) -> str:
+    """Write a loss mask (n,) of 0/1 for the shard of the same n tokens; returns its sha256."""
+    mask = np.ascontiguousarray(mask, dtype=MASK_DTYPE)
+    if mask.ndim != 1 or (len(mask) and int(mask.max()) > 1):
+        raise ValueError("a mask is 1-D and holds only 0 and 1")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MASK_MAGIC, VERSION, len(mask)
+    h = hashlib.sha256(header.tobytes())
+    h.update(memoryview(mask).cast("B"))
+    with replaced_file(Path(path), "wb") as f:
+        f.write(header.tobytes())
+        f.write(memoryview(mask).cast("B"))
+    return h.hexdigest()
+
+
+def open_mask(path: str | Path, n_tokens: int) -> np.ndarray:
+    """A shard's loss mask as a read-only memory map (n,) uint8, its header checked against n."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = path.stat().st_size
+    except OSError as e:
+        raise UserError(f"mask {path}: cannot read: {e.strerror or e}") from None
+    if len(raw) < HEADER_BYTES:
+        raise UserError(f"mask {path}: truncated ({size} bytes)")
+    magic, version, n = (int(v) for v in np.frombuffer(raw, dtype="<i4", count=3))
+    if magic != MASK_MAGIC or version != VERSION:
+        raise UserError(f"mask {path}: bad magic {magic} or version {version}: not a gptlab loss mask")
+    if n != n_tokens or size != HEADER_BYTES + n:
+        raise UserError(f"mask {path}: holds {n} values ({size} bytes) for a shard of {n_tokens} tokens")
+    if n == 0:
+        return np.zeros(0, dtype=MASK_DTYPE)
+    return np.memmap(path, dtype=MASK_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def open_checked_mask(shard: "Shard") -> np.ndarray:
+    """A chat shard's loss mask, its bytes checked against the manifest's sha256."""
+    if shard.mask is None:
+        raise UserError(f"shard {shard.path}: no loss mask (not a chat dataset)")
+    if shard.mask_sha256 is not None and sha256_file(shard.mask) != shard.mask_sha256:
+        raise UserError(f"mask {shard.mask}: content does not match the manifest's sha256; prepare it again")
+    return open_mask(shard.mask, shard.tokens)
+
+
+def is_chat(manifest: dict[str, Any] | None) -> bool:
+    """Whether a manifest is a chat dataset's (conversations with loss masks)."""
+    return bool(manifest) and isinstance(manifest.get("chat"), dict)
 
 
 def shard_bytes(n_tokens: int) -> int:
@@ -139,7 +208,7 @@ def check_vocab(tokens: np.ndarray, where: str, vocab_size: int = GPT2_VOCAB_SIZ
                         f"{vocab_size}; the shard is corrupt or from another tokenizer")
 
 
-def open_checked(shard: "Shard") -> np.ndarray:
+def open_checked(shard: "Shard", vocab_size: int | None = None) -> np.ndarray:
     """A shard's tokens for training or evaluation, checked first: its bytes against the manifest's
     sha256 (when it has one) and its ids against the vocabulary."""
     if shard.sha256 is not None:
@@ -148,7 +217,7 @@ def open_checked(shard: "Shard") -> np.ndarray:
             raise UserError(f"shard {shard.path}: content does not match the manifest's sha256 (corrupt or "
                             f"changed since prepare); run `gptlab data verify` and prepare it again")
     tokens = open_tokens(shard.path, shard.tokens)
-    check_vocab(tokens, str(shard.path), shard.vocab_size)
+    check_vocab(tokens, str(shard.path), vocab_size or shard.vocab_size)
     return tokens
 
 
@@ -166,6 +235,8 @@ class Shard:
     documents: int | None = None  # None for shards without a manifest
     sha256: str | None = None
     vocab_size: int = GPT2_VOCAB_SIZE  # ids must be below it: the dataset's tokenizer's size
+    mask: Path | None = None  # a chat dataset's loss mask
+    mask_sha256: str | None = None
 
 
 def manifest_vocab_size(manifest: dict[str, Any] | None) -> int:
@@ -195,6 +266,11 @@ class Dataset:
     def source_text(self) -> str:
         return source_text(self.manifest)
 
+    @property
+    def chat(self) -> dict[str, Any] | None:
+        """The manifest's chat record (template, special tokens), None for plain token data."""
+        return self.manifest["chat"] if is_chat(self.manifest) else None
+
 
 def source_text(manifest: dict[str, Any] | None) -> str:
     if manifest is None:
@@ -223,7 +299,14 @@ def open_dataset(directory: str | Path) -> Dataset:
             n = read_header(path)
             if n != entry["tokens"]:
                 raise UserError(f"shard {path}: holds {n} tokens but the manifest says {entry['tokens']}")
-            shards.append(Shard(path, entry["split"], n, entry.get("documents"), entry.get("sha256"), vocab))
+            mask = None
+            if is_chat(manifest):
+                if not isinstance(entry.get("mask"), str) or not _plain_name(entry["mask"]):
+                    raise UserError(f"{manifest_path}: chat shard {entry['file']} names no loss mask")
+                mask = directory / entry["mask"]
+                open_mask(mask, n)  # header against the shard
+            shards.append(Shard(path, entry["split"], n, entry.get("documents"), entry.get("sha256"), vocab,
+                                mask=mask, mask_sha256=entry.get("mask_sha256")))
         if not shards:
             raise UserError(f"{directory}: the manifest lists no shards")
         return Dataset(directory, shards, manifest)
@@ -260,10 +343,14 @@ def check_manifest(m: Any, where: str) -> dict[str, Any]:
     for i, e in enumerate(shards):
         ok = (isinstance(e, dict) and isinstance(e.get("file"), str) and e.get("split") in SPLITS
               and isinstance(e.get("tokens"), int) and isinstance(e.get("sha256"), str)
-              and "/" not in e["file"] and "\\" not in e["file"] and e["file"] not in ("", ".", ".."))
+              and _plain_name(e["file"]))
         if not ok:
             raise UserError(f"{where}: shard entry {i} is malformed")
     return m
+
+
+def _plain_name(name: str) -> bool:
+    return "/" not in name and "\\" not in name and name not in ("", ".", "..")
 
 
 @dataclass(frozen=True)
@@ -316,6 +403,7 @@ def summarize(where: str, shards: list[Shard] | list[Entry], manifest: dict[str,
         "manifest": manifest is not None,
         "source": source_text(manifest),
         "tokenizer": (manifest or {}).get("tokenizer", {}).get("name"),
+        "chat": (manifest or {}).get("chat_stats") if is_chat(manifest) else None,
         "splits": split_totals(shards),
         "tokens": sum(s.tokens for s in shards),
         "documents": (None if any(s.documents is None for s in shards)
@@ -391,5 +479,7 @@ def verify_dataset(directory: str | Path, progress: bool = True) -> dict[str, An
                 bar.update(done - last)
                 last = done
             check_digest(s.path.name, s, digest, eots)
+            if s.mask is not None and s.mask_sha256 is not None and sha256_file(s.mask) != s.mask_sha256:
+                raise UserError(f"mask {s.mask.name}: sha256 does not match the manifest's")
     return {"directory": str(ds.directory), "shards": len(ds.shards), "hashed": True,
             "tokens": sum(s.tokens for s in ds.shards)}

@@ -279,6 +279,9 @@ def open_stream(source: str, *, cache: str | Path | None, budget: int | str | No
     """A train stream of one rank: its own directory (rank<r>) and budget / world_size of the disk."""
     retry = retry or Retry.from_env()
     ds = open_remote(source, retry)
+    if sh.is_chat(ds.manifest):  # its loss masks are not streamed: training on every token would be wrong
+        raise UserError(f"{source}: a chat dataset (conversations with loss masks) is read from a local "
+                        f"directory only; download it and give --data DIR")
     if not ds.split("train"):
         have = ", ".join(sorted({e.split for e in ds.entries})) or "none"
         raise UserError(f"{source}: no train split (splits present: {have})")
@@ -302,6 +305,9 @@ def val_split(source: str) -> list[sh.Shard]:
     its copy instead (ShardStream.val_split, through TrainLoader.val_split)."""
     retry = Retry.from_env()
     ds = open_remote(source, retry)
+    if sh.is_chat(ds.manifest):
+        raise UserError(f"{source}: a chat dataset (conversations with loss masks) is read from a local "
+                        f"directory only; download it and give its directory")
     stream = ShardStream(ds, cache_dir(None, source) / "val", parse_size(DEFAULT_BUDGET), retry=retry,
                          blocking_lock=True, train=False)
     try:
