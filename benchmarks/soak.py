@@ -107,7 +107,7 @@ def write_dataset(d: Path, n_train: int, shard_tokens: int, seed: int = 0) -> No
 
 def train_cmd(url: str, out: Path, cache: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "gptlab", "train", "--nproc", "2", "--max-restarts", "3", "--resume", "auto",
-            "--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+            "--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
             "--data", url, "--data-cache", str(cache), "--data-disk-budget", "64K",
             "--batch-size", "4", "--total-batch-tokens", "256", "--max-steps", str(steps), "--lr", "3e-3",
             "--warmup-steps", "5", "--eval-every", "25", "--eval-tokens", "2048", "--sample-tokens", "0",

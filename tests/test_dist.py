@@ -15,7 +15,7 @@ from conftest import make_toy_data, metrics_by_step, run_gptlab
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+COMMON = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
           "--total-batch-tokens", "512", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "5",
           "--eval-tokens", "2048", "--sample-tokens", "4", "--checkpoint-every", "5", "--device", "cpu",
           "--dist-timeout", "60"]

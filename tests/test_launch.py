@@ -16,7 +16,7 @@ import pytest
 from conftest import make_toy_data, run_gptlab
 from gptlab import dist
 
-COMMON = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+COMMON = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
           "--total-batch-tokens", "512", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
           "--eval-every", "0", "--sample-tokens", "0", "--device", "cpu", "--dist-timeout", "60"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

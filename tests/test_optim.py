@@ -277,7 +277,7 @@ def test_fsdp_with_muon_is_refused_in_one_line(cli, tmp_path):
 
 # ----------------------------------------------------------------------------- training with Muon
 
-SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]
+SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320"]
 
 
 @pytest.fixture(scope="module")

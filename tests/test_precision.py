@@ -122,8 +122,8 @@ def test_fp16_fsdp_inf_checks_agree_across_ranks(tmp_path):
 @pytest.mark.slow
 def test_fp16_fsdp_two_ranks_equal_one(data_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = [*MICRO_FLAGS, "--data", data_dir, "--dtype", "fp16", "--max-steps", "3", "--eval-every", "0",
-              "--sample-tokens", "0"]
+    common = [*MICRO_FLAGS, "--vocab-size", "320", "--data", data_dir, "--dtype", "fp16", "--max-steps", "3",
+              "--eval-every", "0", "--sample-tokens", "0"]
     r = run_gptlab("train", *common, "--out", one, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     r = torchrun(2, "-m", "gptlab", "train", *common, "--out", two, "--fsdp")

@@ -28,7 +28,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra) -> list[str]:
-    return ["train", "--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+    return ["train", "--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
             "--data", str(data), "--batch-size", "4", "--total-batch-tokens", "256", "--max-steps", str(STEPS),
             "--lr", "1e-2", "--warmup-steps", "3", "--eval-every", "0", "--sample-tokens", "0",
             "--checkpoint-every", "4", "--device", "cpu", "--out", str(out), *extra]

@@ -22,7 +22,7 @@ def data_dir(tmp_path_factory):
 
 
 def command(data_dir, out, *extra) -> list[str]:
-    return ["train", "--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+    return ["train", "--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
             "--data", str(data_dir), "--batch-size", "4", "--total-batch-tokens", "256", "--max-steps", "12",
             "--lr", "1e-2", "--warmup-steps", "3", "--eval-every", "0", "--sample-tokens", "0",
             "--checkpoint-every", "5", "--device", "cpu", "--out", str(out), *extra]

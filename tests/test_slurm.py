@@ -28,7 +28,7 @@ CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
 SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
 STEPS = 40
 # tiny: 2 layers of width 32 on the CPU, 2 ranks over gloo
-FLAGS = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+FLAGS = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
          "--batch-size", "4", "--total-batch-tokens", "256", "--max-steps", str(STEPS), "--lr", "1e-2",
          "--warmup-steps", "3", "--eval-every", "0", "--sample-tokens", "0", "--checkpoint-every", "5",
          "--device", "cpu"]

@@ -15,7 +15,7 @@ from gptlab.config import resolve_train_config
 from gptlab.errors import UserError
 from gptlab.train import train
 
-SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32"]
+SMALL = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320"]
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +54,13 @@ def test_loss_falls(data_dir, tmp_path):
 
 def test_overfit_batch_drives_loss_down(data_dir, tmp_path):
     res = train(resolve_train_config(flags(data_dir, tmp_path / "o", overfit_batch=True, max_steps=150,
-                                           lr=1e-2, schedule="constant")))
+                                           lr=1e-2, schedule="constant", vocab_size=320)))
     assert res.final_loss < 0.5
 
 
 def test_resume_in_process_equals_unbroken(data_dir, tmp_path):
-    train(resolve_train_config(flags(data_dir, tmp_path / "full", max_steps=12)))
-    train(resolve_train_config(flags(data_dir, tmp_path / "part", max_steps=12, checkpoint_every=5)))
+    train(resolve_train_config(flags(data_dir, tmp_path / "full", max_steps=12, vocab_size=320)))
+    train(resolve_train_config(flags(data_dir, tmp_path / "part", max_steps=12, checkpoint_every=5, vocab_size=320)))
     # throw away everything after step 5 and resume from its checkpoint
     ckdir = tmp_path / "part" / "checkpoints"
     for p in ckdir.glob("step_*"):
@@ -89,6 +89,30 @@ def test_sigterm_then_resume_is_exact(data_dir, tmp_path):
     r = run_gptlab("train", "--out", str(run), "--resume")
     assert r.returncode == 0, r.stderr
     assert losses(run) == losses(tmp_path / "full")
+
+
+def test_vocab_size_gives_a_fresh_model_a_smaller_vocabulary(cli, data_dir, tmp_path):
+    """--vocab-size (new): the toy data's ids are all below 300, so a 320-id model trains on it; ids
+    at or above a smaller vocabulary are one line naming the shard; a resume cannot change it."""
+    args = ["train", *SMALL, "--data", str(data_dir), "--batch-size", "4", "--total-batch-tokens", "128",
+            "--max-steps", "2", "--eval-every", "2", "--eval-tokens", "512", "--sample-tokens", "0", "--device", "cpu"]
+    r = cli(*args, "--out", str(tmp_path / "v"))
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == 320 and cfg["train"]["vocab_size"] == 320
+    from gptlab.checkpoint import load_model
+
+    model, _ = load_model(str(tmp_path / "v"))
+    assert model.transformer.wte.weight.shape[0] == 320  # a multiple of 64 already
+    small = [a if a != "320" else "100" for a in args]
+    r = cli(*small, "--out", str(tmp_path / "w"))
+    assert r.returncode == 2 and "outside the model's vocabulary of 100" in r.stderr
+    assert "Traceback" not in r.stderr and sum("error" in line for line in r.stderr.splitlines()) == 1
+    # it cannot read text: sampling from it is one line, not an IndexError
+    r = cli("sample", str(tmp_path / "v"), "--max-new-tokens", "2", "--device", "cpu")
+    assert r.returncode == 2 and "outside the model's vocabulary of 320" in r.stderr, r.stderr
+    r = cli("train", "--out", str(tmp_path / "v"), "--resume", "--vocab-size", "512")
+    assert r.returncode == 2 and "would change the model" in r.stderr
 
 
 def test_resume_refuses_model_change(cli, data_dir, tmp_path):

@@ -15,7 +15,7 @@ from conftest import WRITE_RESULT, make_toy_data, metrics_by_step, rank_results
 
 from gptlab import watchdog
 
-TINY = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+TINY = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
         "--total-batch-tokens", "512", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-tokens", "1024", "--sample-tokens", "0", "--device", "cpu"]
 

@@ -244,11 +244,17 @@ class ModelShapeOptions:
     n_head: int | None = option(None, "override the preset's number of heads")
     n_embd: int | None = option(None, "override the preset's width")
     seq_len: int | None = option(None, "context length T (default: the preset's)")
+    vocab_size: int | None = option(None, "a fresh model's vocabulary, for data whose ids are all below it "
+                                          "(default: the data's tokenizer's; GPT-2's 50,257)")
 
     def model_config(self) -> ModelConfig:
-        # the vocabulary follows the data's tokenizer
+        # the vocabulary follows the data's tokenizer, unless a smaller one is asked for
+        data_vocab = data_vocab_size(getattr(self, "data", None))
+        if self.vocab_size is not None and data_vocab is not None and self.vocab_size < data_vocab:
+            raise UserError(f"--vocab-size {self.vocab_size} is smaller than the data's tokenizer "
+                            f"({data_vocab} ids)")
         return model_preset(self.model, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                            seq_len=self.seq_len, vocab_size=data_vocab_size(getattr(self, "data", None)))
+                            seq_len=self.seq_len, vocab_size=self.vocab_size or data_vocab)
 
 
 @dataclass

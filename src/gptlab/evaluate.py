@@ -70,8 +70,8 @@ def evaluate_val_loss(
     bar = progress(val_windows(val, seq_len=seq_len, max_tokens=max_tokens) // world * seq_len,
                    "val loss", "tok", show_progress and rank == 0, unit_scale=True)  # rank 0's share
     with bar, eval_mode(net), torch.no_grad():
-        for x, y in iter_val_batches(val, seq_len=seq_len, batch_size=batch_size,
-                                     max_tokens=max_tokens, rank=rank, world_size=world):
+        for x, y in iter_val_batches(val, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                                     rank=rank, world_size=world, model_vocab=_vocab_of(net)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with ctx():
                 logits, loss = net(x, y)
@@ -97,6 +97,11 @@ def evaluate_val_loss(
         out["bytes"] = int(total_bytes[0])
         out["bits_per_byte"] = total_loss / math.log(2) / total_bytes[0] if total_bytes[0] else None
     return out
+
+
+def _vocab_of(net) -> int | None:
+    cfg = getattr(net, "config", None)
+    return getattr(cfg, "vocab_size", None)
 
 
 def token_byte_lengths(tokenizer) -> list[int]:

@@ -182,6 +182,9 @@ def generate(model: torch.nn.Module, prompt: Sequence[int], *, num_samples: int 
         raise UserError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
     check_sampling(temperature, top_k, top_p)
     cfg = model.config
+    if prompt and max(prompt) >= cfg.vocab_size:  # e.g. GPT-2's end-of-text on a --vocab-size model
+        raise UserError(f"the prompt holds id {max(prompt)}, outside the model's vocabulary of {cfg.vocab_size}: "
+                        f"the model was trained on ids below {cfg.vocab_size} and cannot read this text")
     prompt, n_new = fit_prompt(prompt, cfg.seq_len, max_new_tokens)
     device = next(model.parameters()).device
     if generator is None:

@@ -438,7 +438,7 @@ def build_model(cfg: TrainConfig) -> GPT:
         return GPT(cfg.model_config())
     pretrained, _ = ckpt_mod.load_model(cfg.init_from, device="cpu")
     pre = pretrained.config
-    for name in ("n_layer", "n_head", "n_embd"):
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) != getattr(pre, name):
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: --init-from {cfg.init_from} has "
                             f"{name} {getattr(pre, name)}, and the pretrained model decides the shape; drop the flag")
@@ -452,6 +452,21 @@ def build_model(cfg: TrainConfig) -> GPT:
     sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:seq]  # keep the first T positions
     ckpt_mod.load_weights(model, sd, source=str(cfg.init_from))
     return model
+
+
+def reads_text(model, cfg: TrainConfig, announce: bool, say) -> bool:
+    """Whether the model's vocabulary holds its tokenizer's ids. A smaller one (--vocab-size, for
+    data of small ids) cannot read text: samples are skipped, said once; text evaluations refused."""
+    tok = model_tokenizer(model)
+    if model.config.vocab_size >= tok.vocab_size:
+        return True
+    why = (f"the model's vocabulary of {model.config.vocab_size} (--vocab-size) is smaller than its "
+           f"tokenizer's {tok.vocab_size:,} ids")
+    if cfg.hellaswag or cfg.eval_tasks:
+        raise UserError(f"--hellaswag and --eval-tasks score text, but {why}")
+    if cfg.sample_tokens > 0 and announce:
+        say(f"no samples: {why}")
+    return False
 
 
 def _model_tokenizer(cfg: TrainConfig, model, ckpt: Path | None) -> tuple:
@@ -509,7 +524,8 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, T, env.world_size, self.batch_size)
         self.loader = TrainLoader(cfg.data, seq_len=T, batch_size=self.batch_size, grad_accum=self.accum,
                                   rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-                                  cache=cfg.data_cache, disk_budget=cfg.data_disk_budget)
+                                  cache=cfg.data_cache, disk_budget=cfg.data_disk_budget,
+                                  model_vocab=model.config.vocab_size)
         self.steps = total_steps(cfg, self.loader)
         self.warmup = warmup_for(cfg, self.steps)
         design = PRESETS[cfg.model].seq_len if cfg.model in PRESETS else T
@@ -548,6 +564,7 @@ class Trainer:
                                         resume_step=self.step if ckpt is not None else None,
                                         config={"model": model.config.to_dict(), "train": cfg.to_dict()})
             self._announce(model.num_params(), ckpt)
+        self.reads_text = reads_text(ckpt_mod.raw_model(model), cfg, env.is_main and ckpt is None, self.say)
         self.hellaswag_path = self._find_hellaswag() if cfg.hellaswag else None
         self.tasks = _task_runner(cfg) if cfg.eval_tasks and env.is_main else None
         """harness.TaskRunner of --eval-tasks (rank 0), or None"""
@@ -856,7 +873,7 @@ class Trainer:
                      f"{hs['harness']['acc_norm']:.4f} (harness), n={hs['completion']['n']}")
         if cfg.eval_tasks:
             self._evaluate_tasks()
-        if cfg.sample_tokens > 0 and (env.is_main or cfg.fsdp):
+        if cfg.sample_tokens > 0 and (env.is_main or cfg.fsdp) and self.reads_text:
             # under FSDP every rank takes part in the sharded forward passes; rank 0 writes
             self._write_samples()
         self.model.train()

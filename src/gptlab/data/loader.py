@@ -106,9 +106,10 @@ class Permutation:
 class _Windows:
     """The windows of one split: window i of shard s starts at token i*T and spans T+1 tokens."""
 
-    def __init__(self, shards: list[sh.Shard], seq_len: int) -> None:
+    def __init__(self, shards: list[sh.Shard], seq_len: int, model_vocab: int | None = None) -> None:
         self.shards = shards
         self.T = seq_len
+        self.model_vocab = model_vocab  # ids are checked against it too (a --vocab-size model)
         counts = np.array([max(0, (s.tokens - 1) // seq_len) for s in shards], dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(counts)])  # (S+1,) first window id of each shard
         self.count = int(self.start[-1])
@@ -121,7 +122,7 @@ class _Windows:
         m = self._maps.get(s)
         if m is None:
             # a plain ndarray view: slicing an np.memmap object costs several times more
-            m = self._maps[s] = sh.open_checked(self.shards[s]).view(np.ndarray)
+            m = self._maps[s] = sh.open_checked(self.shards[s], self.model_vocab).view(np.ndarray)
         return m
 
     def gather(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,11 +193,12 @@ class _ChatRows:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def open_windows(shards: list[sh.Shard], seq_len: int) -> "_Windows | _ChatRows":
-    """A split's training examples: windows of a token stream, or the rows of a chat split."""
+def open_windows(shards: list[sh.Shard], seq_len: int, model_vocab: int | None = None) -> "_Windows | _ChatRows":
+    """A split's training examples: windows of a token stream, or the rows of a chat split.
+    model_vocab: a --vocab-size model's vocabulary, below which a token stream's ids must be."""
     if shards and shards[0].mask is not None:
         return _ChatRows(shards, seq_len)
-    return _Windows(shards, seq_len)
+    return _Windows(shards, seq_len, model_vocab)
 
 
 def _fingerprint(shards: list[sh.Shard] | list[sh.Entry]) -> str:
@@ -313,9 +315,12 @@ class TrainLoader:
     def __init__(self, data_dir, *, seq_len: int, batch_size: int, grad_accum: int = 1,
                  rank: int = 0, world_size: int = 1, seed: int = 1337, split: str = "train",
                  cache: str | Path | None = None, disk_budget: int | str | None = None,
-                 ahead: int = st.DEFAULT_AHEAD, retry: st.Retry | None = None) -> None:
+                 ahead: int = st.DEFAULT_AHEAD, retry: st.Retry | None = None,
+                 model_vocab: int | None = None) -> None:
         """data_dir: a dataset directory, an http(s) URL or hf://datasets/OWNER/NAME[/DIR]. For
-        the last two, shards are streamed through `cache` within `disk_budget` (see gptlab.data.stream)."""
+        the last two, shards are streamed through `cache` within `disk_budget` (see gptlab.data.stream).
+        model_vocab: the model's vocabulary where it is smaller than the data's (ids are checked)."""
+        self.model_vocab = model_vocab
         _check_positive(seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, world_size=world_size)
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise UserError(f"rank must be in [0, {world_size}), got {rank!r}")
@@ -328,7 +333,7 @@ class TrainLoader:
         if is_remote(data_dir):
             self._open_stream(cache, disk_budget, ahead, retry)
         else:
-            self._windows = open_windows(_split_shards(data_dir, split), seq_len)
+            self._windows = open_windows(_split_shards(data_dir, split), seq_len, model_vocab)
             self.windows_per_epoch = self._windows.count
             self._fp = self._windows.fingerprint()
         self.tokens_per_epoch = self.windows_per_epoch * seq_len
@@ -468,7 +473,7 @@ class TrainLoader:
                 s = int(shard[use == u][0])
                 path = self._stream.get(u)
                 toks = sh.open_tokens(path, self._stream.train[s].tokens)  # verified when it was fetched
-                sh.check_vocab(toks, str(path), sh.manifest_vocab_size(self._stream.ds.manifest))
+                sh.check_vocab(toks, str(path), sh.manifest_vocab_size(self._stream.ds.manifest), self.model_vocab)
                 self._current = (u, toks.view(np.ndarray))
             toks = self._current[1]
             for r in np.flatnonzero(use == u).tolist():
@@ -513,7 +518,8 @@ class TrainLoader:
 
 
 def iter_val_batches(data, *, seq_len: int, batch_size: int, max_tokens: int | None = None,
-                     rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     rank: int = 0, world_size: int = 1,
+                     model_vocab: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """x, y (b, T) int64 batches of the val split's first windows in order (b = batch_size, the
     last batch of a rank may be smaller). max_tokens limits the windows to max_tokens // T. The
     windows are cut into world_size contiguous parts, so their union is the same for any world
@@ -523,7 +529,7 @@ def iter_val_batches(data, *, seq_len: int, batch_size: int, max_tokens: int | N
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise UserError(f"rank must be in [0, {world_size}), got {rank!r}")
     val = open_val(data)
-    windows = open_windows(list(val.shards), seq_len)
+    windows = open_windows(list(val.shards), seq_len, model_vocab)
     n = windows.count
     if n == 0:
         total = sum(s.tokens for s in windows.shards)

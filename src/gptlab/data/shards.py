@@ -200,15 +200,24 @@ def open_tokens(path: str | Path, n_tokens: int | None = None) -> np.ndarray:
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
-def check_vocab(tokens: np.ndarray, where: str, vocab_size: int = GPT2_VOCAB_SIZE) -> None:
-    """Refuse token ids the model has no embedding for: one vectorised max, about 0.1 s per 100M tokens."""
+def check_vocab(tokens: np.ndarray, where: str, vocab_size: int = GPT2_VOCAB_SIZE,
+                model_vocab: int | None = None) -> None:
+    """Refuse token ids the model has no embedding for: one vectorised max, about 0.1 s per 100M
+    tokens. vocab_size: the data's tokenizer's; model_vocab: a smaller model's own (--vocab-size)."""
+    if model_vocab is not None and model_vocab < vocab_size:
+        if len(tokens) and int(tokens.max()) >= model_vocab:
+            bad = int(np.argmax(tokens >= model_vocab))
+            raise UserError(f"shard {where}: token {bad} is id {int(tokens[bad])}, outside the model's vocabulary "
+                            f"of {model_vocab} (--vocab-size); give a vocabulary that holds the data's ids")
+        return
     if len(tokens) and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
-        raise UserError(f"shard {where}: token {bad} is id {int(tokens[bad])}, outside GPT-2's vocabulary of "
+        name = "GPT-2's vocabulary" if vocab_size == GPT2_VOCAB_SIZE else "the dataset tokenizer's vocabulary"
+        raise UserError(f"shard {where}: token {bad} is id {int(tokens[bad])}, outside {name} of "
                         f"{vocab_size}; the shard is corrupt or from another tokenizer")
 
 
-def open_checked(shard: "Shard", vocab_size: int | None = None) -> np.ndarray:
+def open_checked(shard: "Shard", vocab_size: int | None = None, model_vocab: int | None = None) -> np.ndarray:
     """A shard's tokens for training or evaluation, checked first: its bytes against the manifest's
     sha256 (when it has one) and its ids against the vocabulary."""
     if shard.sha256 is not None:
@@ -217,7 +226,7 @@ def open_checked(shard: "Shard", vocab_size: int | None = None) -> np.ndarray:
             raise UserError(f"shard {shard.path}: content does not match the manifest's sha256 (corrupt or "
                             f"changed since prepare); run `gptlab data verify` and prepare it again")
     tokens = open_tokens(shard.path, shard.tokens)
-    check_vocab(tokens, str(shard.path), vocab_size or shard.vocab_size)
+    check_vocab(tokens, str(shard.path), vocab_size or shard.vocab_size, model_vocab)
     return tokens
 
 
