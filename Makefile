@@ -73,6 +73,7 @@ demo: $(CORE)
 # Benchmarks against peers, side by side in one run each; results go in benchmarks/RESULTS.md by hand.
 bench: setup
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/dist.py
 	$(BIN)/python benchmarks/loader.py

@@ -95,7 +95,8 @@ def test_fp16_model_gradients_with_grad_scaler():
 
 def test_chunk_rows_sized_for_the_device():
     cpu = FusedHeadLoss.chunk_rows(torch.device("cpu"), 50304, 16384)
-    assert cpu == (1 << 22) // 50304
+    assert cpu == (1 << 25) // 50304  # 667 rows: 128 MiB of fp32 logits at most
+    assert FusedHeadLoss.chunk_rows(torch.device("cpu"), 50304, 512) == 512  # gpt2 at B=4, T=128: one chunk
     # CUDA with plenty of free memory: a few large chunks, not ~200 small ones
     rows = FusedHeadLoss.chunk_rows(torch.device("cuda"), 50304, 16384, free_bytes=60 << 30)
     assert rows % 64 == 0 and 16384 / rows <= 8

@@ -87,3 +87,14 @@ def test_runtime_sources_use_no_deprecated_tf32_flags():
 
     src = inspect.getsource(gptlab.runtime)
     assert ".allow_tf32 =" not in src
+
+
+def test_freed_host_memory_is_reused_on_glibc():
+    """The mallopt thresholds are raised where glibc is the C library; nothing is tried elsewhere."""
+    import platform
+    import sys
+
+    from gptlab.runtime import reuse_freed_host_memory
+
+    applied = reuse_freed_host_memory()
+    assert applied == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

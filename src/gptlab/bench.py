@@ -18,7 +18,7 @@ from gptlab.config import BenchConfig
 from gptlab.model import GPT
 from gptlab.optim import make_adamw
 from gptlab.parallel import place
-from gptlab.runtime import Runtime, get_runtime, native_bf16_matmul
+from gptlab.runtime import Runtime, get_runtime, native_bf16_matmul, reuse_freed_host_memory
 from gptlab.train import find_batch_size, train_step
 
 
@@ -27,6 +27,8 @@ def run_bench(cfg: BenchConfig) -> dict | None:
     cfg.validate()
     mcfg = cfg.model_config()
     rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
+    if rt.device.type == "cpu":
+        reuse_freed_host_memory()  # as training does: no page faults for each step's buffers
     env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
     rt.device = env.device(rt.device)
     if rt.dtype == torch.bfloat16 and not native_bf16_matmul(rt.device) and env.is_main:

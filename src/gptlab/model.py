@@ -264,8 +264,12 @@ class GPT(nn.Module):
 class FusedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of (x @ W.T) over the real vocabulary, with the gradients for x and W
     computed in the same pass, a chunk of rows at a time. Same arithmetic as lm_head + cross_entropy,
-    but no (N, V) logits, log-softmax or gradient tensor is ever materialised: each chunk's
-    logits are used while they are still in cache (CPU) or in one large kernel (CUDA).
+    but no (N, V) logits, log-softmax or gradient tensor is ever materialised: the softmax and its
+    gradient are written over each chunk's logits in place, and the weight gradient is accumulated
+    in place (addmm_) chunk after chunk, never as a V x C temporary per chunk. Chunks are large
+    (up to 128 MiB of logits on a CPU, 1 GiB on CUDA): each chunk is another pass over W and its
+    gradient, which on a CPU costs more than the chunk's logits falling out of cache (2^25 elements
+    ran the gpt2 head about 1.5x faster than 2^22, benchmarks/RESULTS.md).
 
     Precision: matmuls run in the autocast dtype if one is active, with fp32 outputs on CUDA; the
     softmax, the loss and the accumulated gradients are fp32. The per-logit gradient is kept
@@ -273,12 +277,12 @@ class FusedHeadLoss(torch.autograd.Function):
     the token count first (65,536 tokens, say), it would underflow fp16. The 1/n and the incoming
     gradient (a loss scale under fp16) are applied in fp32, in backward."""
 
-    CHUNK_ELEMENTS = 1 << 22  # CPU: rows per chunk x padded vocab, about 16 MB of fp32 logits
+    CHUNK_ELEMENTS = 1 << 25  # CPU: rows per chunk x padded vocab, 128 MiB of fp32 logits at most
     CUDA_CHUNK_BYTES = 1 << 30  # CUDA: at most this much chunk memory (and 1/8 of what is free)
 
     @staticmethod
     def chunk_rows(device: torch.device, padded_vocab: int, n_rows: int, free_bytes: int | None = None) -> int:
-        """Rows per chunk: cache-sized on a CPU; on CUDA a few large chunks (a multiple of 64 rows)
+        """Rows per chunk: CHUNK_ELEMENTS logits at most on a CPU; on CUDA a few large chunks (a multiple of 64 rows)
         within CUDA_CHUNK_BYTES and an eighth of the free memory. A chunk holds about 10 bytes per
         logit: its fp32 logits, the matmul-dtype copy and the gradient."""
         if device.type != "cuda":
@@ -304,7 +308,7 @@ class FusedHeadLoss(torch.autograd.Function):
             safe_t = torch.where(valid, targets, torch.zeros_like(targets))
             # both gradients are accumulated unnormalised (sum over tokens); backward divides by n
             grad_x = torch.empty(N, C, dtype=torch.float32, device=x.device)
-            grad_w = torch.zeros(Vp, C, dtype=torch.float32, device=x.device)
+            grad_w = torch.empty(Vp, C, dtype=torch.float32, device=x.device)
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
             rows = FusedHeadLoss.chunk_rows(x.device, Vp, N)
             for a in range(0, N, rows):
@@ -322,8 +326,9 @@ class FusedHeadLoss(torch.autograd.Function):
                 probs[ar, t] -= 1.0
                 probs.mul_(m.unsqueeze(1))
                 g = probs.to(mm_dtype)  # (c, Vp), entries in [-1, 1]
-                grad_x[a:b] = _mm_fp32(g, w)
-                grad_w += _mm_fp32(g.t(), xs[a:b])  # (Vp, C)
+                _mm_fp32_into(grad_x[a:b], g, w)
+                _mm_fp32_into(grad_w, g.t(), xs[a:b], accumulate=a > 0)  # (Vp, C)
+                del logits, probs, g  # freed before the next chunk's logits: one chunk at a time
         ctx.save_for_backward(grad_x, grad_w, n_valid)
         ctx.dtypes = (x.dtype, weight.dtype)
         return loss / n_valid
@@ -333,8 +338,9 @@ class FusedHeadLoss(torch.autograd.Function):
         grad_x, grad_w, n_valid = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
         # the incoming gradient (a loss scale under fp16) and 1/n meet the sums in fp32, then cast
+        # in place: each is a (N, C) or (V, C) fp32 buffer this backward is the only user of
         scale = grad_out.float() / n_valid
-        return (grad_x * scale).to(x_dtype), (grad_w * scale).to(w_dtype), None, None, None
+        return grad_x.mul_(scale).to(x_dtype), grad_w.mul_(scale).to(w_dtype), None, None, None
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -343,3 +349,15 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype != torch.float32 and a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
+
+
+def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out (fp32) = a @ b, or out += a @ b with accumulate. In fp32 the product is written or added
+    in place (addmm_: no temporary the size of out, which for the head's weight gradient is V x C);
+    a half-precision product goes through _mm_fp32."""
+    if a.dtype == torch.float32:
+        out.addmm_(a, b, beta=1.0 if accumulate else 0.0)  # beta 0: out's old contents are ignored
+    elif accumulate:
+        out += _mm_fp32(a, b)
+    else:
+        out.copy_(_mm_fp32(a, b))

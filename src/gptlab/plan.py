@@ -17,8 +17,11 @@ width C, L layers, padded vocabulary V, and b the bytes of the compute dtype (4 
                    c_proj input, the MLP input, and 4 C each for the GELU input and output), 38 under
                    autocast (the two LayerNorm inputs stay fp32: 2 x 4 + 15 x 2)
                B T C 8: the final LayerNorm input and the fused head's input gradient (fp32)
-               head: uncompiled, the fused loss keeps a V x C fp32 weight gradient and 16 MiB chunks of
-                   logits (4 V C + 2 x 16 MiB); compiled, the logits and their fp32 softmax (B T V (b + 4))
+               head: uncompiled, the fused loss keeps a V x C fp32 weight gradient and one chunk of
+                   K = min(B T V, 2^25) fp32 logits (the CPU's chunk; the softmax and its gradient
+                   overwrite them), plus their b-byte copy under autocast: 4 V C + K (4 + b), or 4 V C + 4 K
+                   in fp32 (CUDA sizes its chunks from its free memory, up to 1 GiB: not modelled here);
+                   compiled, the logits and their fp32 softmax (B T V (b + 4))
   total        the sum; it fits when total + 1 GiB (CUDA context, allocator slack) <= --gpu-memory
 
 Checked against measured peak memory of CPU runs in benchmarks/plan_memory.py (see README).
@@ -36,7 +39,7 @@ from gptlab.units import parse_size
 
 GIB = 1 << 30
 RESERVE = 1 * GIB  # CUDA context, cuBLAS workspaces, caching-allocator slack
-CHUNK_BYTES = 16 << 20  # model.FusedHeadLoss: rows x padded vocab of fp32 logits per chunk
+CHUNK_ELEMENTS = 1 << 25  # model.FusedHeadLoss.CHUNK_ELEMENTS: at most rows x padded vocab logits per chunk
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -83,7 +86,8 @@ class MemoryPlan:
         per_layer = 68 if b == 4 else 38
         if cfg.dropout > 0:
             per_layer += 3  # three 1-byte masks (attention output, residual, MLP) per C
-        head = B * T * V * (b + 4) if self.compiled else 4 * V * C + 2 * CHUNK_BYTES
+        chunk = min(B * T, max(1, CHUNK_ELEMENTS // V)) * V  # logits: model.FusedHeadLoss.chunk_rows on a CPU
+        head = B * T * V * (b + 4) if self.compiled else 4 * V * C + chunk * (4 + (b if b < 4 else 0))
         return L * B * T * C * per_layer + B * T * C * 8 + head
 
     def total(self) -> int:

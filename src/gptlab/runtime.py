@@ -179,3 +179,28 @@ def get_runtime(device: str | None = None, dtype: str | None = None, compile: bo
     if compile is None:
         compile = dev.type == "cuda"
     return Runtime(device=dev, dtype=dt, compile=compile)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_host_memory() -> bool:
+    """Keep freed host memory in the process for the next training step, on Linux with glibc.
+
+    glibc serves large blocks (above its mmap threshold, 128 KiB to 32 MiB) with fresh mappings and
+    unmaps them when freed, so every CPU training step faults in and zeroes its gradients, logits and
+    activations anew: 160,000 page faults and 0.3 s of system time a step at gpt2, B=4, T=128.
+    With the mmap threshold at 1 GiB and trimming off, the freed blocks stay in the heap and are
+    reused. What is computed does not change; the process's resident memory stays at its peak.
+    Returns whether it was applied (not elsewhere: other C libraries, macOS, Windows)."""
+    import ctypes
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False

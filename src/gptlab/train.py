@@ -49,7 +49,7 @@ from gptlab.optim import as_list, lr_at, make_optimizers, scale_lr
 from gptlab.parallel import Placed, load_optimizer, place, place_sharded
 from gptlab.plot import plot_run
 from gptlab.rundir import RunDir
-from gptlab.runtime import Runtime, get_runtime
+from gptlab.runtime import Runtime, get_runtime, reuse_freed_host_memory
 from gptlab.chat import bind_chat
 from gptlab.tokenizer import (bind_data_tokenizer, get_tokenizer, model_tokenizer, read_model_dir_tokenizer,
                               val_tokenizer)
@@ -957,6 +957,8 @@ def train(cfg: TrainConfig, resume: bool | str = False, resume_flags: dict[str, 
     try:
         cfg, ckpt = _resolve_run(cfg, run, resume, resume_flags or {}, env.is_main)
         rt = get_runtime(cfg.device, cfg.dtype, cfg.compile)
+        if rt.device.type == "cpu":
+            reuse_freed_host_memory()  # no page faults for each step's gradients and activations
         env = dist.init(rt.device.type, timeout_s=cfg.dist_timeout)
         rt.device = env.device(rt.device)
         try:
