@@ -18,6 +18,8 @@ from gptlab import watchdog
 TINY = ["--model", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--vocab-size", "320",
         "--total-batch-tokens", "512", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-tokens", "1024", "--sample-tokens", "0", "--device", "cpu"]
+# the same without --vocab-size: a model that reads text (the harness tasks need one)
+TEXT = [a for i, a in enumerate(TINY) if "--vocab-size" not in (a, TINY[i - 1])]
 
 
 def env(**extra):
@@ -224,7 +226,7 @@ def test_slow_eval_tasks_and_checkpoint_on_rank0_outlast_the_dist_timeout(data_d
                                                                           plain_barrier):
     run = tmp_path / "run"
     hooks = dict(SLOW_SAVE=14, SLOW_TASKS=14, **({"PLAIN_BARRIER": 1} if plain_barrier else {}))
-    r = subprocess.run(torchrun(train_script, "train", *TINY, "--data", str(data_dir), "--out", str(run),
+    r = subprocess.run(torchrun(train_script, "train", *TEXT, "--data", str(data_dir), "--out", str(run),
                                 "--max-steps", "3", "--eval-every", "2", "--checkpoint-every", "3",
                                 "--eval-tasks", "fake", "--dist-timeout", "6", "--stall-timeout", "0"),
                        capture_output=True, text=True, timeout=300, env=env(**hooks))

@@ -122,7 +122,7 @@ class _Windows:
         m = self._maps.get(s)
         if m is None:
             # a plain ndarray view: slicing an np.memmap object costs several times more
-            m = self._maps[s] = sh.open_checked(self.shards[s], self.model_vocab).view(np.ndarray)
+            m = self._maps[s] = sh.open_checked(self.shards[s], model_vocab=self.model_vocab).view(np.ndarray)
         return m
 
     def gather(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
