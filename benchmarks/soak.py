@@ -68,6 +68,9 @@ class Fault:
     redone: int = 0  # steps trained again after it (the work lost)
     note: str = ""
     t: float = 0.0
+    over: bool = False
+    # set once the fault's condition has ended (the server back, the disk freed; at once for a signal):
+    # the next fault waits for it, so that each recovery is that fault's own and no other's
 
 
 @dataclass
@@ -205,8 +208,13 @@ class Supervisor:
     def _watch(self, proc: subprocess.Popen) -> None:
         self._read_log()
         self.high = max(self.high, last_step(self.run))
-        if self.current is not None and self.high > self.current.at_step + 10:
-            self.current.survived = True  # training went on past the next checkpoint
+        fault = self.current
+        if fault is not None and fault.kind == "disk" and not fault.over \
+                and (self.high > fault.at_step + 12 or time.time() > fault.t + 15.0):
+            self.disk.free()  # a checkpoint save has met the full disk (or 15 s passed)
+            fault.over = True
+        if fault is not None and fault.over and self.high > fault.at_step + 10:
+            fault.survived = True  # training went on past the next checkpoint, the fault over
             self.current = None
         if self.current is None:
             due = next((f for f in self.plan if not f.injected and self.high >= f.at_step), None)
@@ -228,6 +236,7 @@ class Supervisor:
         self.report.injected.append(fault)
         ranks = workers(proc.pid)
         rank = self.rng.choice(sorted(ranks)) if ranks else None
+        fault.over = fault.kind in ("kill", "stop", "term")  # a signal is over once sent
         if fault.kind == "kill" and rank is not None:
             os.kill(ranks[rank], signal.SIGKILL)
             fault.note = f"rank {rank}"
@@ -237,7 +246,7 @@ class Supervisor:
         elif fault.kind == "term":
             proc.send_signal(signal.SIGTERM)
         elif fault.kind == "server":
-            threading.Thread(target=self.server.down, args=(20.0,), daemon=True).start()
+            threading.Thread(target=self.server.down, args=(20.0, fault), daemon=True).start()
             fault.note = "20 s"
         elif fault.kind == "disk":
             if not self.disk.mounted:
@@ -245,9 +254,8 @@ class Supervisor:
                 fault.injected = False
                 self.current = None
                 return
-            self.disk.fill()
-            threading.Timer(15.0, self.disk.free).start()
-            fault.note = "15 s"
+            self.disk.fill()  # freed by _watch once a checkpoint save has met it, or after 15 s
+            fault.note = "until a save met it, at most 15 s"
         else:
             fault.note, fault.injected, self.current = "no worker to signal", False, None
 
@@ -272,12 +280,13 @@ class Server:
         self.url = self.srv.url
         self.requests: list[str] = self.srv.requests
 
-    def down(self, seconds: float) -> None:
+    def down(self, seconds: float, fault: Fault) -> None:
         self.srv.stop()
         time.sleep(seconds)
         srv = ShardServer(self.root, port=self.port)
         srv.requests = self.requests
         self.srv = srv
+        fault.over = True
 
     def stop(self) -> None:
         self.srv.stop()
