@@ -31,7 +31,7 @@ is being trained compiled or wrapped, and it restores each module's train/eval m
 from __future__ import annotations
 
 import functools
-import json
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from gptlab import dist, downloads
+from gptlab import dist, downloads, jsonl
 from gptlab.atomic import sha256_file
 from gptlab.config import EOT_TOKEN, HELLASWAG_REFERENCES
 from gptlab.errors import UserError
@@ -153,25 +153,8 @@ def load_hellaswag(path: str | Path, limit: int | None = None) -> list[HellaSwag
     """Items of a HellaSwag jsonl file (the first `limit` of them); errors name the line."""
     path = Path(path)
     items: list[HellaSwagItem] = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(items) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-                items.append(parse_item(obj, where))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such HellaSwag file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a HellaSwag jsonl file") from None
+    for where, obj in itertools.islice(jsonl.rows(path, "HellaSwag file"), limit):  # none read past `limit`
+        items.append(parse_item(obj, where))
     if not items:
         raise UserError(f"{path}: no HellaSwag items in the file")
     return items

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gptlab import chat
+from gptlab import chat, jsonl
 from gptlab import tokenizer as tk
 from gptlab.data import shards as sh
 from gptlab.data.prepare import val_plan
@@ -37,20 +37,7 @@ def read_conversations(paths: list[str | Path]) -> list[tuple[str, list[dict[str
         raise UserError("prepare chat: give one or more .jsonl files of {\"messages\": [...]} lines")
     out = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise UserError(f"{path}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not JSON ({e.msg})") from None
+        for where, row in jsonl.rows(path, "file"):
             if not isinstance(row, dict) or "messages" not in row:
                 raise UserError(f"{where}: expected an object with \"messages\"")
             out.append((where, chat.check_messages(row["messages"], where)))

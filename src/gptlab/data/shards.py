@@ -204,17 +204,17 @@ def check_vocab(tokens: np.ndarray, where: str, vocab_size: int = GPT2_VOCAB_SIZ
                 model_vocab: int | None = None) -> None:
     """Refuse token ids the model has no embedding for: one vectorised max, about 0.1 s per 100M
     tokens. vocab_size: the data's tokenizer's; model_vocab: a smaller model's own (--vocab-size)."""
-    if model_vocab is not None and model_vocab < vocab_size:
-        if len(tokens) and int(tokens.max()) >= model_vocab:
-            bad = int(np.argmax(tokens >= model_vocab))
-            raise UserError(f"shard {where}: token {bad} is id {int(tokens[bad])}, outside the model's vocabulary "
-                            f"of {model_vocab} (--vocab-size); give a vocabulary that holds the data's ids")
+    smaller = model_vocab is not None and model_vocab < vocab_size
+    limit = model_vocab if smaller else vocab_size
+    if not len(tokens) or int(tokens.max()) < limit:
         return
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        bad = int(np.argmax(tokens >= vocab_size))
+    bad = int(np.argmax(tokens >= limit))
+    if smaller:
+        why = (f"the model's vocabulary of {limit} (--vocab-size); give a vocabulary that holds the data's ids")
+    else:
         name = "GPT-2's vocabulary" if vocab_size == GPT2_VOCAB_SIZE else "the dataset tokenizer's vocabulary"
-        raise UserError(f"shard {where}: token {bad} is id {int(tokens[bad])}, outside {name} of "
-                        f"{vocab_size}; the shard is corrupt or from another tokenizer")
+        why = f"{name} of {limit}; the shard is corrupt or from another tokenizer"
+    raise UserError(f"shard {where}: token {bad} is id {int(tokens[bad])}, outside {why}")
 
 
 def open_checked(shard: "Shard", vocab_size: int | None = None, model_vocab: int | None = None) -> np.ndarray:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from gptlab import jsonl
 from gptlab.downloads import cache_dir as cache_dir_for
 from gptlab.downloads import fetch_cached
 from gptlab.errors import UserError
@@ -220,38 +220,12 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return out
 
 
-def _jsonl_count(path: Path) -> int:
-    n = 0
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                if line.strip():
-                    n += 1
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    return n
-
-
 def _jsonl_docs(path: Path, text_field: str, skip: int) -> Iterator[str]:
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if skip:  # already in complete shards: not even parsed
-                skip -= 1
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})") from None
-            text = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{lineno}: no string field {text_field!r} (choose one with --text-field)")
-            yield text
+    for where, obj in jsonl.rows(path, skip=skip):  # the skipped lines are in complete shards: not parsed
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f"{where}: no string field {text_field!r} (choose one with --text-field)")
+        yield text
 
 
 def _parquet_file(path: Path, text_field: str):
@@ -295,7 +269,7 @@ def files_source(patterns: list[str], text_field: str = "text") -> Source:
         if kind == ".txt":
             return 1
         if kind == ".jsonl":
-            return _jsonl_count(p)
+            return jsonl.count(p)
         return _parquet_file(p, text_field).metadata.num_rows
 
     def count_all() -> list[int]:
