@@ -252,6 +252,22 @@ def make_gptlab():
     return random_gptlab
 
 
+# Three conversations in the OpenAI `messages` form: a system turn, two assistant turns, a short one.
+CHAT_CONVERSATIONS = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+     {"role": "assistant", "content": "Hello."}],
+    [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."},
+     {"role": "user", "content": "And three?"}, {"role": "assistant", "content": "Five, well, six."}],
+    [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}],
+]
+
+
+def write_chat_jsonl(path: Path, convs) -> Path:
+    """convs as a conversations file for `gptlab prepare chat`: one {"messages": [...]} a line."""
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs), encoding="utf-8")
+    return path
+
+
 def make_toy_data(d: Path, val_tokens: int = 20_000, train_tokens: int = 200_000) -> Path:
     """A learnable toy dataset (markov_tokens) of one val and one train shard in directory d."""
     d.mkdir(parents=True, exist_ok=True)

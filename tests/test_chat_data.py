@@ -5,23 +5,13 @@ import json
 import numpy as np
 import pytest
 
+from conftest import CHAT_CONVERSATIONS as CONVS
+from conftest import write_chat_jsonl as write_jsonl
 from gptlab import chat
 from gptlab.data import shards as sh
 from gptlab.data.prepare_chat import prepare_chat
 from gptlab.tokenizer import get_tokenizer
 
-CONVS = [
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
-     {"role": "assistant", "content": "Hello."}],
-    [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."},
-     {"role": "user", "content": "And three?"}, {"role": "assistant", "content": "Five, well, six."}],
-    [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}],
-]
-
-
-def write_jsonl(path, convs):
-    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs), encoding="utf-8")
-    return path
 
 
 def test_template_ids_and_mask():

@@ -1,34 +1,26 @@
 """SFT on a chat dataset: the loss is cross-entropy over the assistant tokens only, one conversation
 a row (no attention across conversations), and resume stays exact."""
 
-import json
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_gptlab, read_metrics
+from conftest import CHAT_CONVERSATIONS as CONVS
+from conftest import random_gptlab, read_metrics, write_chat_jsonl
 from gptlab import checkpoint as ck
 from gptlab.config import resolve_train_config
 from gptlab.data.prepare_chat import prepare_chat
 from gptlab.tokenizer import get_tokenizer
 from gptlab.train import train
 
-CONVS = [
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
-     {"role": "assistant", "content": "Hello."}],
-    [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."},
-     {"role": "user", "content": "And three?"}, {"role": "assistant", "content": "Five, well, six."}],
-    [{"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}],
-]
 ROLE_ID = {"system": 50257, "user": 50258, "assistant": 50259}
 END = 50260
 
 
 def dataset(tmp_path, convs, name="data", val_fraction=0.0):
-    src = tmp_path / f"{name}.jsonl"
-    src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    src = write_chat_jsonl(tmp_path / f"{name}.jsonl", convs)
     return prepare_chat([src], tmp_path / name, val_fraction=val_fraction)["directory"]
 
 
