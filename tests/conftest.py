@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,54 @@ def write_chat_jsonl(path: Path, convs) -> Path:
     """convs as a conversations file for `gptlab prepare chat`: one {"messages": [...]} a line."""
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs), encoding="utf-8")
     return path
+
+
+def chat_test_model(seed: int = 5):
+    """A random gptlab model with the chat template and tokens, its <|end|> (50260) made likely so
+    that some replies end at the end-of-turn token."""
+    from gptlab import chat
+
+    model = random_gptlab(seed=seed, noise=0.3, vocab_size=50261, chat=chat.TEMPLATE)
+    with torch.no_grad():
+        model.lm_head.weight[50260] += 2.0 * model.transformer.ln_f.weight
+    return model
+
+
+def serve_in_background(model_dir, step_delay: float = 0.0, **cfg_kw):
+    """`with serve_in_background(DIR, ...) as url:` gptlab's server for a model directory, on the CPU
+    in a thread of this process (ServeConfig fields as keywords). step_delay slows every model step,
+    so that streaming is visible; the BackgroundServer's .engine is the engine."""
+    from gptlab.serve import BackgroundServer, ServeConfig, load_engine
+
+    cfg = ServeConfig(model=str(model_dir), device="cpu", **cfg_kw)
+    engine, name = load_engine(cfg, status=lambda m: None)
+    if step_delay:
+        hidden = engine.model.hidden
+
+        def slow(*a, **k):
+            time.sleep(step_delay)
+            return hidden(*a, **k)
+
+        engine.model.hidden = slow
+    return BackgroundServer(engine, cfg, name)
+
+
+def post_json(url: str, body, headers: dict | None = None, raw: bytes | None = None):
+    """POST JSON (or `raw` bytes) with the standard library: (status, the parsed body, or its text)."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
 
 
 def make_toy_data(d: Path, val_tokens: int = 20_000, train_tokens: int = 200_000) -> Path:

@@ -23,10 +23,9 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from conftest import random_gptlab, run_gptlab  # noqa: E402
+from conftest import post_json, random_gptlab, run_gptlab, serve_in_background  # noqa: E402
 from gptlab.checkpoint import save_model  # noqa: E402
 from gptlab.generate import generate_ids  # noqa: E402
-from gptlab.serve import BackgroundServer, ServeConfig, load_engine  # noqa: E402
 from gptlab.serve_engine import Engine, SamplingParams, Sequence, TextState  # noqa: E402
 from gptlab.tokenizer import get_tokenizer  # noqa: E402
 
@@ -55,15 +54,9 @@ def reference(model_dir):
     return {s["prompt"]: s["text"] for s in samples}
 
 
-def start(model_dir, **cfg_kw) -> BackgroundServer:
-    cfg = ServeConfig(model=str(model_dir), device="cpu", **cfg_kw)
-    engine, name = load_engine(cfg, status=lambda m: None)
-    return BackgroundServer(engine, cfg, name)
-
-
 @pytest.fixture(scope="module")
 def server(model_dir):
-    bg = start(model_dir, max_tokens_cap=48, max_n=4, max_body_bytes=64 * 1024)
+    bg = serve_in_background(model_dir, max_tokens_cap=48, max_n=4, max_body_bytes=64 * 1024)
     with bg as url:
         yield bg, url
 
@@ -71,21 +64,6 @@ def server(model_dir):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def post(url: str, body, headers: dict | None = None, raw: bytes | None = None) -> tuple[int, dict | str]:
-    """POST JSON with the standard library: (status, parsed body or text)."""
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, text = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        status, text = e.code, e.read().decode()
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
 
 
 # ----------------------------------------------------------------------------- the openai client
@@ -209,7 +187,7 @@ def test_engine_joins_at_step_boundary_with_rows_of_different_lengths():
 
 
 def test_event_loop_is_not_blocked_by_decoding(model_dir):
-    bg = start(model_dir)
+    bg = serve_in_background(model_dir)
     hidden = bg.engine.model.hidden
 
     def slow_hidden(*a, **k):  # every model step takes 0.3 s (in the worker thread): 3.6 s a request
@@ -218,7 +196,7 @@ def test_event_loop_is_not_blocked_by_decoding(model_dir):
 
     bg.engine.model.hidden = slow_hidden
     with bg as url:
-        t = threading.Thread(target=post, args=(url + "/v1/completions", {"prompt": "x", "max_tokens": 12}))
+        t = threading.Thread(target=post_json, args=(url + "/v1/completions", {"prompt": "x", "max_tokens": 12}))
         t.start()
         time.sleep(0.5)
         assert bg.engine.active  # the request is decoding now
@@ -230,7 +208,7 @@ def test_event_loop_is_not_blocked_by_decoding(model_dir):
 
 
 def test_a_client_that_leaves_frees_its_rows(model_dir):
-    bg = start(model_dir)
+    bg = serve_in_background(model_dir)
     hidden = bg.engine.model.hidden
 
     def slow_hidden(*a, **k):
@@ -278,7 +256,7 @@ def test_streamed_utf8_characters_are_never_split(model_dir):
     tok = get_tokenizer()
     script = tok.encode("a𝄞b𝄞漢")
     assert any("\ufffd" in tok.decode([t]) for t in script)  # some tokens are partial characters
-    bg = start(model_dir)
+    bg = serve_in_background(model_dir)
     logits, step = bg.engine.model.logits, iter(script)
 
     def scripted(h):
@@ -335,39 +313,39 @@ def assert_openai_error(status: int, body, want_status: int, param: str | None =
     ({"prompt": "a", "logprobs": 2}, "logprobs"),
 ])
 def test_bad_inputs_get_400_in_openai_shape(server, body, param):
-    status, got = post(server[1] + "/v1/completions", body)
+    status, got = post_json(server[1] + "/v1/completions", body)
     assert_openai_error(status, got, 400, param)
 
 
 def test_caps_context_json_and_body_size(server, client):
     url = server[1] + "/v1/completions"
-    err = assert_openai_error(*post(url, {"prompt": "a", "max_tokens": 49}), 400, "max_tokens")
+    err = assert_openai_error(*post_json(url, {"prompt": "a", "max_tokens": 49}), 400, "max_tokens")
     assert "48" in err["message"]  # names the cap
-    err = assert_openai_error(*post(url, {"prompt": "a", "n": 5}), 400, "n")
+    err = assert_openai_error(*post_json(url, {"prompt": "a", "n": 5}), 400, "n")
     assert "4" in err["message"]
     long_prompt = " word" * 50  # 50 tokens + 20 new > context 64: over by 6
-    err = assert_openai_error(*post(url, {"prompt": long_prompt, "max_tokens": 20}), 400, "prompt")
+    err = assert_openai_error(*post_json(url, {"prompt": long_prompt, "max_tokens": 20}), 400, "prompt")
     assert err["code"] == "context_length_exceeded" and "by 6" in err["message"]
-    assert_openai_error(*post(url, None, raw=b'{"prompt": "a",'), 400)
-    assert_openai_error(*post(url, None, raw=b'["a list"]'), 400)
-    assert_openai_error(*post(url, None, raw=b"\xff\xfe"), 400)
-    assert_openai_error(*post(url, {"prompt": "a" * 70_000}), 413)
+    assert_openai_error(*post_json(url, None, raw=b'{"prompt": "a",'), 400)
+    assert_openai_error(*post_json(url, None, raw=b'["a list"]'), 400)
+    assert_openai_error(*post_json(url, None, raw=b"\xff\xfe"), 400)
+    assert_openai_error(*post_json(url, {"prompt": "a" * 70_000}), 413)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="m", prompt="a", temperature=-1)
-    status, body = post(server[1] + "/no/such/path", {})
+    status, body = post_json(server[1] + "/no/such/path", {})
     assert_openai_error(status, body, 404)
     # the server still answers afterwards
     assert client.completions.create(model="m", prompt="a", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_api_key(model_dir):
-    with start(model_dir, api_key="s3cret") as url:
+    with serve_in_background(model_dir, api_key="s3cret") as url:
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.completions.create(model="m", prompt="a", max_tokens=2)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-        status, body = post(url + "/v1/completions", {"prompt": "a"})
+        status, body = post_json(url + "/v1/completions", {"prompt": "a"})
         assert_openai_error(status, body, 401)
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="m", prompt="a", max_tokens=2).usage.completion_tokens == 2
@@ -376,7 +354,7 @@ def test_api_key(model_dir):
 
 
 def test_a_fault_is_a_500_and_the_server_keeps_serving(model_dir, caplog):
-    bg = start(model_dir)
+    bg = serve_in_background(model_dir)
     hidden, calls = bg.engine.model.hidden, []
 
     def faulty(*a, **k):
@@ -387,7 +365,7 @@ def test_a_fault_is_a_500_and_the_server_keeps_serving(model_dir, caplog):
 
     bg.engine.model.hidden = faulty
     with bg as url:
-        status, body = post(url + "/v1/completions", {"prompt": "x", "max_tokens": 8})
+        status, body = post_json(url + "/v1/completions", {"prompt": "x", "max_tokens": 8})
         err = assert_openai_error(status, body, 500)
         assert "secret" not in err["message"]
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

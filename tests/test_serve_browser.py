@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_gptlab
+from conftest import chat_test_model, random_gptlab, serve_in_background
 from gptlab.checkpoint import save_model
 
 CHROMIUM = "/usr/bin/chromium"
@@ -50,27 +50,17 @@ def browser(tmp_path_factory):
 @pytest.fixture
 def slow_server(tmp_path):
     """A tiny model served with every decode step slowed to 60 ms, so streaming is visible."""
-    from gptlab.serve import BackgroundServer, ServeConfig, load_engine
-
     save_model(random_gptlab(seed=1, noise=0.2), tmp_path / "tiny")
-    cfg = ServeConfig(model=str(tmp_path / "tiny"), device="cpu")
-    engine, name = load_engine(cfg, status=lambda m: None)
-    hidden = engine.model.hidden
-
-    def slow(*a, **k):
-        time.sleep(0.06)
-        return hidden(*a, **k)
-
-    engine.model.hidden = slow
-    with BackgroundServer(engine, cfg, name) as url:
-        yield url, engine, hidden
+    bg = serve_in_background(tmp_path / "tiny", step_delay=0.06)
+    with bg as url:
+        yield url, bg.engine
 
 
 def test_playground_streams_text_and_stops(browser, slow_server):
     from gptlab.generate import generate_ids
     from gptlab.tokenizer import get_tokenizer
 
-    url, engine, hidden = slow_server
+    url, engine = slow_server
     page = browser.new_page()
     page.goto(url + "/")
     page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
@@ -115,24 +105,11 @@ def test_playground_streams_text_and_stops(browser, slow_server):
 @pytest.fixture
 def slow_chat_server(tmp_path):
     """A tiny chat model (its <|end|> made likely) served with every decode step slowed to 60 ms."""
-    from gptlab import chat
-    from gptlab.serve import BackgroundServer, ServeConfig, load_engine
-
-    model = random_gptlab(seed=5, noise=0.3, vocab_size=50261, chat=chat.TEMPLATE)
-    with torch.no_grad():
-        model.lm_head.weight[50260] += 2.0 * model.transformer.ln_f.weight
+    model = chat_test_model(seed=5)
     save_model(model, tmp_path / "tiny-chat")
-    cfg = ServeConfig(model=str(tmp_path / "tiny-chat"), device="cpu")
-    engine, name = load_engine(cfg, status=lambda m: None)
-    hidden = engine.model.hidden
-
-    def slow(*a, **k):
-        time.sleep(0.06)
-        return hidden(*a, **k)
-
-    engine.model.hidden = slow
-    with BackgroundServer(engine, cfg, name) as url:
-        yield url, engine, model
+    bg = serve_in_background(tmp_path / "tiny-chat", step_delay=0.06)
+    with bg as url:
+        yield url, bg.engine, model
 
 
 def test_chat_view_holds_a_multi_turn_history_streams_and_stops(browser, slow_chat_server):

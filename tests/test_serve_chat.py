@@ -1,21 +1,17 @@
 """/v1/chat/completions with the official openai client: plain, streaming, n with a seed, stop
 strings, concurrent clients, the end-of-turn token, OpenAI-shaped errors, a base model refused."""
 
-import json
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from conftest import random_gptlab  # noqa: E402
+from conftest import chat_test_model, post_json, random_gptlab, serve_in_background  # noqa: E402
 from gptlab import chat  # noqa: E402
 from gptlab.checkpoint import save_model  # noqa: E402
 from gptlab.generate import generate_ids  # noqa: E402
-from gptlab.serve import BackgroundServer, ServeConfig, load_engine  # noqa: E402
 from gptlab.tokenizer import get_tokenizer  # noqa: E402
 
 MAX_NEW = 16
@@ -32,9 +28,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    model = random_gptlab(seed=5, noise=0.3, vocab_size=50261, chat=chat.TEMPLATE)
-    with torch.no_grad():  # make <|end|> likely, so that some replies end at the end-of-turn token
-        model.lm_head.weight[50260] += 2.0 * model.transformer.ln_f.weight
+    model = chat_test_model(seed=5)
     path = tmp_path_factory.mktemp("serve-chat") / "chat-model"
     save_model(model, path)
     return model, path
@@ -48,15 +42,9 @@ def reference(model, messages):
     return chat.decode_reply(tok, ids), ids[-1] == 50260
 
 
-def start(path, **kw) -> BackgroundServer:
-    cfg = ServeConfig(model=str(path), device="cpu", **kw)
-    engine, name = load_engine(cfg, status=lambda m: None)
-    return BackgroundServer(engine, cfg, name)
-
-
 @pytest.fixture(scope="module")
 def server(chat_model):
-    with start(chat_model[1], max_tokens_cap=48, max_n=4) as url:
+    with serve_in_background(chat_model[1], max_tokens_cap=48, max_n=4) as url:
         yield url
 
 
@@ -110,15 +98,6 @@ def test_concurrent_clients_each_get_their_own_reply(server, chat_model):
     assert got == [reference(chat_model[0], m)[0] for m in CONVERSATIONS * 2]
 
 
-def post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 @pytest.mark.parametrize("body, param", [
     ({}, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
@@ -128,14 +107,14 @@ def post(url, body):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
 ])
 def test_bad_requests_get_openai_errors(server, body, param):
-    status, err = post(server + "/v1/chat/completions", body)
+    status, err = post_json(server + "/v1/chat/completions", body)
     assert status == 400 and set(err["error"]) == {"message", "type", "param", "code"}
     assert err["error"]["param"] == param and err["error"]["type"] == "invalid_request_error"
 
 
 def test_base_model_is_refused_in_one_line(tmp_path):
     save_model(random_gptlab(seed=1), tmp_path / "base")
-    with start(tmp_path / "base") as url:
+    with serve_in_background(tmp_path / "base") as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="m", messages=CONVERSATIONS[0])
