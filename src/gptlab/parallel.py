@@ -56,9 +56,11 @@ def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compil
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """torch.compile behind a CompileFallback, or the model itself with one warning line when
-    compiling is impossible here (an unknown backend, say)."""
+    compiling is impossible here (an unknown backend, say). Static shapes (dynamic=False): a training
+    step's shapes never change, and a new shape (the batch-size search's next size) compiles a graph
+    of its own rather than one with a symbolic batch dimension, which is slower on a GPU."""
     try:
-        return CompileFallback(model, torch.compile(model, backend=backend))
+        return CompileFallback(model, torch.compile(model, backend=backend, dynamic=False))
     except Exception as e:  # train uncompiled rather than not at all
         _compile_warning(e)
         return model

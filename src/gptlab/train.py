@@ -385,7 +385,10 @@ def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: d
     keeping the global batch by adjusting accumulation. The probe (on CUDA; `probe` overrides) runs
     train_step on the placed model itself: compiled, fused loss, DDP- or FSDP-wrapped, exactly what
     training runs, with AdamW's moments reserved. Memory is not the limit on a CPU, where it takes the
-    largest divisor up to 16. Not even one sequence fitting is an error, not a silent 1."""
+    largest divisor up to 16. Not even one sequence fitting is an error, not a silent 1.
+    Compiled, each size tried is a static graph of its own (parallel.compile_model), fed distinct
+    inputs and targets as training's batches are: the chosen size's graph is the one training runs,
+    so the first step compiles nothing more (when the first size fits, the search is the only compile)."""
     T = placed.model.config.seq_len
     seqs = total_batch_tokens // (T * env.world_size)
     divisors = [b for b in range(seqs, 0, -1) if seqs % b == 0]
@@ -393,9 +396,13 @@ def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: d
         probe = rt.device.type == "cuda"
     if not probe:
         return next(b for b in divisors if b <= 16)
-    for b in [d for d in divisors if d <= 1024]:
-        if _fits(placed, rt, env, b):
-            return b
+    sizes = [d for d in divisors if d <= 1024]
+    # every size tried must really compile (past dynamo's limit it would run eager, and so would training)
+    limit = torch._dynamo.config.recompile_limit + len(sizes)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for b in sizes:
+            if _fits(placed, rt, env, b):
+                return b
     raise UserError(f"--batch-size auto: not even one sequence of {T} tokens fits in {rt.device} memory "
                     f"with this model; try a shorter --seq-len, --fsdp or a smaller model")
 
@@ -413,9 +420,10 @@ def _fits(placed: Placed, rt: Runtime, env: dist.DistEnv, b: int) -> bool:
     try:
         reserve = _reserve(placed, rt)  # inside the try: the reserve alone may not fit
         x = torch.randint(0, V, (b, T), device=rt.device)
-        train_step(placed, rt, [(x, x)], accum=1)
+        y = torch.randint(0, V, (b, T), device=rt.device)  # not x itself: compiled code guards on aliasing
+        train_step(placed, rt, [(x, y)], accum=1)
         rt.synchronize()
-        del reserve, x
+        del reserve, x, y
     except torch.OutOfMemoryError:
         ok.zero_()
     placed.model.zero_grad(set_to_none=True)
