@@ -3,13 +3,17 @@ static, there is no recompile after the first step (through the batch-size searc
 sampling), and the training forward has no graph break. A recording backend (dynamo's graphs, run by
 aot_eager) counts the graphs; torch._dynamo's own counters count the breaks."""
 
+import socket
+
 import pytest
 import torch
+import torch.distributed as tdist
 from torch._dynamo.utils import counters
 
 from gptlab import train as train_module
 from gptlab.config import ModelConfig
 from gptlab.dist import DistEnv
+from gptlab.generate import generate_ids
 from gptlab.model import GPT
 from gptlab.parallel import place
 from gptlab.runtime import get_runtime
@@ -35,7 +39,8 @@ class GraphLog:
                  for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()]
         symbolic = any(isinstance(t, torch.SymInt) for t in example_inputs) or any(
             not isinstance(s, int) for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape)
-        self.graphs.append({"batch": sizes, "symbolic": symbolic})
+        ops = {getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op in ("call_function", "call_module")}
+        self.graphs.append({"batch": sizes, "symbolic": symbolic, "ops": ops})
         run = lookup_backend("aot_eager")(gm, example_inputs)
 
         def guarded(*args):
@@ -94,3 +99,67 @@ def test_batch_size_search_leaves_one_static_graph_for_training(log):
     assert len(log.graphs) == searched  # the chosen size's graph is the training graph
     assert placed.compiled and placed.guard.active
     assert not counters["graph_break"]
+
+
+# ----------------------------------------------------------------------------- FSDP: each block compiled
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of one rank in this process: FSDP2 needs a group, even of one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    tdist.destroy_process_group()
+
+
+def _fsdp_micro(backend: str | None):
+    torch.manual_seed(0)
+    rt = get_runtime("cpu", "fp32", backend is not None)
+    # place() asks the environment only whether sharding is possible: the 1-rank group stands in for 2
+    return place(GPT(MICRO), rt, DistEnv(world_size=2), fsdp=True, compile_backend=backend or "inductor"), rt
+
+
+def _steps(placed, rt, seeds, opt=None) -> list[float]:
+    opt = opt or torch.optim.AdamW(placed.model.parameters(), lr=1e-3)
+    return [train_step(placed, rt, [_batch(4, s)], 1, opt).loss for s in seeds]
+
+
+def test_fsdp_compiles_each_block_once_without_graph_breaks(log, one_rank_group):
+    """FSDP compiles the blocks, not the root: one static graph that both blocks share, no graph break
+    (compiling the root, dynamo broke the graph at each FSDP hook), the embeddings left to eager. The
+    losses are the uncompiled FSDP model's; evaluation and sampling run the blocks eager, and later
+    steps compile nothing more."""
+    eager, rt = _fsdp_micro(None)
+    ref = _steps(eager, rt, [0, 1, 2, 3])
+    placed, rt = _fsdp_micro(BACKEND)
+    assert placed.compiled and not placed.compiled_head  # the head takes the fused loss
+    opt = torch.optim.AdamW(placed.model.parameters(), lr=1e-3)
+    got = _steps(placed, rt, [0, 1], opt)
+    assert len(log.graphs) == 1 and not log.graphs[0]["symbolic"]
+    assert "layer_norm" in log.graphs[0]["ops"] and "embedding" not in log.graphs[0]["ops"]
+    model = placed.model
+    model.eval()
+    with torch.no_grad():
+        model(*_batch(3, 9))  # another batch size, no gradients: eager
+    model.train()
+    assert len(generate_ids(model, [1, 2, 3], max_new_tokens=4, seed=0)[0]) == 4  # a KV cache: eager
+    got += _steps(placed, rt, [2, 3], opt)
+    assert len(log.graphs) == 1
+    assert not counters["graph_break"]
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_fsdp_block_compile_failure_falls_back_with_one_warning(one_rank_group, capsys):
+    from test_precision import _register_failing_backends
+
+    _register_failing_backends()
+    eager, rt = _fsdp_micro(None)
+    ref = _steps(eager, rt, [0, 1])
+    placed, rt = _fsdp_micro("gptlab_fail_fw")
+    assert _steps(placed, rt, [0, 1]) == pytest.approx(ref, rel=1e-6)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "continuing uncompiled" in warnings[0]
+    assert not placed.compiled
+    assert all("forward" not in vars(b) for b in placed.model.transformer.h)  # the blocks are eager again

@@ -35,6 +35,13 @@ class Placed:
     guard: "CompileFallback | None" = None
     """The compiled model's fallback to eager mode (None when not compiled)."""
 
+    @property
+    def compiled_head(self) -> bool:
+        """Whether the output layer runs compiled: then a step asks for the logits and plain
+        cross-entropy, which the compiler fuses; else the fused, chunked loss. Under FSDP only the
+        blocks are compiled (compile_blocks)."""
+        return self.compiled and not self.fsdp and (self.guard is None or self.guard.active)
+
 
 def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compile_backend: str = "inductor") -> Placed:
     """Move the model to the runtime's device, then shard (FSDP) or replicate (DDP) it, compiled
@@ -44,7 +51,7 @@ def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compil
     model.to(rt.device)
     if fsdp:
         shard_model(model, rt)
-    forward: torch.nn.Module = compile_model(model, compile_backend) if rt.compile else model
+    forward = _compiled(model, rt, fsdp, compile_backend)
     guard = forward if isinstance(forward, CompileFallback) else None
     ddp = env.is_distributed and not fsdp
     if ddp:
@@ -52,6 +59,13 @@ def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compil
 
         forward = DDP(forward, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return Placed(model=model, forward=forward, fsdp=fsdp, ddp=ddp, compiled=guard is not None, guard=guard)
+
+
+def _compiled(model: GPT, rt: Runtime, fsdp: bool, backend: str) -> torch.nn.Module:
+    """What a step calls: the model itself, compiled whole, or (FSDP) with its blocks compiled."""
+    if not rt.compile:
+        return model
+    return compile_blocks(model, backend) if fsdp else compile_model(model, backend)
 
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
@@ -64,6 +78,42 @@ def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn
     except Exception as e:  # train uncompiled rather than not at all
         _compile_warning(e)
         return model
+
+
+def compile_blocks(model: GPT, backend: str = "inductor") -> torch.nn.Module:
+    """FSDP: each block's forward compiled, as torchtitan does, behind a CompileFallback. Compiling
+    the root instead, dynamo breaks the graph at every FSDP hook. Here the hooks (all-gather before
+    a block, reshard after) run around the compiled forward, outside the graph, and all blocks share
+    one static graph. The embeddings, the position add and the final norm stay eager (a gather, an
+    add and one norm beside L blocks), and the output layer takes the fused, chunked loss.
+    Compiled for training: evaluation and sampling (no gradients, eval mode or a KV cache) run the
+    blocks eager, as they run the uncompiled model without FSDP, and so never recompile them."""
+    blocks = list(model.transformer.h)
+
+    def undo() -> None:
+        for block in blocks:
+            block.__dict__.pop("forward", None)  # the class's forward again
+
+    try:
+        for block in blocks:
+            block.forward = _TrainingForward(block, torch.compile(block.forward, backend=backend, dynamic=False))
+    except Exception as e:  # train uncompiled rather than not at all
+        undo()
+        _compile_warning(e)
+        return model
+    return CompileFallback(model, model, undo=undo)
+
+
+class _TrainingForward:
+    """A block's forward: the compiled one in a training step, the block's own otherwise."""
+
+    def __init__(self, block: torch.nn.Module, compiled: Callable):
+        self.eager, self.compiled, self.block = block.forward, compiled, block
+
+    def __call__(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is None and self.block.training and torch.is_grad_enabled():
+            return self.compiled(x)
+        return self.eager(x, cache)
 
 
 def _compile_warning(e: BaseException) -> None:
@@ -79,10 +129,11 @@ class CompileFallback(torch.nn.Module):
     backend shows up there. Then one warning line, and the module itself from then on. train.train_step
     marks it `verified` after its first complete step; after that, errors are not caught."""
 
-    def __init__(self, module: torch.nn.Module, compiled: Callable):
+    def __init__(self, module: torch.nn.Module, compiled: Callable, undo: Callable[[], None] | None = None):
         super().__init__()
         self.module = module  # the name checkpoint.raw_model unwraps
         self._compiled = [compiled]  # in a list: not a submodule, so no second copy of the weights
+        self._undo = undo  # makes `module` itself eager again (compile_blocks compiled parts of it)
         self.verified = False
 
     @property
@@ -93,6 +144,8 @@ class CompileFallback(torch.nn.Module):
         if self._compiled:
             _compile_warning(e)
             self._compiled.clear()
+            if self._undo is not None:
+                self._undo()
 
     def forward(self, *args, **kwargs):
         if self._compiled and self.verified:
@@ -194,7 +247,7 @@ def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: 
         dsd = _dsd()
         options = dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         dsd.set_model_state_dict(model, sd, options=options)
-    forward: torch.nn.Module = compile_model(model, compile_backend) if rt.compile else model
+    forward = _compiled(model, rt, True, compile_backend)
     guard = forward if isinstance(forward, CompileFallback) else None
     return Placed(model=model, forward=forward, fsdp=True, compiled=guard is not None, guard=guard)
 

@@ -229,10 +229,9 @@ def forward_backward(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.
 
 def _micro_batch(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
                  scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    compiled = placed.compiled and (placed.guard is None or placed.guard.active)
     with rt.autocast():
         # uncompiled, the output layer's loss is fused and chunked (model.FusedHeadLoss)
-        _, loss = placed.forward(x, y, return_logits=compiled)
+        _, loss = placed.forward(x, y, return_logits=placed.compiled_head)
     loss = loss / accum
     (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss.detach()
