@@ -101,6 +101,40 @@ def test_batch_size_search_leaves_one_static_graph_for_training(log):
     assert not counters["graph_break"]
 
 
+
+def test_a_run_compiles_once_across_steps_evaluation_and_sampling(log, tmp_path, monkeypatch):
+    """`gptlab train --batch-size auto --compile` as a library call, the search probing as on CUDA:
+    the sizes tried compile once each, then nothing more over 4 steps with validation, a checkpoint
+    and samples between them; every graph static, no graph break."""
+    from conftest import make_toy_data, metrics_by_step
+    from gptlab.config import resolve_train_config
+
+    real = train_module.find_batch_size
+    monkeypatch.setattr(train_module, "find_batch_size", lambda *a, **kw: real(*a, **{**kw, "probe": True}))
+    after_step = []
+    real_step = train_module.Trainer.train_step
+
+    def counted_step(self, *a):
+        loss = real_step(self, *a)
+        after_step.append(len(log.graphs))
+        return loss
+
+    monkeypatch.setattr(train_module.Trainer, "train_step", counted_step)
+    log.oom_above = 4
+    run = tmp_path / "run"
+    cfg = resolve_train_config(dict(
+        model="tiny", n_layer=2, n_head=4, n_embd=32, seq_len=16, batch_size="auto", total_batch_tokens=128,
+        lr=1e-2, warmup_steps=1, max_steps=4, eval_every=2, eval_tokens=128, checkpoint_every=2,
+        sample_tokens=4, num_samples=1, device="cpu", compile=True, compile_backend=BACKEND,
+        data=str(make_toy_data(tmp_path / "data", 2_000, 10_000)), out=str(run)))
+    train_module.train(cfg)
+    # 128 tokens / 16 = 8 sequences: 8 does not fit, 4 does
+    assert [g["batch"] for g in log.graphs] == [[8, 8], [4, 4]]
+    assert after_step == [2, 2, 2, 2]
+    assert not any(g["symbolic"] for g in log.graphs) and not counters["graph_break"]
+    assert sorted(metrics_by_step(run, "val")) == [2, 4]
+    assert "=== step 4 ===" in (run / "samples.txt").read_text()
+
 # ----------------------------------------------------------------------------- FSDP: each block compiled
 
 @pytest.fixture

@@ -928,7 +928,7 @@ class Trainer:
                 ids = [tok.eot] + tok.encode(prompt)
                 for new in generate_ids(self.model, ids, num_samples=self.cfg.num_samples,
                                         max_new_tokens=self.cfg.sample_tokens, temperature=1.0, top_k=50,
-                                        generator=gen, cache_dtype=cache_dtype(self.placed, self.rt)):
+                                        generator=gen):
                     if new and new[-1] == tok.eot:
                         new = new[:-1]
                     lines.append(prompt + tok.decode(new))
@@ -936,12 +936,6 @@ class Trainer:
         if self.env.is_main:
             with open(self.run.samples_path, "a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
-
-
-def cache_dtype(placed: Placed, rt: Runtime) -> torch.dtype | None:
-    """Under FSDP with bf16/fp16 parameters, attention computes in that dtype, not in the fp32 of the
-    sharded parameters: the KV cache must follow it. Otherwise the parameters' dtype (None)."""
-    return rt.dtype if placed.fsdp and rt.dtype != torch.float32 else None
 
 
 # ----------------------------------------------------------------------------- the entry point
