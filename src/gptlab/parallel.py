@@ -1,8 +1,8 @@
 """Placing a model on devices; the training step itself is train.py's.
 
 Parallelism is applied to the model from outside (the model file stays pure): torch.compile with
-a fallback, DDP, FSDP2 with its mixed-precision policy (also built on the meta device), and
-gathering or restoring the full state of a placed model for checkpoints.
+a fallback (the whole model, or each block under FSDP), DDP, FSDP2 (also built on the meta device),
+and gathering or restoring the full state of a placed model for checkpoints.
 """
 
 from __future__ import annotations
