@@ -1,8 +1,8 @@
 """Placing a model on devices; the training step itself is train.py's.
 
 Parallelism is applied to the model from outside (the model file stays pure): torch.compile with
-a fallback, DDP, FSDP2 with its mixed-precision policy (also built on the meta device), and
-gathering or restoring the full state of a placed model for checkpoints.
+a fallback (the whole model, or each block under FSDP), DDP, FSDP2 (also built on the meta device),
+and gathering or restoring the full state of a placed model for checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ class Placed:
     guard: "CompileFallback | None" = None
     """The compiled model's fallback to eager mode (None when not compiled)."""
 
+    @property
+    def compiled_head(self) -> bool:
+        """Whether the output layer runs compiled: then a step asks for the logits and plain
+        cross-entropy, which the compiler fuses; else the fused, chunked loss. Under FSDP only the
+        blocks are compiled (compile_blocks)."""
+        return self.compiled and not self.fsdp and (self.guard is None or self.guard.active)
+
 
 def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compile_backend: str = "inductor") -> Placed:
     """Move the model to the runtime's device, then shard (FSDP) or replicate (DDP) it, compiled
@@ -44,7 +51,7 @@ def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compil
     model.to(rt.device)
     if fsdp:
         shard_model(model, rt)
-    forward: torch.nn.Module = compile_model(model, compile_backend) if rt.compile else model
+    forward = _compiled(model, rt, fsdp, compile_backend)
     guard = forward if isinstance(forward, CompileFallback) else None
     ddp = env.is_distributed and not fsdp
     if ddp:
@@ -54,14 +61,59 @@ def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compil
     return Placed(model=model, forward=forward, fsdp=fsdp, ddp=ddp, compiled=guard is not None, guard=guard)
 
 
+def _compiled(model: GPT, rt: Runtime, fsdp: bool, backend: str) -> torch.nn.Module:
+    """What a step calls: the model itself, compiled whole, or (FSDP) with its blocks compiled."""
+    if not rt.compile:
+        return model
+    return compile_blocks(model, backend) if fsdp else compile_model(model, backend)
+
+
 def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """torch.compile behind a CompileFallback, or the model itself with one warning line when
-    compiling is impossible here (an unknown backend, say)."""
+    compiling is impossible here (an unknown backend, say). Static shapes (dynamic=False): a training
+    step's shapes never change, and a new shape (the batch-size search's next size) compiles a graph
+    of its own rather than one with a symbolic batch dimension, which is slower on a GPU."""
     try:
-        return CompileFallback(model, torch.compile(model, backend=backend))
+        return CompileFallback(model, torch.compile(model, backend=backend, dynamic=False))
     except Exception as e:  # train uncompiled rather than not at all
         _compile_warning(e)
         return model
+
+
+def compile_blocks(model: GPT, backend: str = "inductor") -> torch.nn.Module:
+    """FSDP: each block's forward compiled, as torchtitan does, behind a CompileFallback. Compiling
+    the root instead, dynamo breaks the graph at every FSDP hook. Here the hooks (all-gather before
+    a block, reshard after) run around the compiled forward, outside the graph, and all blocks share
+    one static graph. The embeddings, the position add and the final norm stay eager (a gather, an
+    add and one norm beside L blocks), and the output layer takes the fused, chunked loss.
+    Compiled for training: evaluation and sampling (no gradients, eval mode or a KV cache) run the
+    blocks eager, as they run the uncompiled model without FSDP, and so never recompile them."""
+    blocks = list(model.transformer.h)
+
+    def undo() -> None:
+        for block in blocks:
+            block.__dict__.pop("forward", None)  # the class's forward again
+
+    try:
+        for block in blocks:
+            block.forward = _TrainingForward(block, torch.compile(block.forward, backend=backend, dynamic=False))
+    except Exception as e:  # train uncompiled rather than not at all
+        undo()
+        _compile_warning(e)
+        return model
+    return CompileFallback(model, model, undo=undo)
+
+
+class _TrainingForward:
+    """A block's forward: the compiled one in a training step, the block's own otherwise."""
+
+    def __init__(self, block: torch.nn.Module, compiled: Callable):
+        self.eager, self.compiled, self.block = block.forward, compiled, block
+
+    def __call__(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        if cache is None and self.block.training and torch.is_grad_enabled():
+            return self.compiled(x)
+        return self.eager(x, cache)
 
 
 def _compile_warning(e: BaseException) -> None:
@@ -77,10 +129,11 @@ class CompileFallback(torch.nn.Module):
     backend shows up there. Then one warning line, and the module itself from then on. train.train_step
     marks it `verified` after its first complete step; after that, errors are not caught."""
 
-    def __init__(self, module: torch.nn.Module, compiled: Callable):
+    def __init__(self, module: torch.nn.Module, compiled: Callable, undo: Callable[[], None] | None = None):
         super().__init__()
         self.module = module  # the name checkpoint.raw_model unwraps
         self._compiled = [compiled]  # in a list: not a submodule, so no second copy of the weights
+        self._undo = undo  # makes `module` itself eager again (compile_blocks compiled parts of it)
         self.verified = False
 
     @property
@@ -91,6 +144,8 @@ class CompileFallback(torch.nn.Module):
         if self._compiled:
             _compile_warning(e)
             self._compiled.clear()
+            if self._undo is not None:
+                self._undo()
 
     def forward(self, *args, **kwargs):
         if self._compiled and self.verified:
@@ -108,17 +163,22 @@ class CompileFallback(torch.nn.Module):
 def shard_model(model: GPT, rt: Runtime) -> None:
     """FSDP2: shard each block, then the rest (embeddings, final norm); parameters become DTensors.
     hidden() and logits() are registered as forward methods, so evaluation and sampling can call
-    them directly and still gather the shards they need."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    them directly and still gather the shards they need.
+
+    No mixed-precision policy: the shards are gathered in fp32 and autocast (Runtime.autocast)
+    decides every compute dtype, exactly as under DDP, so `--fsdp` is the same recipe: the residual
+    stream stays fp32, layer norms use fp32 weights, gradients are fp32 and reduced in fp32. FSDP2's
+    bf16 param_dtype would cast each block's input to bf16 (cast_forward_inputs) and round the norms'
+    weights; keeping fp32 costs all-gathers of 4 bytes a parameter instead of 2 (with the fp32
+    reduce-scatter, 12 bytes a parameter a micro-batch instead of 8), which FSDP2 overlaps with
+    the previous block's compute."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     # the model returns a view of the logits (real vocab only); FSDP2 warns about in-place ops on it
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-    kw = {}
-    if rt.dtype != torch.float32:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+        fully_shard(block)
+    fully_shard(model)
     for method in ("hidden", "logits"):
         register_fsdp_forward_method(model, method)
 
@@ -192,7 +252,7 @@ def place_sharded(model_cfg: ModelConfig, rt: Runtime, env: dist.DistEnv, seed: 
         dsd = _dsd()
         options = dsd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         dsd.set_model_state_dict(model, sd, options=options)
-    forward: torch.nn.Module = compile_model(model, compile_backend) if rt.compile else model
+    forward = _compiled(model, rt, True, compile_backend)
     guard = forward if isinstance(forward, CompileFallback) else None
     return Placed(model=model, forward=forward, fsdp=True, compiled=guard is not None, guard=guard)
 

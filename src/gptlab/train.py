@@ -229,10 +229,9 @@ def forward_backward(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.
 
 def _micro_batch(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
                  scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    compiled = placed.compiled and (placed.guard is None or placed.guard.active)
     with rt.autocast():
         # uncompiled, the output layer's loss is fused and chunked (model.FusedHeadLoss)
-        _, loss = placed.forward(x, y, return_logits=compiled)
+        _, loss = placed.forward(x, y, return_logits=placed.compiled_head)
     loss = loss / accum
     (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss.detach()
@@ -385,7 +384,10 @@ def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: d
     keeping the global batch by adjusting accumulation. The probe (on CUDA; `probe` overrides) runs
     train_step on the placed model itself: compiled, fused loss, DDP- or FSDP-wrapped, exactly what
     training runs, with AdamW's moments reserved. Memory is not the limit on a CPU, where it takes the
-    largest divisor up to 16. Not even one sequence fitting is an error, not a silent 1."""
+    largest divisor up to 16. Not even one sequence fitting is an error, not a silent 1.
+    Compiled, each size tried is a static graph of its own (parallel.compile_model), fed distinct
+    inputs and targets as training's batches are: the chosen size's graph is the one training runs,
+    so the first step compiles nothing more (when the first size fits, the search is the only compile)."""
     T = placed.model.config.seq_len
     seqs = total_batch_tokens // (T * env.world_size)
     divisors = [b for b in range(seqs, 0, -1) if seqs % b == 0]
@@ -393,9 +395,13 @@ def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: d
         probe = rt.device.type == "cuda"
     if not probe:
         return next(b for b in divisors if b <= 16)
-    for b in [d for d in divisors if d <= 1024]:
-        if _fits(placed, rt, env, b):
-            return b
+    sizes = [d for d in divisors if d <= 1024]
+    # every size tried must really compile (past dynamo's limit it would run eager, and so would training)
+    limit = torch._dynamo.config.recompile_limit + len(sizes)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for b in sizes:
+            if _fits(placed, rt, env, b):
+                return b
     raise UserError(f"--batch-size auto: not even one sequence of {T} tokens fits in {rt.device} memory "
                     f"with this model; try a shorter --seq-len, --fsdp or a smaller model")
 
@@ -413,9 +419,10 @@ def _fits(placed: Placed, rt: Runtime, env: dist.DistEnv, b: int) -> bool:
     try:
         reserve = _reserve(placed, rt)  # inside the try: the reserve alone may not fit
         x = torch.randint(0, V, (b, T), device=rt.device)
-        train_step(placed, rt, [(x, x)], accum=1)
+        y = torch.randint(0, V, (b, T), device=rt.device)  # not x itself: compiled code guards on aliasing
+        train_step(placed, rt, [(x, y)], accum=1)
         rt.synchronize()
-        del reserve, x
+        del reserve, x, y
     except torch.OutOfMemoryError:
         ok.zero_()
     placed.model.zero_grad(set_to_none=True)
@@ -921,7 +928,7 @@ class Trainer:
                 ids = [tok.eot] + tok.encode(prompt)
                 for new in generate_ids(self.model, ids, num_samples=self.cfg.num_samples,
                                         max_new_tokens=self.cfg.sample_tokens, temperature=1.0, top_k=50,
-                                        generator=gen, cache_dtype=cache_dtype(self.placed, self.rt)):
+                                        generator=gen):
                     if new and new[-1] == tok.eot:
                         new = new[:-1]
                     lines.append(prompt + tok.decode(new))
@@ -929,12 +936,6 @@ class Trainer:
         if self.env.is_main:
             with open(self.run.samples_path, "a", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
-
-
-def cache_dtype(placed: Placed, rt: Runtime) -> torch.dtype | None:
-    """Under FSDP with bf16/fp16 parameters, attention computes in that dtype, not in the fp32 of the
-    sharded parameters: the KV cache must follow it. Otherwise the parameters' dtype (None)."""
-    return rt.dtype if placed.fsdp and rt.dtype != torch.float32 else None
 
 
 # ----------------------------------------------------------------------------- the entry point
