@@ -1,16 +1,22 @@
 """muon.py: Muon's Newton-Schulz work shared over ranks. 2 gloo ranks (replicated parameters as
 under DDP, and FSDP2's row shards) step exactly as one process does, each rank orthogonalising
-half of the matrices; shapes whose rows or count do not divide by the ranks included."""
+half of the matrices (shapes whose rows or count do not divide by the ranks included); training
+with Muon on 2 ranks, DDP or --fsdp, equals 1 process and resumes exactly."""
 
 import datetime
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from conftest import make_toy_data, run_gptlab
+from gptlab import checkpoint as ck
 from gptlab.muon import Muon, newton_schulz
+from test_fsdp import ONE_THREAD, assert_same_curve, losses, rewind, torchrun
 
 # (rows, cols): three of one shape (not a multiple of 2 ranks), rows that 2 ranks do not split evenly,
 # and a single row (rank 1 holds none of it under FSDP)
@@ -114,3 +120,55 @@ def test_newton_schulz_orthogonalises_in_either_dtype():
         assert x.dtype == dtype and x.shape == g.shape
         sv = torch.linalg.svdvals(x.float())[:12]
         assert sv.min() > 0.5 and sv.max() < 1.3, sv
+
+
+# ----------------------------------------------------------------------------- training runs, 2 ranks under torchrun
+
+MICRO = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32",
+         "--vocab-size", "320", "--total-batch-tokens", "512", "--batch-size", "4", "--lr", "3e-3",
+         "--warmup-steps", "2", "--eval-every", "4", "--eval-tokens", "2048", "--sample-tokens", "0",
+         "--checkpoint-every", "4", "--keep-checkpoints", "0", "--device", "cpu", "--dist-timeout", "60",
+         "--optimizer", "muon", "--max-steps", "8"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_toy_data(tmp_path_factory.mktemp("mudata"), 20_000, 100_000)
+
+
+@pytest.fixture(scope="module")
+def one_rank(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mu1") / "run"
+    r = run_gptlab("train", *MICRO, "--data", data_dir, "--out", out, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    for kind in ("train", "val"):
+        assert losses(a, kind) == losses(b, kind), kind
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_equal_one_and_resume_exactly(data_dir, one_rank, tmp_path, fsdp):
+    """2 ranks (DDP, or FSDP's sharded matrices) train as 1 process does; stopped at step 4 and
+    resumed from its checkpoint (single-file, or DCP shards holding Muon's momentum), the run
+    gives the unbroken run's losses."""
+    flag = ["--fsdp"] if fsdp else []
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = torchrun(2, "train", *MICRO, *flag, "--data", data_dir, "--out", full)
+    assert r.returncode == 0, r.stderr
+    assert "2 rank(s)" in r.stderr
+    assert_same_curve(one_rank, full, rel=1e-4)
+    ckpt = full / "checkpoints" / "step_000004"
+    assert ck.is_sharded_checkpoint(ckpt) == fsdp
+    if fsdp:
+        keys = ck.safe_reader(ckpt).read_metadata().state_dict_metadata
+        assert sum(k.endswith("/momentum_buffer") for k in keys) == 8  # 2 blocks x 4 matrices
+    shutil.copytree(full, part)
+    rewind(part, 4)
+    r = torchrun(2, "train", "--out", part, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {part / 'checkpoints' / 'step_000004'}" in r.stderr
+    assert_identical(full, part)
