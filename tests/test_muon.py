@@ -172,3 +172,18 @@ def test_two_ranks_equal_one_and_resume_exactly(data_dir, one_rank, tmp_path, fs
     assert r.returncode == 0, r.stderr
     assert f"resumed from {part / 'checkpoints' / 'step_000004'}" in r.stderr
     assert_identical(full, part)
+
+
+@pytest.mark.slow
+def test_fsdp_muon_checkpoint_resumes_on_one_process(data_dir, one_rank, tmp_path):
+    """Muon's sharded momentum in a DCP checkpoint reshards: a 2-rank --fsdp run stopped at step 4
+    continues on 1 process (--no-fsdp) along the 1-process run's curve."""
+    run = tmp_path / "run"
+    r = torchrun(2, "train", *MICRO, "--fsdp", "--data", data_dir, "--out", run)
+    assert r.returncode == 0, r.stderr
+    rewind(run, 4)
+    r = run_gptlab("train", "--out", run, "--resume", "--no-fsdp", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert "1 rank(s)" in r.stderr
+    assert_same_curve(one_rank, run, rel=1e-4)
+    assert (run / "checkpoints" / "step_000008" / "optimizer.pt").is_file()  # back to the single file
