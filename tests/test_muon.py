@@ -187,3 +187,15 @@ def test_fsdp_muon_checkpoint_resumes_on_one_process(data_dir, one_rank, tmp_pat
     assert "1 rank(s)" in r.stderr
     assert_same_curve(one_rank, run, rel=1e-4)
     assert (run / "checkpoints" / "step_000008" / "optimizer.pt").is_file()  # back to the single file
+
+
+@pytest.mark.slow
+def test_single_file_muon_checkpoint_resumes_under_fsdp(one_rank, tmp_path):
+    """1 process -> 2 FSDP ranks: Muon's whole momentum buffers from optimizer.pt become row shards."""
+    run = tmp_path / "run"
+    shutil.copytree(one_rank, run)
+    rewind(run, 4)
+    r = torchrun(2, "train", "--out", run, "--resume", "--fsdp")
+    assert r.returncode == 0, r.stderr
+    assert_same_curve(one_rank, run, rel=1e-4)
+    assert ck.is_sharded_checkpoint(run / "checkpoints" / "step_000008")
