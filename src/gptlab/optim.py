@@ -2,8 +2,9 @@
 
 A run holds a list of optimizers: [AdamW] for the GPT-3 recipe, or [AdamW, Muon] for `muon`, where
 Muon (torch.optim.Muon's update, its work shared over the ranks: gptlab.muon) takes every 2-D weight
-inside the blocks and AdamW the embeddings (the tied head) and every 1-D parameter. Each param group remembers its own peak lr ("peak_lr"); the schedule is a
-factor in [0, 1] applied to every group's peak, so warm-up and decay shape both optimizers alike.
+inside the blocks and AdamW the embeddings (the tied head) and every 1-D parameter. Each param group
+remembers its own peak lr ("peak_lr"); the schedule is a factor in [0, 1] applied to every group's
+peak, so warm-up and decay shape both optimizers alike.
 """
 
 from __future__ import annotations
