@@ -9,7 +9,8 @@ had its learning rate decayed yet), and, with --short, checked directly by a Muo
 
     python benchmarks/muon.py --setting tiny --data data/shakespeare --seeds 1337 1338 --steps 150
     python benchmarks/muon.py --setting 20m --data data/legal --seeds 1337 --steps 120
-    python benchmarks/muon.py --setting tiny --step-cost     # one Muon step: torch's bf16 iteration vs fp32
+    python benchmarks/muon.py --setting tiny --step-cost     # one Muon step: torch's bf16 iteration vs fp32,
+                                                             # then each rank's Newton-Schulz time on 1 vs 2 gloo ranks
 
 Finished runs (a checkpoint at the last step) are reused, so an interrupted benchmark continues.
 """
@@ -158,6 +159,95 @@ def step_cost(setting: str, repeats: int = 5) -> int:
     return 0
 
 
+def _rank_cost(rank: int, n: int, port: int, setting: str, placement: str, repeats: int, out: str) -> None:
+    """One gloo rank of shared_cost: Muon steps over the setting's block matrices, replicated (DDP)
+    or row-sharded (FSDP2), with the same gradients every step; this rank's medians to out/rank<R>.json."""
+    import datetime
+
+    import torch
+    import torch.distributed as tdist
+
+    from gptlab.config import model_preset
+    from gptlab.model import GPT
+    from gptlab.optim import Muon, muon_split
+    from gptlab.parallel import shard_model
+    from gptlab.runtime import get_runtime, native_bf16_matmul
+
+    from gptlab import muon as muon_mod
+
+    torch.set_num_threads(1)  # every rank one core, whatever the number of ranks
+    cpu = [0.0]  # this thread's CPU seconds in Newton-Schulz: what a loaded machine does not inflate
+    plain_ns = muon_mod.newton_schulz
+
+    def timed_ns(*a, **kw):
+        t0 = time.thread_time()
+        try:
+            return plain_ns(*a, **kw)
+        finally:
+            cpu[0] += time.thread_time() - t0
+
+    muon_mod.newton_schulz = timed_ns
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
+                             timeout=datetime.timedelta(seconds=600))
+    model_flags = dict(SETTINGS[setting][0])
+    torch.manual_seed(0)
+    model = GPT(model_preset(model_flags.pop("model"), **model_flags))
+    if placement == "fsdp":
+        shard_model(model, get_runtime("cpu", "fp32", False))
+    params, _ = muon_split(model)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    if placement == "fsdp":
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        grads = [distribute_tensor(x, p.device_mesh, [Shard(0)]) for x, p in zip(grads, params)]
+    opt = Muon(params, lr=MUON_LR, momentum=0.95, nesterov=True, weight_decay=0.0, adjust_lr_fn="original",
+               ns_fp32=not native_bf16_matmul("cpu"), shared=True)
+    ns, wall, ns_cpu = [], [], []
+    for i in range(2 + repeats):
+        for p, x in zip(params, grads):
+            p.grad = x
+        tdist.barrier()
+        cpu[0] = 0.0
+        t0 = time.perf_counter()
+        opt.step()
+        wall.append(time.perf_counter() - t0)
+        ns.append(opt.ns_seconds)
+        ns_cpu.append(cpu[0])
+    Path(out, f"rank{rank}.json").write_text(json.dumps(
+        {"matrices": opt.ns_matrices, "of": len(params), "ns": statistics.median(ns[2:]),
+         "ns_cpu": statistics.median(ns_cpu[2:]),
+         "step": statistics.median(wall[2:])}))
+    tdist.destroy_process_group()
+
+
+def shared_cost(setting: str, ranks: list[int], repeats: int = 5, rounds: int = 1) -> None:
+    """Each rank's Newton-Schulz time in one Muon step, on 1 and on N gloo ranks (one thread each),
+    for replicated (DDP) and row-sharded (FSDP) matrices: gptlab.muon shares the matrices over the
+    ranks, so each rank's time falls as 1/N while the whole step adds the gathers. `rounds` repeats
+    the sweep, alternating, to show the spread on a shared machine; each row has the load average."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    print(f"\n{setting}: each rank's share of one Muon step ({repeats} timed steps after 2 warm-up; 1 thread a rank)")
+    print("| placement | ranks | rank | matrices it orthogonalises | Newton-Schulz CPU s a step | Newton-Schulz "
+          "wall s | whole Muon step wall s | load average (1 min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for placement, n in [(pl, n) for _ in range(rounds) for pl in ("ddp", "fsdp") for n in ranks]:
+        with socket.socket() as sock, tempfile.TemporaryDirectory() as out:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            mp.spawn(_rank_cost, args=(n, port, setting, placement, repeats, out), nprocs=n)
+            for r in range(n):
+                res = json.loads(Path(out, f"rank{r}.json").read_text())
+                print(f"| {placement} | {n} | {r} | {res['matrices']} of {res['of']} | {res['ns_cpu']:.4f} | "
+                      f"{res['ns']:.4f} | "
+                      f"{res['step']:.4f} | {os.getloadavg()[0]:.1f} |", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="tiny")
@@ -171,10 +261,16 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=None, help="steps between val evaluations")
     ap.add_argument("--eval-tokens", type=int, default=None, help="val tokens per evaluation")
     ap.add_argument("--step-cost", action="store_true",
-                    help="only time one Muon step: torch's bf16 Newton-Schulz against gptlab's fp32 one")
+                    help="only time one Muon step: torch's bf16 Newton-Schulz against gptlab's fp32 one, then "
+                         "each rank's Newton-Schulz time on each of --ranks gloo ranks")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="--step-cost: gloo ranks to compare")
+    ap.add_argument("--rounds", type=int, default=1, help="--step-cost: times to repeat the ranks sweep")
+    ap.add_argument("--repeats", type=int, default=5, help="--step-cost: timed steps (the median is printed)")
     args = ap.parse_args()
     if args.step_cost:
-        return step_cost(args.setting)
+        step_cost(args.setting, args.repeats)
+        shared_cost(args.setting, args.ranks, args.repeats, args.rounds)
+        return 0
     root = Path(args.out) / args.setting
     batch = args.batch_tokens or SETTINGS[args.setting][1]
     tokens = args.steps * batch

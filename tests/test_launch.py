@@ -77,11 +77,11 @@ def test_report_error_under_self_launch_goes_to_the_launcher(capsys, monkeypatch
 @pytest.mark.parametrize("resume", [[], ["--resume", "auto"]])
 def test_refusal_is_made_before_any_worker_starts(data, tmp_path, resume):
     r = run_gptlab("train", *COMMON, "--data", data, "--out", tmp_path / "r", "--nproc", "2",
-                   "--fsdp", "--optimizer", "muon", "--max-steps", "3", *resume, env=ONE_THREAD)
+                   "--fsdp", "--eval-tasks", "hellaswag", "--max-steps", "3", *resume, env=ONE_THREAD)
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines() == [
-        "gptlab train: error: --optimizer muon does not work with --fsdp (torch.optim.Muon needs whole "
-        "matrices, FSDP shards them); use DDP (drop --fsdp) or --optimizer adamw"]
+        "gptlab train: error: --eval-tasks runs the whole model in one process and does not work with "
+        "--fsdp; evaluate a checkpoint with `gptlab eval RUN --tasks`"]
     assert not (tmp_path / "r").exists()
 
 

@@ -1,5 +1,5 @@
 """optim.py: AdamW's groups and step, schedules; Muon beside AdamW (split, update, state round
-trip, loss scaling, resume, DDP, the FSDP refusal)."""
+trip, loss scaling, resume, DDP; FSDP and the shared work: test_muon.py)."""
 
 import json
 import math
@@ -263,14 +263,9 @@ def test_one_scaler_over_two_optimizers():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp_with_muon_is_refused_in_one_line(cli, tmp_path):
-    with pytest.raises(UserError, match="muon.*--fsdp"):
-        validate(muon_cfg(fsdp=True))
-    validate(muon_cfg())  # without FSDP it is fine
-    r = cli("train", "--model", "tiny", "--fsdp", "--optimizer", "muon", "--data", str(tmp_path),
-            "--out", str(tmp_path / "run"), "--device", "cpu")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "--fsdp" in r.stderr, r.stderr
+def test_fsdp_with_muon_is_accepted_and_unknown_optimizers_refused(cli, tmp_path):
+    validate(muon_cfg(fsdp=True))  # Muon shares its work over FSDP's shards (tests/test_muon.py)
+    validate(muon_cfg())
     r = cli("train", "--model", "tiny", "--optimizer", "lion", "--out", str(tmp_path / "r2"))
     assert r.returncode == 2 and "--optimizer must be one of adamw, muon" in r.stderr
 

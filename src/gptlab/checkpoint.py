@@ -609,15 +609,16 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return (path / DCP_METADATA).is_file() and (path / CONFIG).is_file()
 
 
-def _sharded_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, list]:
+def _sharded_tensors(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, list]:
     """The flat dict DCP reads and writes: model.<name> (DTensors under FSDP, plain tensors
-    otherwise) and optim/<name>/<moment>; plus the optimizer's param groups (JSON, not DCP)."""
+    otherwise) and optim/<name>/<moment> (AdamW's moments, Muon's momentum buffers); plus every
+    optimizer's param groups, in order (JSON, not DCP)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     flat = {f"model.{k}": v for k, v in get_model_state_dict(model).items() if k != _TIED_KEY}
     groups: list = []
-    if optimizer is not None:
-        osd = get_optimizer_state_dict(model, optimizer)
+    if optimizers:
+        osd = get_optimizer_state_dict(model, optimizers)
         for name, pstate in osd["state"].items():
             for moment, value in pstate.items():
                 flat[f"{_OPT_PREFIX}{name}/{moment}"] = value
@@ -639,12 +640,12 @@ class ShardedWriter:
             # the background writer's own gloo group: its collectives never interleave with training's
             self.group = tdist.new_group(backend="gloo")
 
-    def save(self, final: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+    def save(self, final: Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
              state: dict) -> None:
         """Start writing (the previous save must be finished: see wait)."""
         assert self.pending is None, "wait() for the save in flight first"
         tmp = self._temp_dir(final)
-        flat, groups = _sharded_tensors(model, optimizer)
+        flat, groups = _sharded_tensors(model, optimizers)
         if self.rank == 0:
             write_json(tmp / CONFIG, raw_model(model).config.to_dict())
             tokenizer.copy_tokenizer(tokenizer.model_tokenizer(raw_model(model)), tmp / tokenizer.DATA_TOKENIZER_DIR)
@@ -717,15 +718,15 @@ class Checkpointer:
 
     def save(self, step: int, model: torch.nn.Module, optimizers: Any, state: TrainState | dict,
              wait: bool = True) -> Path | None:
-        """A checkpoint of `step` (its path; None on ranks other than 0 in the single-file format).
-        Sharded checkpoints hold the first optimizer (AdamW) alone."""
+        """A checkpoint of `step` (its path; None on ranks other than 0 in the single-file format),
+        with every optimizer's state (AdamW's, and Muon's beside it) in either format."""
         final = self.run.checkpoint_path(step)
         record = state.to_json() if isinstance(state, TrainState) else dict(state)
         record.setdefault("format_version", STATE_VERSION)
         opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers or [])
         if self.writer is not None:
             self.wait()  # the previous save is complete (and published) before the next starts
-            self.writer.save(final, model, opts[0] if opts else None, record)
+            self.writer.save(final, model, opts, record)
             if wait or self.writer.pending[0] is None:
                 self.wait()
             self.last = final
@@ -774,19 +775,20 @@ class Checkpointer:
         self.run.prune(self.keep)
 
 
-def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module,
-                            optimizer: torch.optim.Optimizer | None = None, state: dict | None = None) -> None:
-    """Read a sharded checkpoint into a placed model (and optimizer): each rank reads the pieces
-    of its own shards, whatever world size and sharding wrote them. Collective when a process
-    group exists; otherwise a single-process read of full tensors."""
+def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: Any = None,
+                            state: dict | None = None) -> None:
+    """Read a sharded checkpoint into a placed model (and its optimizer, or list of optimizers):
+    each rank reads the pieces of its own shards, whatever world size and sharding wrote them.
+    Collective when a process group exists; otherwise a single-process read of full tensors."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     ckpt = Path(ckpt)
-    flat, _ = _sharded_tensors(model, optimizer)
+    opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer or [])
+    flat, _ = _sharded_tensors(model, opts)
     _dcp_load(flat, ckpt, no_dist=not (tdist.is_available() and tdist.is_initialized()))
     set_model_state_dict(model, {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")},
                          options=StateDictOptions(strict=False))  # the tied head is the embedding
-    if optimizer is None:
+    if not opts:
         return
     if state is None:
         state = read_json(ckpt / STATE)
@@ -797,10 +799,14 @@ def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module,
             osd["state"].setdefault(name, {})[moment] = value
     for g in state["optimizer"]["param_groups"]:
         osd["param_groups"].append({k: (tuple(v) if k == "betas" else v) for k, v in g.items()})
+    if len(osd["param_groups"]) != sum(len(o.param_groups) for o in opts):
+        raise UserError(f"{ckpt}: the optimizer state has {len(osd['param_groups'])} param groups, this run's "
+                        f"optimizers {sum(len(o.param_groups) for o in opts)}; resume with the run's own --optimizer")
     # the saving device's implementation choices must not override this device's
-    keep = [{k: g.get(k) for k in ("fused", "foreach", "capturable")} for g in optimizer.param_groups]
-    set_optimizer_state_dict(model, optimizer, osd)
-    for g, kept in zip(optimizer.param_groups, keep):
+    groups = [g for o in opts for g in o.param_groups]
+    keep = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in groups]
+    set_optimizer_state_dict(model, opts, osd)
+    for g, kept in zip([g for o in opts for g in o.param_groups], keep):  # loading replaced the group dicts
         g.update(kept)
 
 

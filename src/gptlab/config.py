@@ -467,10 +467,6 @@ class TrainConfig(_Saved, PlanOptions, StallOptions, LaunchOptions, RuntimeOptio
             (not (self.fsdp and self.eval_tasks), "--eval-tasks runs the whole model in one process and does "
                                                   "not work with --fsdp; evaluate a checkpoint with "
                                                   "`gptlab eval RUN --tasks`"),
-            # torch.optim.Muon orthogonalises whole matrices; FSDP hands it this rank's row shard only
-            (not (self.fsdp and self.optimizer == "muon"),
-             "--optimizer muon does not work with --fsdp (torch.optim.Muon needs whole matrices, FSDP "
-             "shards them); use DDP (drop --fsdp) or --optimizer adamw"),
         ])
 
     def grad_accum_steps(self, seq_len: int, world_size: int, batch_size: int | None = None) -> int:

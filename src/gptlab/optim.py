@@ -1,21 +1,23 @@
 """Parameter groups, the optimizers (AdamW, or Muon beside AdamW) and learning-rate schedules.
 
 A run holds a list of optimizers: [AdamW] for the GPT-3 recipe, or [AdamW, Muon] for `muon`, where
-torch.optim.Muon takes every 2-D weight inside the blocks and AdamW the embeddings (the tied head)
-and every 1-D parameter. Each param group remembers its own peak lr ("peak_lr"); the schedule is a
-factor in [0, 1] applied to every group's peak, so warm-up and decay shape both optimizers alike.
+Muon (torch.optim.Muon's update, its work shared over the ranks: gptlab.muon) takes every 2-D weight
+inside the blocks and AdamW the embeddings (the tied head) and every 1-D parameter. Each param group
+remembers its own peak lr ("peak_lr"); the schedule is a factor in [0, 1] applied to every group's
+peak, so warm-up and decay shape both optimizers alike.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 from typing import Iterable, Sequence
 
 import torch
 
+from gptlab import dist
 from gptlab.errors import UserError
+from gptlab.muon import Muon
 from gptlab.runtime import native_bf16_matmul
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -96,59 +98,12 @@ def make_optimizers(model: torch.nn.Module, cfg, device_type: str) -> list[torch
     adamw = torch.optim.AdamW(_decay_split(rest, cfg.weight_decay), **adamw_kw)
     # adjust_lr_fn="original": the update of a (rows x cols) matrix is scaled by sqrt(max(1, rows/cols)),
     # Keller Jordan's Muon, whose lr (0.02) is not on AdamW's scale
+    # shared: in a process group (DDP) each rank orthogonalises its share of the matrices (gptlab.muon);
+    # FSDP's DTensors are shared over their mesh whatever this says
     muon = Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
                 weight_decay=cfg.muon_weight_decay, adjust_lr_fn="original",
-                ns_fp32=not native_bf16_matmul(device_type))
+                ns_fp32=not native_bf16_matmul(device_type), shared=dist.is_initialized())
     return [_with_peak(adamw), _with_peak(muon)]
-
-
-class Muon(torch.optim.Muon):
-    """torch.optim.Muon, whose Newton-Schulz iteration runs in bfloat16. Where bf16 matmuls are
-    emulated (most CPUs: about 300x slower than fp32) that iteration costs more than the whole
-    forward and backward pass of a small model, so with `ns_fp32` the same iteration (torch's
-    coefficients, steps and eps) runs in float32 instead. Everything else (momentum, Nesterov, the
-    lr adjustment, weight decay, the state dict) is torch's own."""
-
-    def __init__(self, params, *, ns_fp32: bool = False, **kwargs) -> None:
-        super().__init__(params, **kwargs)
-        self.ns_fp32 = ns_fp32
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        with _newton_schulz_in_fp32() if self.ns_fp32 else contextlib.nullcontext():
-            return super().step(closure)
-
-
-def newton_schulz_fp32(grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
-                       eps: float) -> torch.Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation of a 2-D grad, in float32."""
-    a, b, c = ns_coefficients
-    x = grad.float()
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T  # (small, large): the Gram matrix is the small side squared
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-@contextlib.contextmanager
-def _newton_schulz_in_fp32():
-    """torch.optim.Muon's step looks its Newton-Schulz function up in its module at call time:
-    swap in the float32 one for the duration of a step (training steps run one at a time)."""
-    import torch.optim._muon as impl
-
-    original = getattr(impl, "_zeropower_via_newtonschulz", None)
-    if original is None:  # a torch whose Muon is laid out otherwise: keep its own iteration
-        yield
-        return
-    impl._zeropower_via_newtonschulz = newton_schulz_fp32
-    try:
-        yield
-    finally:
-        impl._zeropower_via_newtonschulz = original
 
 
 def lr_at(step: int, *, schedule: str, max_lr: float, total_steps: int, warmup_steps: int,

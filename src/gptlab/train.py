@@ -801,7 +801,7 @@ class Trainer:
             raise UserError(f"{self.cfg.data} holds other data than this run was trained on (content fingerprint "
                             f"{self.data_fp}, saved {state.data_fingerprint}); resume with the original data")
         if sharded:  # weights and optimizer, resharded to this world size
-            ckpt_mod.load_sharded_checkpoint(ckpt, self.model, self.optimizers[0], state.to_json())  # AdamW alone
+            ckpt_mod.load_sharded_checkpoint(ckpt, self.model, self.optimizers, state.to_json())
         else:
             if weights:  # in place: DDP, the compiled wrapper and the optimizers keep the same tensors
                 ckpt_mod.load_checkpoint_weights(ckpt, self.model)
