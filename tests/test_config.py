@@ -196,7 +196,6 @@ def test_derived_values_are_config_methods():
 @pytest.mark.parametrize("kw, msg", [
     (dict(batch_size=0), "--batch-size must be a positive integer or 'auto'"),
     (dict(schedule="step"), "--schedule must be one of cosine, linear, constant, wsd"),
-    (dict(fsdp=True, optimizer="muon"), "--optimizer muon does not work with --fsdp"),
     (dict(fsdp=True, eval_tasks="x"), "--eval-tasks runs the whole model in one process"),
 ])
 def test_train_validate(kw, msg):
