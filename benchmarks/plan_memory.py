@@ -93,14 +93,15 @@ def run_row(mode: str, size: tuple, accum: int, timeout: float = 600) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{mode} accum {accum}: exit {out.returncode}\n{out.stderr[-3000:]}")
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return next(r for r in rows if r["rank"] == 0)
+    return rows[-1]
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         spec = json.loads(sys.argv[2])
         res = measure(spec["mode"], *spec["size"], accum=spec["accum"])
-        print(json.dumps(res), flush=True)
+        if res["rank"] == 0:  # one line: two ranks' prints can interleave
+            print(json.dumps(res), flush=True)
         return
     sizes = SIZES[:1] if "--quick" in sys.argv else SIZES
     print(f"load average before: {os.getloadavg()[0]:.2f}")
