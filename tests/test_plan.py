@@ -247,3 +247,14 @@ def test_plan_flags_need_the_plan(cli, tmp_path):
     assert r.returncode == 2 and "goes with the plan" in r.stderr and not (tmp_path / "run").exists()
     r = cli("train", "--model", "tiny", "--out", tmp_path / "run", "--dry-run", "--device", "cpu", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["memory"]["dtype"] == "fp32"
+
+
+def test_plan_json_is_one_document_at_the_descriptor(tmp_path):
+    """--json through a real process: stdout holds one JSON line and nothing else."""
+    from conftest import run_gptlab
+
+    r = run_gptlab("plan", "--model", "gpt2", "--gpu", "A100", "--mfu", "0.5", "--gpu-hour-price", "1.5", "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1
+    doc = json.loads(r.stdout)
+    assert doc["memory"]["bytes"]["reserve"]["nccl"] == 0 and doc["time"]["cost"] > 0

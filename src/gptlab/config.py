@@ -336,11 +336,11 @@ class PlanOptions:
                                      "40%) of the peak of --gpu or --peak-tflops", saved=False, metavar="FRACTION")
     gpu: str | None = option(None, "the GPU the plan is for (H100, A100, L4, ...): its datasheet peak, for --mfu",
                              saved=False, metavar="NAME")
-    peak_tflops: float | None = option(None, "one GPU's peak TFLOP/s for --mfu, instead of --gpu's", saved=False,
-                                       metavar="N")
+    peak_tflops: float | None = option(None, "the device's peak TFLOP/s for MFU where the built-in table has none",
+                                       saved=False)
     gpu_hour_price: float | None = option(None, "the plan's cost: this price of one GPU-hour times its GPU-hours",
                                           saved=False, metavar="PRICE")
-    json: bool = option(False, "with the plan: print it as one JSON object", action="store_true", saved=False)
+    json: bool = option(False, "print one JSON object instead of a table", saved=False)
 
 
 @dataclass
