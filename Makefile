@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test test-fast chromium slurm demo bench clean
+.PHONY: setup test test-fast chromium slurm demo bench gpu-check clean
 
 CORE    := $(VENV)/.installed-core
 
@@ -82,6 +82,11 @@ bench: setup
 	$(BIN)/python benchmarks/stream.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/plan_memory.py
+
+# One GPU, at most 8 minutes: the gpu tests, bench at B=16/32/64, fp16, 200 steps with resume, HellaSwag
+# speed and serve throughput, into benchmarks/GPU_CHECK.md. Without a GPU it says so and exits 2.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs data/shakespeare

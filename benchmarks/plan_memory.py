@@ -1,14 +1,19 @@
-"""The memory plan (gptlab.plan) against measured peak memory of CPU training steps, at two sizes.
+"""The memory plan (gptlab.plan) against the measured peak of live tensors of CPU training steps: one
+process, and 2 gloo ranks under DDP and under FSDP, each with and without gradient accumulation.
 
-Each size runs in fresh processes: two full training steps (forward, backward, AdamW; one and
-two micro-batches per step) of train.train_step, fp32, uncompiled (the fused head loss), as `gptlab train --device cpu` runs them.
-Measured two ways:
-  tensors  the peak of live tensor storage, by category, from torch's MemTracker (a dispatch mode
-           that sees every allocation: parameters, gradients, optimizer state, activations, temporaries);
-  rss      the peak resident set size of the process minus its size just before the model was built
-           (includes the allocator's slack and anything torch allocates outside tensors).
+Each row runs in fresh processes (torchrun for 2 ranks): three optimizer steps (forward, backward,
+AdamW; the third runs after DDP's bucket rebuild and with the AdamW moments allocated) of
+train.train_step, fp32, uncompiled (the fused head loss), placed as `gptlab train --device cpu` places
+the model (train.place_for_training; parallel.place with FSDP). Measured with torch's MemTracker, a
+dispatch mode that sees every tensor allocation (parameters, gradients, DDP's buckets, optimizer state,
+activations, temporaries) on rank 0; its module statistics are reset before each micro-batch (it
+refuses a module run twice otherwise), the peak is kept.
 
-    .venv/bin/python benchmarks/plan_memory.py
+    .venv/bin/python benchmarks/plan_memory.py            # the table
+    .venv/bin/python benchmarks/plan_memory.py --quick    # the micro size only
+
+The child (`--child JSON`) prints one JSON line {"peak": bytes, "plan": bytes, ...}; tests/test_plan.py
+runs it the same way.
 """
 
 from __future__ import annotations
@@ -19,90 +24,97 @@ import subprocess
 import sys
 
 SIZES = [  # (name, n_layer, n_head, n_embd, seq_len, micro-batch)
-    ("tiny (L4 C128 T128, B8)", 4, 4, 128, 128, 8),
+    ("L2 C64 T64, B4", 2, 2, 64, 64, 4),
+    ("tiny (L4 C128 T128), B8", 4, 4, 128, 128, 8),
     ("L8 C256 T256, B8", 8, 8, 256, 256, 8),
 ]
 MIB = 1 << 20
+STEPS = 3
 
 
-def _vm(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-def measure(n_layer: int, n_head: int, n_embd: int, seq_len: int, batch: int, accum: int, how: str) -> dict:
+def measure(mode: str, n_layer: int, n_head: int, n_embd: int, seq_len: int, batch: int, accum: int) -> dict:
+    """Peak live tensor bytes on this rank over STEPS training steps, and the plan's total."""
     import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
 
+    import gptlab.train as train
+    from gptlab import dist
     from gptlab.config import ModelConfig
     from gptlab.model import GPT
     from gptlab.optim import make_adamw
-    from gptlab.parallel import Placed
-    from gptlab.train import train_step
+    from gptlab.parallel import place
+    from gptlab.plan import MemoryPlan
     from gptlab.runtime import get_runtime
 
     torch.manual_seed(0)
     rt = get_runtime("cpu", "fp32", False)
+    env = dist.init("cpu")
     cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, seq_len=seq_len)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
-    torch.ones(4) @ torch.ones(4)  # load the kernels before the baseline
-    base = _vm("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM, the peak RSS, to the current RSS
-
-    def steps(tracker=None):
-        model = GPT(cfg)
-        opt = make_adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
-        placed = Placed(model=model, forward=model)
-        for _ in range(2):  # the second step runs with the AdamW moments allocated
-            # accumulation as train_step does it: the gradients of the first micro-batches are held
-            # through the next one's forward (one call per micro-batch, for the tracker's sake)
-            for micro in range(accum):
-                train_step(placed, rt, [(x, x)], accum=1, optimizer=opt if micro == accum - 1 else None)
-                if tracker is not None:
-                    tracker.reset_mod_stats()  # its per-module statistics are per forward; the peak stays
-
-    if how == "rss":
-        steps()
-        return {"rss": _vm("VmHWM") - base}
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     mt = MemTracker()
-    with mt:
-        steps(mt)
-    snap = mt.get_tracker_snapshot("peak")
-    (dev_snap,) = [v for k, v in snap.items() if str(k) == "cpu"]
-    return {str(getattr(k, "value", k)): int(v) for k, v in dev_snap.items()}
+    micro_batch = train._micro_batch
+
+    def tracked_micro_batch(*args, **kwargs):
+        mt.reset_mod_stats()
+        return micro_batch(*args, **kwargs)
+
+    train._micro_batch = tracked_micro_batch
+    try:
+        with mt:
+            model = GPT(cfg)
+            placed = place(model, rt, env, fsdp=True) if mode == "fsdp" else train.place_for_training(model, rt, env)
+            opt = make_adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device_type="cpu")
+            for _ in range(STEPS):
+                train.train_step(placed, rt, [(x, x)] * accum, accum=accum, optimizer=opt)
+    finally:
+        train._micro_batch = micro_batch
+        dist.shutdown()
+    (snap,) = [v for k, v in mt.get_tracker_snapshot("peak").items() if str(k) == "cpu"]
+    plan = MemoryPlan(cfg, world_size=env.world_size, fsdp=mode == "fsdp", dtype="fp32", batch_size=batch,
+                      compiled=False, accum=accum)
+    by_kind = {str(getattr(k, "value", k)): int(v) for k, v in snap.items()}
+    return {"mode": mode, "rank": env.rank, "world_size": env.world_size, "accum": accum,
+            "peak": by_kind.pop("Total"), "by_kind": by_kind, "plan": plan.total()}
+
+
+def child_command(mode: str, size: tuple, accum: int) -> list[str]:
+    """The command that measures one row: torchrun with 2 ranks for ddp and fsdp, else one process."""
+    spec = json.dumps({"mode": mode, "size": list(size), "accum": accum})
+    if mode == "one":
+        return [sys.executable, __file__, "--child", spec]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+            "--child", spec]
+
+
+def run_row(mode: str, size: tuple, accum: int, timeout: float = 600) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(child_command(mode, size, accum), capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{mode} accum {accum}: exit {out.returncode}\n{out.stderr[-3000:]}")
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return rows[-1]
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        args = [int(a) for a in sys.argv[2:8]]
-        print(json.dumps(measure(*args, how=sys.argv[8])))
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        spec = json.loads(sys.argv[2])
+        res = measure(spec["mode"], *spec["size"], accum=spec["accum"])
+        if res["rank"] == 0:  # one line: two ranks' prints can interleave
+            print(json.dumps(res), flush=True)
         return
-    from gptlab.config import ModelConfig
-    from gptlab.plan import MemoryPlan
-
-    print("size, accumulation | plan: params grads optim activations total | measured tensors: peak "
-          "(by category) | measured rss peak | plan/tensors")
-    for (name, L, H, C, T, B), accum in [(size, a) for size in SIZES for a in (1, 2)]:
-        got = {}
-        for how in ("tensors", "rss"):
-            # a fixed mmap threshold: freed tensors go back to the OS, so RSS follows live memory
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-            out = subprocess.run([sys.executable, __file__, "--child", str(L), str(H), str(C), str(T), str(B),
-                                  str(accum), how], capture_output=True, text=True, env=env, check=True)
-            got.update(json.loads(out.stdout.strip().splitlines()[-1]))
-        plan = MemoryPlan(ModelConfig(n_layer=L, n_head=H, n_embd=C, seq_len=T), world_size=1, fsdp=False,
-                          dtype="fp32", batch_size=B, compiled=False)
-        act = got.get("Activation", 0) + got.get("Temp", 0)
-        print(f"{name}, accum {accum} | {plan.parameters() / MIB:.1f} {plan.gradients() / MIB:.1f} {plan.optimizer() / MIB:.1f} "
-              f"{plan.activations() / MIB:.1f} {plan.total() / MIB:.1f} MiB | "
-              f"{got['Total'] / MIB:.1f} MiB (params {got.get('Parameter', 0) / MIB:.1f}, "
-              f"grads {got.get('Gradient', 0) / MIB:.1f}, optim {got.get('Optstate', 0) / MIB:.1f}, "
-              f"act+temp {act / MIB:.1f}) | {got['rss'] / MIB:.1f} MiB | {plan.total() / got['Total']:.3f}")
+    sizes = SIZES[:1] if "--quick" in sys.argv else SIZES
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print("| size | placement | accumulation | plan total | measured peak (rank 0) | plan / measured |")
+    print("|---|---|---|---|---|---|")
+    for name, *size in sizes:
+        for mode in ("one", "ddp", "fsdp"):
+            for accum in (1, 2):
+                r = run_row(mode, tuple(size), accum)
+                label = {"one": "1 process", "ddp": "DDP, 2 ranks", "fsdp": "FSDP, 2 ranks"}[mode]
+                print(f"| {name} | {label} | {accum} | {r['plan'] / MIB:.1f} MiB | {r['peak'] / MIB:.1f} MiB | "
+                      f"{r['plan'] / r['peak']:.3f} |", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

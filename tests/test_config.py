@@ -140,7 +140,8 @@ def test_eval_task_flags_need_tasks():
 # ----------------------------------------------------------------------------- JSON
 
 def test_launch_only_options_are_not_saved():
-    assert set(launch_only(TrainConfig)) == {"nproc", "dist_timeout", "max_restarts", "stall_timeout", "dry_run", "gpu_memory"}
+    assert set(launch_only(TrainConfig)) == {"nproc", "dist_timeout", "max_restarts", "stall_timeout", "dry_run", "gpu_memory",
+                                             "bench", "mfu", "gpu", "peak_tflops", "gpu_hour_price", "json"}
     cfg = TrainConfig(nproc="2", dry_run=True, gpu_memory="24GB", dist_timeout=5.0, fsdp=True)
     saved = cfg.to_dict()
     assert not set(saved) & set(launch_only(TrainConfig))

@@ -512,12 +512,18 @@ def _auto_resume_flags(flags: dict, config_file: str | None) -> dict:
     return {**file_values, **{k: v for k, v in flags.items() if v is not None}}
 
 
+PLAN_ONLY = ("bench", "mfu", "gpu", "peak_tflops", "gpu_hour_price", "json")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from gptlab.config import TrainConfig, resolve_train_config
 
     flags = config_flags(args, TrainConfig)
     if flags.get("dry_run"):
         return _print_plan(args, flags)
+    plan_only = [n for n in PLAN_ONLY if flags.get(n) not in (None, False)]
+    if plan_only:
+        raise UserError(f"--{plan_only[0].replace('_', '-')} goes with the plan: use `gptlab plan` or add --dry-run")
     if flags.get("max_restarts"):  # a restarted group runs the same command line again
         if flags.get("nproc") is None:
             raise UserError("--max-restarts restarts the workers of --nproc N; under your own torchrun, "
@@ -589,7 +595,7 @@ def _print_plan(args: argparse.Namespace, flags: dict) -> int:
     import os
 
     from gptlab.config import resolve_train_config
-    from gptlab.plan import plan_from_train_config
+    from gptlab.plan import plan_from_train_config, time_plan
 
     auto = args.resume == "auto" and flags.get("out") is not None
     if auto:
@@ -612,8 +618,15 @@ def _print_plan(args: argparse.Namespace, flags: dict) -> int:
         world = dist.resolve_nproc(flags["nproc"])
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = plan_from_train_config(cfg, world)
+    timing = time_plan(cfg, plan)  # checks --bench, --mfu and --gpu-hour-price before anything prints
     if int(os.environ.get("RANK", "0")) == 0:
-        print(plan_from_train_config(cfg, world).render())
+        with json_stdout(bool(flags.get("json"))) as out:
+            if flags.get("json"):
+                doc = {"memory": plan.to_dict(), "time": timing.to_dict() if timing else None}
+                print(json.dumps(doc), file=out, flush=True)
+            else:
+                print(plan.render() + ("\n" + timing.render() if timing else ""), file=out, flush=True)
     return 0
 
 
@@ -708,7 +721,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("inspect or verify a prepared dataset", add_data_args, cmd_data),
     "tokenizer": ("train your own byte-level BPE tokenizer on a corpus", add_tokenizer_args, cmd_tokenizer),
     "train": ("train a GPT-2 (CPU, one GPU, or many through torchrun)", add_train_args, cmd_train),
-    "plan": ("print the memory per GPU a training run needs (the flags of train)", add_train_args, cmd_plan),
+    "plan": ("print the memory per GPU a training run needs, and its time and cost (the flags of train)", add_train_args, cmd_plan),
     "eval": ("HellaSwag, validation loss and lm-evaluation-harness tasks of a model", add_eval_args, cmd_eval),
     "sample": ("sample text from a model", add_sample_args, cmd_sample),
     "export": ("write a model as a Hugging Face GPT-2 directory", add_export_args, cmd_export),

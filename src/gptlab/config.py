@@ -329,6 +329,18 @@ class PlanOptions:
                            saved=False)
     gpu_memory: str | None = option(None, "memory of one GPU for the plan's fits check, e.g. 80GB or 24GiB",
                                     saved=False)
+    bench: str | None = option(None, "the plan's tokens/s, time to finish and GPU-hours from this `gptlab bench "
+                                     "--json` result (its tokens/s per rank times the ranks planned)", saved=False,
+                               metavar="FILE")
+    mfu: float | None = option(None, "without --bench: the tokens/s from this model FLOPs utilisation (0.4 is "
+                                     "40%) of the peak of --gpu or --peak-tflops", saved=False, metavar="FRACTION")
+    gpu: str | None = option(None, "the GPU the plan is for (H100, A100, L4, ...): its datasheet peak, for --mfu",
+                             saved=False, metavar="NAME")
+    peak_tflops: float | None = option(None, "the device's peak TFLOP/s for MFU where the built-in table has none",
+                                       saved=False)
+    gpu_hour_price: float | None = option(None, "the plan's cost: this price of one GPU-hour times its GPU-hours",
+                                          saved=False, metavar="PRICE")
+    json: bool = option(False, "print one JSON object instead of a table", saved=False)
 
 
 @dataclass

@@ -57,7 +57,7 @@ def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compil
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        forward = DDP(forward, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        forward = DDP(forward, device_ids=[rt.device.index] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
     return Placed(model=model, forward=forward, fsdp=fsdp, ddp=ddp, compiled=guard is not None, guard=guard)
 
 

@@ -210,7 +210,7 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
     if scaler is not None:
         scaler.update()  # once per step, after every optimizer: lowers the scale on inf/nan
     for opt in opts:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not placed.ddp)  # DDP's gradients stay views of its buckets
     return StepResult(loss, norm, applied=applied, skip_reason=reason)
 
 
@@ -378,6 +378,17 @@ def next_batch_loss(placed: Placed, rt: Runtime, loader: TrainLoader) -> float:
 
 # ----------------------------------------------------------------------------- the batch-size search
 
+def place_for_training(model: GPT, rt: Runtime, env: dist.DistEnv, compile_backend: str = "inductor") -> Placed:
+    """parallel.place for a training run without FSDP. Under DDP the gradients are made first: DDP turns
+    gradients that exist when it is built into views of its all-reduce buckets (gradient_as_bucket_view),
+    and train_step zeroes them in place, so accumulation never holds a second copy, from the first step on
+    (a gradient made under no_sync would be one until the next synchronised backward)."""
+    if env.is_distributed:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    return place(model, rt, env, compile_backend=compile_backend)
+
+
 def find_batch_size(placed: Placed, rt: Runtime, total_batch_tokens: int, env: dist.DistEnv,
                     probe: bool | None = None) -> int:
     """The largest micro-batch that divides this rank's share of the global batch and fits in memory,
@@ -425,7 +436,7 @@ def _fits(placed: Placed, rt: Runtime, env: dist.DistEnv, b: int) -> bool:
         del reserve, x, y
     except torch.OutOfMemoryError:
         ok.zero_()
-    placed.model.zero_grad(set_to_none=True)
+    placed.model.zero_grad(set_to_none=not placed.ddp)  # DDP's stay views of its buckets
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
     if env.is_distributed:
@@ -825,7 +836,7 @@ class Trainer:
                 ckpt_mod.load_checkpoint_weights(ckpt, model)
         else:
             model = build_model(cfg)
-        return place(model, self.rt, self.env, compile_backend=cfg.compile_backend)
+        return place_for_training(model, self.rt, self.env, compile_backend=cfg.compile_backend)
 
     def _announce(self, n_params: int, ckpt: Path | None) -> None:
         cfg, T, world = self.cfg, self.model.config.seq_len, self.env.world_size
