@@ -13,6 +13,7 @@ Nothing is ever unpickled from a file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -780,10 +781,32 @@ def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer:
     """Read a sharded checkpoint into a placed model (and its optimizer, or list of optimizers):
     each rank reads the pieces of its own shards, whatever world size and sharding wrote them.
     Collective when a process group exists; otherwise a single-process read of full tensors."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
     ckpt = Path(ckpt)
     opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer or [])
+    with _gradients_hidden(model):
+        _load_sharded(ckpt, model, opts, state)
+
+
+@contextlib.contextmanager
+def _gradients_hidden(model: torch.nn.Module):
+    """The parameters' gradients set aside, then put back (the same tensors: DDP's bucket views stay
+    views). torch's state-dict helpers make a fresh optimizer's state with a zero-gradient step only
+    when no parameter has a gradient; with gradients present (train.place_for_training makes them
+    before DDP) they would find no state to load the checkpoint's moments into."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
+def _load_sharded(ckpt: Path, model: torch.nn.Module, opts: list, state: dict | None) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     flat, _ = _sharded_tensors(model, opts)
     _dcp_load(flat, ckpt, no_dist=not (tdist.is_available() and tdist.is_initialized()))
     set_model_state_dict(model, {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")},
