@@ -13,7 +13,6 @@ Nothing is ever unpickled from a file.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -35,7 +34,7 @@ from gptlab.atomic import DiskFullError, StagedDir, file_mode, staged_dir, write
 from gptlab.config import ModelConfig, read_json
 from gptlab.errors import UserError
 from gptlab.model import GPT
-from gptlab.parallel import full_optimizer_state
+from gptlab.parallel import full_optimizer_state, gradients_set_aside
 from gptlab.weights import clean_state_dict, load_weights, model_state_dict, raw_model
 from gptlab import hf
 from gptlab import tokenizer
@@ -783,25 +782,8 @@ def load_sharded_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer:
     Collective when a process group exists; otherwise a single-process read of full tensors."""
     ckpt = Path(ckpt)
     opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer or [])
-    with _gradients_hidden(model):
+    with gradients_set_aside(model):
         _load_sharded(ckpt, model, opts, state)
-
-
-@contextlib.contextmanager
-def _gradients_hidden(model: torch.nn.Module):
-    """The parameters' gradients set aside, then put back (the same tensors: DDP's bucket views stay
-    views). torch's state-dict helpers make a fresh optimizer's state with a zero-gradient step only
-    when no parameter has a gradient; with gradients present (train.place_for_training makes them
-    before DDP) they would find no state to load the checkpoint's moments into."""
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        yield
-    finally:
-        for p, g in zip(params, grads):
-            p.grad = g
 
 
 def _load_sharded(ckpt: Path, model: torch.nn.Module, opts: list, state: dict | None) -> None:

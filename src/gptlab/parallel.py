@@ -7,6 +7,7 @@ and gathering or restoring the full state of a placed model for checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from dataclasses import dataclass
@@ -214,6 +215,23 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: Optimizers) -> dict:
     return _dsd().get_optimizer_state_dict(model, as_list(optimizer), options=_full_state_options())
 
 
+@contextlib.contextmanager
+def gradients_set_aside(model: torch.nn.Module):
+    """The parameters' gradients set aside, then put back (the same tensors: DDP's bucket views stay
+    views). torch's state-dict helpers make a fresh optimizer's state with a zero-gradient step only
+    when no parameter has a gradient; with gradients present (train.place_for_training makes them
+    before DDP) they would find no state to load the checkpoint's moments into."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+
+
 def load_optimizer(placed: Placed, optimizer: Optimizers, full_state: dict) -> None:
     """Restore optimizers from a full, name-keyed state (any world size, with or without FSDP)."""
     # the saving device's implementation choices must not override this device's, nor the saved
@@ -221,7 +239,8 @@ def load_optimizer(placed: Placed, optimizer: Optimizers, full_state: dict) -> N
     opts = as_list(optimizer)
     keep = [{k: g[k] for k in ("fused", "foreach", "capturable", "peak_lr") if k in g}
             for opt in opts for g in opt.param_groups]
-    _dsd().set_optimizer_state_dict(placed.model, opts, full_state, options=_full_state_options())
+    with gradients_set_aside(placed.model):
+        _dsd().set_optimizer_state_dict(placed.model, opts, full_state, options=_full_state_options())
     # loading replaced the group dicts: read them again
     for g, kept in zip([g for opt in opts for g in opt.param_groups], keep):
         g.update(kept)
