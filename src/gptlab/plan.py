@@ -13,11 +13,12 @@ bytes of the compute dtype (4 fp32, 2 bf16/fp16):
                                  step (set_requires_gradient_sync(False)), upcast to the fp32
                                  reduce dtype (torch.distributed.fsdp's FSDPParam.to_accumulated_grad_if_needed)
   optimizer    8 N / S          AdamW's two fp32 moments
-  working      FSDP: (E + 2 K) b + (E + K) 4   the unsharded embeddings E = (V + T) C (the root unit,
-                                 held for the whole step) and two blocks of K = 12 C^2 + 13 C (the
-                                 current one and the prefetched one), plus their unsharded gradients
+  working      FSDP: (E + 2 K) 4 + (E + K) 4   the unsharded fp32 embeddings E = (V + T) C (the root
+                                 unit, held for the whole step) and two blocks of K = 12 C^2 + 13 C (the
+                                 current one and the prefetched one; FSDP gathers fp32 weights and
+                                 autocast casts them, as under DDP), plus their unsharded gradients
                                  (with A > 1 those are in `unsharded`);
-               no FSDP, b < 4: N b     autocast's low-precision copies of the weights, kept for backward
+               b < 4: + N b     autocast's low-precision copies of the weights, kept for backward
   activations  L B T C a  +  B T C 8  +  head
                a = 68 bytes in fp32 (17 values of C per token per layer are saved for backward:
                    ln_1 and ln_2 inputs, the attention input, q, k, v, the attention output, the
@@ -28,7 +29,8 @@ bytes of the compute dtype (4 fp32, 2 bf16/fp16):
                    K = min(B T V, 2^25) fp32 logits (the CPU's chunk; the softmax and its gradient
                    overwrite them), plus their b-byte copy under autocast: 4 V C + K (4 + b), or 4 V C + 4 K
                    in fp32 (CUDA sizes its chunks from its free memory, up to 1 GiB: not modelled here);
-                   compiled, the logits and their fp32 softmax (B T V (b + 4))
+                   compiled (without FSDP, which compiles the blocks only), the logits and their fp32
+                   softmax (B T V (b + 4))
   transient    peaks outside the forward's: the tied embedding's backward holds the head's weight
                gradient, the embedding's and their sum (3 x 4 V C); DDP rebuilds its buckets once,
                after the first step, in the order gradients arrived (4 N beside the old ones)
@@ -121,9 +123,10 @@ class MemoryPlan:
         """Full-size weight copies beside the (sharded) fp32 weights: FSDP's unsharded units (the
         embeddings E, held all step, and two blocks), or autocast's casts (kept for backward)."""
         b = DTYPE_BYTES[self.dtype]
-        if self.fsdp:
-            return (self._embed() + 2 * self._block()) * b
-        return self.n_params * b if b < 4 else 0
+        casts = self.n_params * b if b < 4 else 0  # autocast's copies, saved for backward, FSDP or not
+        if self.fsdp:  # FSDP gathers the fp32 weights (no param_dtype: parallel.shard_model)
+            return (self._embed() + 2 * self._block()) * 4 + casts
+        return casts
 
     def working_grads(self) -> int:
         """FSDP without accumulation: the unsharded gradients of the root and of one block, in backward
@@ -148,7 +151,7 @@ class MemoryPlan:
         if cfg.dropout > 0:
             per_layer += 3  # three 1-byte masks (attention output, residual, MLP) per C
         chunk = min(B * T, max(1, CHUNK_ELEMENTS // V)) * V  # logits: model.FusedHeadLoss.chunk_rows on a CPU
-        head = B * T * V * (b + 4) if self.compiled else 4 * V * C + chunk * (4 + (b if b < 4 else 0))
+        head = B * T * V * (b + 4) if self.compiled and not self.fsdp else 4 * V * C + chunk * (4 + (b if b < 4 else 0))
         return L * B * T * C * per_layer + B * T * C * 8 + head
 
     def transient(self) -> int:
@@ -167,7 +170,7 @@ class MemoryPlan:
 
     def backward_peak(self) -> int:
         """... at the backward's end (the tied embedding) or at DDP's bucket rebuild."""
-        root = self._embed() * DTYPE_BYTES[self.dtype] if self.fsdp else 0  # FSDP's root stays unsharded
+        root = self._embed() * 4 if self.fsdp else 0  # FSDP's root stays unsharded (fp32)
         return self.gradients() + self.working_grads() + root + self.transient()
 
     def total(self) -> int:
