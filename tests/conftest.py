@@ -43,6 +43,12 @@ def random_hf_gpt2(seed: int = 0, noise: float = 0.05, **overrides):
     return perturb_(GPT2LMHeadModel(cfg), seed, noise).eval()
 
 
+# torchrun waits this long for workers to end after it passed on a signal before it kills them (its
+# default 30 s; gptlab's launcher's 120). The suite's micro runs save in well under a second, and the
+# tests that stop or kill a rank would otherwise wait the whole default for the stopped one.
+os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "10")
+
+
 def random_gptlab(seed: int = 0, noise: float = 0.05, **overrides) -> GPT:
     """A gptlab GPT (eval mode) of the tiny shape with random, perturbed weights. More noise makes
     attention matter more (and greedy text less repetitive)."""
