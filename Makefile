@@ -43,7 +43,7 @@ test-fast: setup chromium
 	$(BIN)/python -m pytest tests -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # The set-up-and-run command: prepare the embedded corpus, train `tiny` with Muon on the CPU for about
-# six minutes, evaluate, sample and plot. runs/demo is the demo's own directory and is replaced.
+# three minutes, evaluate, sample and plot. runs/demo is the demo's own directory and is replaced.
 # Muon on the blocks' matrices (AdamW, lr 6e-3, on the embeddings and gains), 450 steps of 1,024 tokens
 # (461K tokens, val 4.87): small steps, because this early in training more updates beat bigger
 # batches (225 steps of 2,048 tokens: 4.91); AdamW's lr doubled from the preset's 3e-3 (at step 300 of
