@@ -4,7 +4,8 @@ checkpoints at their intervals, and plots at the end.
 One optimizer step, top to bottom, all in this file (Trainer.train_step -> train_step):
   the learning rate of this step (optim.lr_at, a factor of each group's peak)
   -> forward and backward over the micro-batches, gradients synchronised once, on the last
-  -> the mean loss over ranks -> unscale (fp16's loss scale) -> clip the global gradient norm
+  -> unscale (fp16's loss scale) -> clip the global gradient norm -> the mean loss and the stop flag
+     over ranks in one all_reduce, read on the host with the norm in one sync (_reduce_step)
   -> a non-finite loss or norm: no update, counted against --skip-nonfinite (then stop); a loss
      spike (--skip-spikes: a z-score over the recent applied steps' losses): no update, else
      every optimizer steps -> the loss scale is updated -> gradients are dropped -> one log record
@@ -567,6 +568,7 @@ class Trainer:
         self.checkpointer = Checkpointer(run, cfg.keep_checkpoints, env.rank, sharded=self.placed.fsdp)
         self.step = self.tokens = 0
         self.stop_agreed = False
+        self.stop_flag: StopFlag | None = None
         """Whether any rank asked to stop, agreed in the latest step's all_reduce."""
         self.skipped = 0
         """Steps whose update a non-finite loss or gradient norm kept out (--skip-nonfinite)."""
@@ -620,10 +622,11 @@ class Trainer:
         last_loss = val_loss = stopped_by = None
         fixed = [self.loader.next_batch() for _ in range(self.accum)] if cfg.overfit_batch else None
         with StopFlag(announce=self.env.is_main) as stop, self._watchdog():
+            self.stop_flag = stop  # read by train_step, agreed on in its all_reduce
             bar = progress_bar(self.steps, self.step, self.env.is_main)
             try:
                 while self.step < self.steps:
-                    last_loss = self.train_step(fixed, bar, stop.signal is not None)
+                    last_loss = self.train_step(fixed, bar)
                     watchdog.beat()  # a step finished
                     self.checkpointer.poll()  # publish a background save that has finished
                     if cfg.overfit_batch and last_loss < 0.05:
@@ -673,10 +676,10 @@ class Trainer:
     def should_checkpoint(self, step: int, last_step: bool = False) -> bool:
         return (self.cfg.checkpoint_every > 0 and step % self.cfg.checkpoint_every == 0) or last_step
 
-    def train_step(self, fixed: list | None, bar, stop: bool = False) -> float:
+    def train_step(self, fixed: list | None, bar) -> float:
         """One optimizer step at the scheduled learning rate (train_step), its non-finite decision
-        and its bookkeeping (step, tokens, one log record); returns its loss. `stop` (this rank's
-        signal) is agreed on with the step's loss: self.stop_agreed."""
+        and its bookkeeping (step, tokens, one log record); returns its loss. This rank's stop flag
+        (self.stop_flag) is agreed on with the step's loss: self.stop_agreed."""
         cfg = self.cfg
         t0 = time.time()
         # the schedule as a factor of each group's own peak (--lr for AdamW, --muon-lr for Muon)
@@ -686,7 +689,8 @@ class Trainer:
         self.placed.forward.train()
         batches = fixed if fixed is not None else (self.loader.next_batch() for _ in range(self.accum))
         out = train_step(self.placed, self.rt, batches, self.accum, self.optimizers, self.scaler, cfg.grad_clip,
-                         veto=self.spikes.veto if self.spikes.on else None, stop=stop)
+                         veto=self.spikes.veto if self.spikes.on else None,
+                         stop=self.stop_flag is not None and self.stop_flag.signal is not None)
         self.stop_agreed = out.stop
         if out.skip_reason == "nonfinite":  # no update was applied; skip it or stop
             self.skipped, note = nonfinite_step(self.step + 1, out.loss, out.grad_norm, self.skipped,
