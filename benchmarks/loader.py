@@ -2,9 +2,11 @@
 
 Times TrainLoader.next_batch at (8, 128) over a prepared dataset against a forward + backward of
 model.GPT with the `tiny` preset on one such batch (fp32, CPU). Prints a markdown section for
-benchmarks/RESULTS.md.
+benchmarks/RESULTS.md. Then runs --steps training steps of that model twice, in one run, alternating
+step by step: batches cut on the main thread (no prefetch) and by TrainLoader.prefetch's background
+thread, and prints per step the time the step waited for its batch (next_batch) side by side.
 
-    .venv/bin/python benchmarks/loader.py [--data DIR]   (default: prepares shakespeare into a temp dir)
+    .venv/bin/python benchmarks/loader.py [--data DIR] [--steps N] [--accum A]
 """
 
 from __future__ import annotations
@@ -33,11 +35,38 @@ def per_call(fn, n: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def wait_per_step(data, model, B: int, T: int, accum: int, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds each training step spent in next_batch: (main thread, background thread), the two
+    loaders stepped in turn so that both see the same machine load."""
+    from gptlab.data.loader import TrainLoader
+
+    loaders = [TrainLoader(data, seq_len=T, batch_size=B, grad_accum=accum) for _ in range(2)]
+    loaders[1].prefetch(pin_memory=False)  # a CPU: nothing to pin
+    waits: tuple[list[float], list[float]] = ([], [])
+    try:
+        for _ in range(steps):
+            for ld, out in zip(loaders, waits):
+                waited = 0.0
+                for _ in range(accum):
+                    t = time.perf_counter()
+                    x, y = ld.next_batch()
+                    waited += time.perf_counter() - t
+                    _, loss = model(x, y)
+                    (loss / accum).backward()
+                model.zero_grad(set_to_none=True)
+                out.append(waited)
+    finally:
+        loaders[1].close()
+    return waits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--accum", type=int, default=2)
     args = ap.parse_args()
 
     import torch
@@ -73,6 +102,7 @@ def main() -> None:
         for _ in range(3):
             step()
         model_s = per_call(step, 10, repeats=3)
+        waits = wait_per_step(data, model, B, T, args.accum, args.steps)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +117,12 @@ def main() -> None:
     print(f"| TrainLoader.next_batch | {loader_s * 1e3:.3f} |")
     print(f"| tiny GPT forward + backward (fp32) | {model_s * 1e3:.1f} |")
     print(f"\nthe loader is {model_s / loader_s:,.0f}x faster than the model consumes batches (target >= 100x)")
+    print(f"\n#### time a step waited for its batches ({args.accum} micro-batches a step), ms\n")
+    print("| step | main thread (no prefetch) | background thread (prefetch) |")
+    print("|---|---|---|")
+    for i, (a, b) in enumerate(zip(*waits), 1):
+        print(f"| {i} | {a * 1e3:.3f} | {b * 1e3:.3f} |")
+    print(f"| median | {statistics.median(waits[0]) * 1e3:.3f} | {statistics.median(waits[1]) * 1e3:.3f} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +317,57 @@ def test_a_trained_vocabulary_larger_than_gpt2s_is_read_up_to_its_own_size(tmp_p
     bad = sh.Shard(ds.shards[0].path, "val", 400, None, None, 60_000)
     with pytest.raises(UserError, match="60000"):
         sh.open_checked(bad)
+
+
+def test_prefetch_same_batches_and_state_of_consumed(data, monkeypatch):
+    """The background thread (one step ahead) hands out the batches a plain loader cuts; the state is
+    the position of the batches handed out, not of those prepared; a load restarts the thread there.
+    On the CPU nothing is pinned."""
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(1) or self)
+    plain = TrainLoader(data, seq_len=T, batch_size=3, grad_accum=2)
+    ahead = TrainLoader(data, seq_len=T, batch_size=3, grad_accum=2)
+    ahead.prefetch(pin_memory=False)
+    try:
+        for _ in range(5):
+            a, b = plain.next_batch(), ahead.next_batch()
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(plain.peek_batch()[0], ahead.peek_batch()[0])
+        deadline = time.time() + 10
+        while ahead._worker.queue.qsize() < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        assert ahead._worker.queue.qsize() == 2  # prepared ahead of what was handed out ...
+        state = ahead.state_dict()
+        assert state == plain.state_dict() and (state["step"], state["micro_step"]) == (2, 1)  # ... not saved
+        resumed = TrainLoader(data, seq_len=T, batch_size=3, grad_accum=2)
+        resumed.prefetch(pin_memory=False)
+        resumed.load_state_dict(state)
+        for _ in range(7):
+            a, b, c = plain.next_batch(), ahead.next_batch(), resumed.next_batch()
+            assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+        ahead.load_state_dict(state)  # backwards: the thread starts again at the loaded position
+        assert torch.equal(ahead.next_batch()[0], resumed_first(data, state))
+        resumed.stop_prefetch()
+    finally:
+        ahead.close()
+    assert not pinned
+
+
+def resumed_first(data, state):
+    ld = TrainLoader(data, seq_len=T, batch_size=3, grad_accum=2)
+    ld.load_state_dict(state)
+    return ld.next_batch()[0]
+
+
+def test_prefetch_pins_when_asked(data, monkeypatch):
+    """pin_memory=True (a CUDA device) pins every batch the thread prepares."""
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(1) or self)
+    ld = TrainLoader(data, seq_len=T, batch_size=2)
+    ld.prefetch(pin_memory=True)
+    try:
+        ld.next_batch()
+        ld.next_batch()
+    finally:
+        ld.close()
+    assert len(pinned) >= 4  # x and y of each

@@ -436,3 +436,73 @@ def test_first_signal_during_a_long_step_is_announced_at_once(data_dir, tmp_path
     assert left > 1.0, f"step 2 took only {left:.1f} s: too short to tell 'at once' from 'at the end'"
     assert said < left / 3, (said, left, err)  # at once: most of the step was still to go
     assert RunDir(run).latest_checkpoint().name == "step_000002", err  # and it did stop after this step
+
+
+def _count_step_worker(rank: int, port: int, out: str) -> None:
+    """One rank of test_one_collective_and_one_host_sync_a_step: 3 DDP steps, counting."""
+    import datetime
+    import json
+
+    import torch.distributed as tdist
+
+    from gptlab import dist as gdist
+    from gptlab import train as train_module
+    from gptlab.config import ModelConfig, TrainConfig
+    from gptlab.model import GPT
+    from gptlab.optim import make_optimizers
+    from gptlab.parallel import place
+    from gptlab.runtime import get_runtime
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                             timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, seq_len=16, vocab_size=320))
+        rt = get_runtime("cpu", "fp32", False)
+        placed = place(model, rt, gdist.DistEnv(rank=rank, world_size=2, local_world_size=2))
+        cfg = TrainConfig.for_model(model="tiny", lr=1e-3)
+        opts = make_optimizers(placed.model, cfg, "cpu")
+        counts = {"all_reduce": 0, "other_collectives": 0, "syncs": 0}
+
+        def counting(fn, key):
+            def wrapped(*a, **k):
+                counts[key] += 1
+                return fn(*a, **k)
+            return wrapped
+        tdist.all_reduce = counting(tdist.all_reduce, "all_reduce")
+        for name in ("broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "barrier"):
+            setattr(tdist, name, counting(getattr(tdist, name), "other_collectives"))
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), "syncs"))
+        g = torch.Generator().manual_seed(rank)
+        per_step = []
+        for step in range(3):
+            before = dict(counts)
+            batches = [(torch.randint(0, 320, (2, 16), generator=g), torch.randint(0, 320, (2, 16), generator=g))
+                       for _ in range(2)]
+            res = train_module.train_step(placed, rt, batches, 2, opts, None, 1.0, stop=rank == 1 and step == 2)
+            per_step.append({k: counts[k] - before[k] for k in counts} | {"stop": res.stop})
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(per_step, f)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_one_collective_and_one_host_sync_a_step(tmp_path):
+    """2 gloo ranks under DDP, 2 micro-batches a step: the loss and the stop flag cross ranks in one
+    all_reduce (DDP's gradient buckets are its own), and the host reads the loss, the flag and the
+    grad norm in one sync; a stop flag on one rank reaches both."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_count_step_worker, args=(port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [(s["all_reduce"], s["other_collectives"], s["syncs"]) for s in steps] == [(1, 0, 1)] * 3, steps
+        assert [s["stop"] for s in steps] == [False, False, True]

@@ -4,7 +4,8 @@ checkpoints at their intervals, and plots at the end.
 One optimizer step, top to bottom, all in this file (Trainer.train_step -> train_step):
   the learning rate of this step (optim.lr_at, a factor of each group's peak)
   -> forward and backward over the micro-batches, gradients synchronised once, on the last
-  -> the mean loss over ranks -> unscale (fp16's loss scale) -> clip the global gradient norm
+  -> unscale (fp16's loss scale) -> clip the global gradient norm -> the mean loss and the stop flag
+     over ranks in one all_reduce, read on the host with the norm in one sync (_reduce_step)
   -> a non-finite loss or norm: no update, counted against --skip-nonfinite (then stop); a loss
      spike (--skip-spikes: a z-score over the recent applied steps' losses): no update, else
      every optimizer steps -> the loss scale is updated -> gradients are dropped -> one log record
@@ -102,14 +103,19 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def _agree_to_stop(local: bool, env: dist.DistEnv) -> bool:
-    if not env.is_distributed:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0])
-    if dist.is_initialized() and torch.distributed.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce_max(flag)
-    return bool(flag.item() > 0)
+def _reduce_step(loss_sum: torch.Tensor, stop: bool, norm: torch.Tensor | float | None) -> tuple[float, bool, float | None]:
+    """The step's one collective and its one host sync: [this rank's loss, its stop flag] averaged over
+    ranks in one all_reduce (the flag's mean is > 0 when any rank has one), the gradient norm (the same
+    on every rank) carried to the host in the same tensor."""
+    packed = torch.zeros(3, device=loss_sum.device, dtype=torch.float32)  # [loss, stop, norm]
+    packed[0] = loss_sum  # device copies: no sync
+    if stop:
+        packed[1] = 1.0
+    if norm is not None:
+        packed[2] = norm  # (a 0-d tensor, or a float)
+    dist.all_reduce_mean(packed[:2])
+    loss, flag, n = packed.tolist()
+    return loss, flag > 0, (n if norm is not None else None)
 
 
 # ----------------------------------------------------------------------------- config
@@ -174,6 +180,8 @@ class StepResult:
     """False when a non-finite loss or gradient norm, or a veto (a loss spike), kept the update out."""
     skip_reason: str | None = None
     """Why the update was not applied: "nonfinite", or the veto's reason ("spike")."""
+    stop: bool = False
+    """Whether a rank asked to stop (train_step's `stop` on any rank): every rank gets the same."""
 
 
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
@@ -181,21 +189,23 @@ Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
 def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum: int,
                optimizer: Optimizers | None = None, scaler: torch.amp.GradScaler | None = None,
-               grad_clip: float = 0.0, veto: Callable[[float], str | None] | None = None) -> StepResult:
+               grad_clip: float = 0.0, veto: Callable[[float], str | None] | None = None,
+               stop: bool = False) -> StepResult:
     """One optimizer step, as the Trainer, the benchmark and the batch-size search all run it:
     forward and backward over `accum` micro-batches, then unscale, clip and update. A non-finite
     loss or norm skips the update (gradients are dropped) and says so in the result (the Trainer
     counts it against --skip-nonfinite). `veto` sees the finite loss (the mean over every rank, so
     every rank decides alike) before the update and may keep it out, returning its reason (the
     Trainer's spike detector). optimizer=None runs forward and backward only; a list of optimizers
-    (AdamW + Muon) is clipped over together and stepped one after another."""
-    loss = forward_backward(placed, rt, batches, accum, scaler)
+    (AdamW + Muon) is clipped over together and stepped one after another. `stop` (this rank's stop
+    flag) travels in the loss's all_reduce: one collective and one host sync a step (_reduce_step)."""
+    loss_sum = forward_backward(placed, rt, batches, accum, scaler)
     opts = as_list(optimizer) if optimizer is not None else []
-    if not opts:
-        return StepResult(loss, None, applied=False)
     for opt in opts if scaler is not None else ():
         scaler.unscale_(opt)
-    norm = grad_norm(placed.model, grad_clip)
+    loss, stop, norm = _reduce_step(loss_sum, stop, grad_norm(placed.model, grad_clip) if opts else None)
+    if not opts:
+        return StepResult(loss, None, applied=False, stop=stop)
     # with a loss scale an inf norm is routine: the scaler skips that update and lowers the scale
     applied = math.isfinite(loss) and (scaler is not None or math.isfinite(norm))
     reason = None if applied else "nonfinite"
@@ -211,20 +221,19 @@ def train_step(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor
         scaler.update()  # once per step, after every optimizer: lowers the scale on inf/nan
     for opt in opts:
         opt.zero_grad(set_to_none=not placed.ddp)  # DDP's gradients stay views of its buckets
-    return StepResult(loss, norm, applied=applied, skip_reason=reason)
+    return StepResult(loss, norm, applied=applied, skip_reason=reason, stop=stop)
 
 
 def forward_backward(placed: Placed, rt: Runtime, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     accum: int, scaler: torch.amp.GradScaler | None = None) -> float:
+                     accum: int, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Gradients of the mean loss over `accum` micro-batches, reduced over ranks once, after the
-    last; returns that mean loss (over every rank too)."""
+    last; returns this rank's mean loss, on the device (train_step reduces it with the stop flag)."""
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float32)
     for micro, (x, y) in enumerate(batches):
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with _sync_context(placed, last=micro == accum - 1):
             loss_sum += _guarded_micro_batch(placed, rt, x, y, accum, scaler)
-    dist.all_reduce_mean(loss_sum)
-    return float(loss_sum.item())
+    return loss_sum
 
 
 def _micro_batch(placed: Placed, rt: Runtime, x: torch.Tensor, y: torch.Tensor, accum: int,
@@ -266,8 +275,9 @@ def _sync_context(placed: Placed, last: bool):
     return contextlib.nullcontext()
 
 
-def grad_norm(model: torch.nn.Module, clip: float) -> float:
-    """The global gradient norm (clipped to `clip` when clip > 0)."""
+def grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
+    """The global gradient norm (clipped to `clip` when clip > 0), a 0-d tensor on the device: read on
+    the host with the step's loss (_reduce_step), not on its own."""
     params = [p for p in model.parameters() if p.grad is not None]
     if clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -275,7 +285,7 @@ def grad_norm(model: torch.nn.Module, clip: float) -> float:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def nonfinite_step(step: int, loss: float, norm: float | None, skipped: int, budget: int,
@@ -544,6 +554,8 @@ class Trainer:
                                   rank=env.rank, world_size=env.world_size, seed=cfg.seed,
                                   cache=cfg.data_cache, disk_budget=cfg.data_disk_budget,
                                   model_vocab=model.config.vocab_size)
+        # the next step's batches are cut by a thread while this one runs, pinned for an async copy
+        self.loader.prefetch(pin_memory=rt.device.type == "cuda")
         self.steps = total_steps(cfg, self.loader)
         self.warmup = warmup_for(cfg, self.steps)
         design = PRESETS[cfg.model].seq_len if cfg.model in PRESETS else T
@@ -566,6 +578,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
         self.checkpointer = Checkpointer(run, cfg.keep_checkpoints, env.rank, sharded=self.placed.fsdp)
         self.step = self.tokens = 0
+        self.stop_agreed = False
+        self.stop_flag: StopFlag | None = None
+        """Whether any rank asked to stop, agreed in the latest step's all_reduce."""
         self.skipped = 0
         """Steps whose update a non-finite loss or gradient norm kept out (--skip-nonfinite)."""
         self.spikes = SpikeGuard(cfg.skip_spikes, cfg.spike_window, cfg.spike_rollback, cfg.spike_rollback_window)
@@ -618,6 +633,7 @@ class Trainer:
         last_loss = val_loss = stopped_by = None
         fixed = [self.loader.next_batch() for _ in range(self.accum)] if cfg.overfit_batch else None
         with StopFlag(announce=self.env.is_main) as stop, self._watchdog():
+            self.stop_flag = stop  # read by train_step, agreed on in its all_reduce
             bar = progress_bar(self.steps, self.step, self.env.is_main)
             try:
                 while self.step < self.steps:
@@ -631,7 +647,9 @@ class Trainer:
                     if self.should_validate(self.step, last_step):
                         val_loss = self.evaluate()
                         watchdog.beat()  # each phase between steps has the whole --stall-timeout
-                    stop_now = _agree_to_stop(stop.signal is not None, self.env)
+                    # ranks agree on the flag in the step's own all_reduce (a signal after it: the next
+                    # step's); one process reads its own flag now
+                    stop_now = self.stop_agreed if self.env.is_distributed else stop.signal is not None
                     if self.should_checkpoint(self.step, last_step) or stop_now:
                         self.save(wait=last_step or stop_now)
                         watchdog.beat()
@@ -642,6 +660,7 @@ class Trainer:
                         break
             finally:
                 bar.close()
+                self.loader.stop_prefetch()
                 if self.logger is not None:
                     self.logger.close()
         if cfg.overfit_batch and self.checkpointer.last is None:
@@ -670,7 +689,8 @@ class Trainer:
 
     def train_step(self, fixed: list | None, bar) -> float:
         """One optimizer step at the scheduled learning rate (train_step), its non-finite decision
-        and its bookkeeping (step, tokens, one log record); returns its loss."""
+        and its bookkeeping (step, tokens, one log record); returns its loss. This rank's stop flag
+        (self.stop_flag) is agreed on with the step's loss: self.stop_agreed."""
         cfg = self.cfg
         t0 = time.time()
         # the schedule as a factor of each group's own peak (--lr for AdamW, --muon-lr for Muon)
@@ -680,7 +700,9 @@ class Trainer:
         self.placed.forward.train()
         batches = fixed if fixed is not None else (self.loader.next_batch() for _ in range(self.accum))
         out = train_step(self.placed, self.rt, batches, self.accum, self.optimizers, self.scaler, cfg.grad_clip,
-                         veto=self.spikes.veto if self.spikes.on else None)
+                         veto=self.spikes.veto if self.spikes.on else None,
+                         stop=self.stop_flag is not None and self.stop_flag.signal is not None)
+        self.stop_agreed = out.stop
         if out.skip_reason == "nonfinite":  # no update was applied; skip it or stop
             self.skipped, note = nonfinite_step(self.step + 1, out.loss, out.grad_norm, self.skipped,
                                                 cfg.skip_nonfinite, self.checkpointer.last_good())
@@ -692,7 +714,8 @@ class Trainer:
                      f"{cfg.skip_spikes:g}); update skipped")
         elif self.spikes.on:
             self.spikes.applied(out.loss)
-        self.rt.synchronize()
+        # no synchronize: the step's one host sync (_reduce_step) paces the loop, so the time from
+        # step to step is the device's
         self.step += 1
         self.tokens += cfg.total_batch_tokens
         self._log_step(out, factor, time.time() - t0, bar)

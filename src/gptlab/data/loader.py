@@ -31,6 +31,9 @@ turn), which is what bounds the disk.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,6 +350,10 @@ class TrainLoader:
         self._perms: dict[int, Permutation] = {}
         self._cache: tuple[int, np.ndarray] = (0, np.zeros((0, 0), dtype=np.int64))
         self._peeked: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._pin: bool | None = None  # None: no background thread; else whether it pins the batches
+        self._worker: _Prefetch | None = None
+        self.batch_wait_seconds = 0.0
+        """Seconds next_batch and peek_batch spent waiting for the background thread's next batch."""
 
     def _open_stream(self, cache, disk_budget, ahead: int, retry: st.Retry | None) -> None:
         if self.split != "train":
@@ -371,8 +378,23 @@ class TrainLoader:
             raise UserError(f"{self.data_dir}: no val split")
         return ValSplit(self.data_dir, tuple(shards))
 
+    def prefetch(self, pin_memory: bool = False) -> None:
+        """Prepare the batches in a background thread, one optimizer step (grad_accum micro-batches)
+        ahead; pin_memory (for a CUDA device: then `.to(device, non_blocking=True)` is asynchronous)
+        pins them. The state stays that of the batches handed out: a checkpoint never counts the
+        prefetched ones, and load_state_dict restarts the thread at the loaded position."""
+        self.stop_prefetch()
+        self._pin = bool(pin_memory)
+
+    def stop_prefetch(self) -> None:
+        """Stop the background thread and drop what it prepared (prefetch() starts it again)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
     def close(self) -> None:
         """Stop a streaming loader's fetching and delete its train shards (local loaders: nothing)."""
+        self.stop_prefetch()
         if self._stream is not None:
             self._current = None
             self._finalizer()
@@ -440,7 +462,7 @@ class TrainLoader:
         peeked, self._peeked = self._peeked, None
         if peeked is not None and peeked[0] == (step, micro):
             return peeked[1]
-        return self._batch(step, micro)
+        return self._prepared(step, micro)
 
     def peek_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch next_batch will return, without moving the loader. A stream is neither
@@ -448,8 +470,24 @@ class TrainLoader:
         peek moved on to is not needed twice (the stream deletes a shard once a later one is read)."""
         at = (self.step, self._micro)
         if self._peeked is None or self._peeked[0] != at:
-            self._peeked = (at, self._batch(*at))
+            self._peeked = (at, self._prepared(*at))
         return self._peeked[1]
+
+    def _prepared(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch at (step, micro): from the background thread when prefetching, else cut now."""
+        if self._pin is None:
+            return self._batch(step, micro)
+        if self._worker is None:
+            self._worker = _Prefetch(self, (step, micro), self.grad_accum, self._pin)
+        t0 = time.perf_counter()
+        at, got = self._worker.take()
+        self.batch_wait_seconds += time.perf_counter() - t0
+        if isinstance(got, BaseException):
+            self.stop_prefetch()
+            raise got
+        if at != (step, micro):  # the thread prepares positions in order from where it started
+            raise RuntimeError(f"prefetched batch {at}, wanted {(step, micro)} (a gptlab bug)")
+        return got
 
     def _batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._stream is not None:
@@ -510,11 +548,55 @@ class TrainLoader:
             raise UserError("data loader state: saved in the middle of a step; resume with the same batch layout")
         if not isinstance(step, int) or step < 0 or not isinstance(micro, int) or not 0 <= micro < self.grad_accum:
             raise UserError(f"data loader state: bad step {step!r} / micro_step {micro!r}")
+        self.stop_prefetch()  # (prefetch() settings stay: the thread restarts at the loaded position)
         self.step, self._micro = step, micro
         self._peeked = None
 
     def _layout(self) -> list[int]:
         return [self.batch_size, self.grad_accum, self.world_size]
+
+
+class _Prefetch:
+    """A thread that cuts a loader's batches in order from position `at` = (step, micro) into a
+    queue of `depth` (one optimizer step), pinned with `pin`. An error is queued in the batch's place."""
+
+    def __init__(self, loader: TrainLoader, at: tuple[int, int], depth: int, pin: bool) -> None:
+        self.loader, self.pin = loader, pin
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(at,), name="gptlab-batch-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self, at: tuple[int, int]) -> None:
+        step, micro = at
+        ld = self.loader
+        while not self._stop.is_set():
+            try:
+                x, y = ld._batch(step, micro)
+                item: Any = (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            while not self._stop.is_set():
+                try:
+                    self.queue.put(((step, micro), item), timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item, BaseException):
+                return
+            step, micro = (step + 1, 0) if micro + 1 == ld.grad_accum else (step, micro + 1)
+
+    def take(self) -> tuple[tuple[int, int], Any]:
+        while True:
+            try:
+                return self.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the batch prefetch thread ended (a gptlab bug)") from None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=60)
 
 
 def iter_val_batches(data, *, seq_len: int, batch_size: int, max_tokens: int | None = None,
