@@ -154,7 +154,9 @@ def test_validation_through_the_compiled_model_adds_one_graph(log, tmp_path):
 
     def forward(x, y):
         seen.append((x.shape[0], torch.is_autocast_enabled("cpu")))
-        return placed.guard(x, y, return_logits=placed.compiled_head)
+        return compiled(x, y)
+
+    compiled = placed.eval_forward()
 
     kw = dict(device="cpu", seq_len=16, batch_size=4, max_tokens=16 * 6, autocast=rt.autocast)  # batches of 4, 2
     got = [evaluate_val_loss(placed.model, data, forward=forward, **kw) for _ in range(2)]
@@ -228,3 +230,23 @@ def test_fsdp_block_compile_failure_falls_back_with_one_warning(one_rank_group, 
     assert len(warnings) == 1 and "continuing uncompiled" in warnings[0]
     assert not placed.compiled
     assert all("forward" not in vars(b) for b in placed.model.transformer.h)  # the blocks are eager again
+
+
+def test_fsdp_validation_runs_the_compiled_blocks_with_one_more_graph(log, one_rank_group, tmp_path):
+    """Under FSDP, val loss during training (Placed.eval_forward) runs the compiled blocks in eval
+    mode: one more graph, none at a second evaluation, the eager model's loss; sampling and other
+    forwards still run the blocks eager."""
+    from conftest import make_toy_data
+    from gptlab.evaluate import evaluate_val_loss
+
+    placed, rt = _fsdp_micro(BACKEND)
+    _steps(placed, rt, [0])
+    trained = len(log.graphs)
+    data = make_toy_data(tmp_path / "data", 2_000, 10_000)
+    kw = dict(device="cpu", seq_len=16, batch_size=4, max_tokens=16 * 8)
+    got = [evaluate_val_loss(placed.model, data, forward=placed.eval_forward(), **kw) for _ in range(2)]
+    assert len(log.graphs) == trained + 1 and not counters["graph_break"]
+    ref = evaluate_val_loss(placed.model, data, **kw)  # the blocks eager: no graph
+    assert len(log.graphs) == trained + 1
+    assert got[0]["loss"] == pytest.approx(ref["loss"], abs=1e-5) and got[0]["loss"] == got[1]["loss"]
+    assert all(not b.__dict__["forward"].always for b in placed.model.transformer.h)

@@ -875,7 +875,7 @@ class Trainer:
             res = evaluate.evaluate_val_loss(self.model, self.loader.val_split(), device=rt.device, seq_len=self.model.config.seq_len,
                                              batch_size=self.batch_size, max_tokens=self._val_tokens(),
                                              autocast=rt.autocast, tokenizer=self.val_tokenizer,
-                                             forward=self._eval_forward())
+                                             forward=self.placed.eval_forward())
             val_loss = res["loss"]
             bpb = {"bits_per_byte": res["bits_per_byte"]} if res.get("bits_per_byte") is not None else {}
             self._log({"step": step, "kind": "val", "loss": val_loss, "tokens": self.tokens,
@@ -899,16 +899,6 @@ class Trainer:
             self._write_samples()
         self.model.train()
         return val_loss
-
-    def _eval_forward(self):
-        """What runs a val batch: the compiled model (not the DDP wrapper, whose forward would sync
-        buffers) when the run compiles it whole, with the head a training step uses; else None (the
-        raw module; under FSDP, whose blocks are compiled for training only, it runs them eager)."""
-        placed = self.placed
-        if placed.guard is None or not placed.guard.active or placed.fsdp:
-            return None
-        guard, head = placed.guard, placed.compiled_head
-        return lambda x, y: guard(x, y, return_logits=head)
 
     def _log(self, record: dict) -> None:
         if self.logger is not None:
