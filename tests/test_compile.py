@@ -128,12 +128,45 @@ def test_a_run_compiles_once_across_steps_evaluation_and_sampling(log, tmp_path,
         sample_tokens=4, num_samples=1, device="cpu", compile=True, compile_backend=BACKEND,
         data=str(make_toy_data(tmp_path / "data", 2_000, 10_000)), out=str(run)))
     train_module.train(cfg)
-    # 128 tokens / 16 = 8 sequences: 8 does not fit, 4 does
-    assert [g["batch"] for g in log.graphs] == [[8, 8], [4, 4]]
-    assert after_step == [2, 2, 2, 2]
+    # 128 tokens / 16 = 8 sequences: 8 does not fit, 4 does; validation runs the compiled model:
+    # one more graph (eval mode, no gradients, the training batch's shape) at the first evaluation,
+    # then nothing more (before, validation ran the uncompiled model: no third graph)
+    assert [g["batch"] for g in log.graphs] == [[8, 8], [4, 4], [4, 4]]
+    assert after_step == [2, 2, 3, 3]
     assert not any(g["symbolic"] for g in log.graphs) and not counters["graph_break"]
     assert sorted(metrics_by_step(run, "val")) == [2, 4]
     assert "=== step 4 ===" in (run / "samples.txt").read_text()
+
+def test_validation_through_the_compiled_model_adds_one_graph(log, tmp_path):
+    """Val loss through the compiled forward (as training runs it, bf16 autocast): one graph for
+    eval mode, reused by a second evaluation and by the short last batch (padded with ignored
+    targets to the static shape); the loss is the raw module's."""
+    from conftest import make_toy_data
+    from gptlab.evaluate import evaluate_val_loss
+
+    torch.manual_seed(0)
+    rt = get_runtime("cpu", "bf16", True)
+    placed = place(GPT(MICRO), rt, DistEnv(), compile_backend=BACKEND)
+    train_step(placed, rt, [_batch(4, 0)], 1, torch.optim.AdamW(placed.model.parameters(), lr=1e-3))
+    trained = len(log.graphs)
+    data = make_toy_data(tmp_path / "data", 2_000, 10_000)
+    seen = []
+
+    def forward(x, y):
+        seen.append((x.shape[0], torch.is_autocast_enabled("cpu")))
+        return compiled(x, y)
+
+    compiled = placed.eval_forward()
+
+    kw = dict(device="cpu", seq_len=16, batch_size=4, max_tokens=16 * 6, autocast=rt.autocast)  # batches of 4, 2
+    got = [evaluate_val_loss(placed.model, data, forward=forward, **kw) for _ in range(2)]
+    assert len(log.graphs) == trained + 1 and not any(g["symbolic"] for g in log.graphs)
+    assert seen == [(4, True)] * 4  # the short batch ran padded, under the run's autocast
+    ref = evaluate_val_loss(placed.model, data, **kw)
+    assert got[0]["tokens"] == got[1]["tokens"] == ref["tokens"] == 6 * 16
+    assert abs(got[0]["loss"] - ref["loss"]) < 1e-2 and got[0]["loss"] == got[1]["loss"]
+    assert placed.model.training  # its mode restored
+
 
 # ----------------------------------------------------------------------------- FSDP: each block compiled
 
@@ -197,3 +230,23 @@ def test_fsdp_block_compile_failure_falls_back_with_one_warning(one_rank_group, 
     assert len(warnings) == 1 and "continuing uncompiled" in warnings[0]
     assert not placed.compiled
     assert all("forward" not in vars(b) for b in placed.model.transformer.h)  # the blocks are eager again
+
+
+def test_fsdp_validation_runs_the_compiled_blocks_with_one_more_graph(log, one_rank_group, tmp_path):
+    """Under FSDP, val loss during training (Placed.eval_forward) runs the compiled blocks in eval
+    mode: one more graph, none at a second evaluation, the eager model's loss; sampling and other
+    forwards still run the blocks eager."""
+    from conftest import make_toy_data
+    from gptlab.evaluate import evaluate_val_loss
+
+    placed, rt = _fsdp_micro(BACKEND)
+    _steps(placed, rt, [0])
+    trained = len(log.graphs)
+    data = make_toy_data(tmp_path / "data", 2_000, 10_000)
+    kw = dict(device="cpu", seq_len=16, batch_size=4, max_tokens=16 * 8)
+    got = [evaluate_val_loss(placed.model, data, forward=placed.eval_forward(), **kw) for _ in range(2)]
+    assert len(log.graphs) == trained + 1 and not counters["graph_break"]
+    ref = evaluate_val_loss(placed.model, data, **kw)  # the blocks eager: no graph
+    assert len(log.graphs) == trained + 1
+    assert got[0]["loss"] == pytest.approx(ref["loss"], abs=1e-5) and got[0]["loss"] == got[1]["loss"]
+    assert all(not b.__dict__["forward"].always for b in placed.model.transformer.h)

@@ -104,3 +104,19 @@ def test_chunk_rows_sized_for_the_device():
     small = FusedHeadLoss.chunk_rows(torch.device("cuda"), 50304, 16384, free_bytes=1 << 30)
     assert 64 <= small < rows
     assert FusedHeadLoss.chunk_rows(torch.device("cuda"), 50304, 100, free_bytes=60 << 30) == 100
+
+
+def test_chunk_rows_count_the_caching_allocators_free_blocks(monkeypatch):
+    """After the first step the caching allocator holds most of the memory as reserved-but-unused
+    blocks, which mem_get_info reports as used: they count as free for the chunk size. (Failed
+    before: 256 MiB free by mem_get_info alone gave the 64-row minimum.)"""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (256 << 20, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 << 30)
+    assert FusedHeadLoss.free_cuda_bytes(cuda) == (256 << 20) + (50 << 30)
+    rows = FusedHeadLoss.chunk_rows(cuda, 50304, 16384)
+    assert rows == FusedHeadLoss.chunk_rows(cuda, 50304, 16384, free_bytes=(256 << 20) + (50 << 30))
+    assert rows > 64 and 16384 / rows <= 8  # a few large chunks, not hundreds of small ones
+    alone = FusedHeadLoss.chunk_rows(cuda, 50304, 16384, free_bytes=256 << 20)
+    assert alone == 64

@@ -3,8 +3,10 @@ gptlab.harness).
 
 Validation loss: token-weighted sums of the loss over the val split's fixed windows (the loader
 gives each rank its share), summed over ranks once at the end. It runs the raw module (no DDP
-wrapper, no torch.compile), so it works on a model that is being trained compiled or wrapped, and
-it restores each module's train/eval mode.
+wrapper), or, during training, the run's compiled forward (`forward`): then every batch has the
+training batch's shape (a short last batch is padded with ignored targets), so evaluation adds one
+compiled graph (eval mode, no gradients) and never recompiles. It restores each module's
+train/eval mode.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def evaluate_val_loss(
     autocast: Callable[[], Any] | None = None,
     show_progress: bool = False,
     tokenizer=None,
+    forward: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
 ) -> dict:
     """Mean cross-entropy over the val split's fixed windows (capped at max_tokens), and its
     perplexity. When a process group is up every rank must call this: each takes its share of
@@ -49,7 +52,9 @@ def evaluate_val_loss(
     to read (a train loader's, TrainLoader.val_split(): a streamed run's copy in its own cache).
     Returns {"loss", "perplexity", "tokens"}; with the data's `tokenizer`, also "bytes" (the UTF-8
     bytes of the scored target tokens, end-of-text counting none) and "bits_per_byte": the summed
-    loss in bits over those bytes, which compares models whatever their tokenizers."""
+    loss in bits over those bytes, which compares models whatever their tokenizers.
+    forward(x, y) -> (logits, loss): what runs a batch instead of the raw module (a compiled one);
+    its batches are all batch_size rows (a short last one padded with ignored targets)."""
     from gptlab.data.loader import iter_val_batches, open_val, val_windows
 
     if seq_len <= 0 or batch_size <= 0:
@@ -73,8 +78,10 @@ def evaluate_val_loss(
         for x, y in iter_val_batches(val, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
                                      rank=rank, world_size=world, model_vocab=_vocab_of(net)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if forward is not None and x.size(0) < batch_size:  # the compiled graph's static shape
+                x, y = _pad_rows(x, y, batch_size)
             with ctx():
-                logits, loss = net(x, y)
+                logits, loss = (forward or net)(x, y)
                 if loss is None:
                     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
             scored = y[y != -100]  # a chat split's targets are only the assistant tokens
@@ -97,6 +104,12 @@ def evaluate_val_loss(
         out["bytes"] = int(total_bytes[0])
         out["bits_per_byte"] = total_loss / math.log(2) / total_bytes[0] if total_bytes[0] else None
     return out
+
+
+def _pad_rows(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y padded to `rows` rows: token 0 in, ignored (-100) targets out, so nothing is scored."""
+    pad = rows - x.size(0)
+    return (torch.cat([x, x.new_zeros(pad, x.size(1))]), torch.cat([y, y.new_full((pad, y.size(1)), -100)]))
 
 
 def _vocab_of(net) -> int | None:

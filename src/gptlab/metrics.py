@@ -7,6 +7,8 @@ import json
 import math
 import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,41 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+class RunClock:
+    """Where this process's wall-clock time goes, for the train records: `eval_s` and
+    `checkpoint_s` are the seconds spent in evaluation and in saving checkpoints since the first
+    step of this process (cumulative; a resumed run starts again at 0), `wall_s` the seconds since
+    that first step began. `mfu` counts a step's own time; `wall_mfu` divides the FLOPs of every
+    step of this process by all of wall_s, so it also pays for evaluation, checkpoints and whatever
+    else runs between the steps."""
+
+    def __init__(self):
+        self.eval_s = self.checkpoint_s = 0.0
+        self.t0: float | None = None
+        self.tokens = 0  # trained by this process since t0
+
+    @contextmanager
+    def timing(self, what: str):
+        """Adds the block's seconds to eval_s ("eval") or checkpoint_s ("checkpoint")."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, f"{what}_s", getattr(self, f"{what}_s") + time.perf_counter() - t)
+
+    def step_fields(self, dt: float, tokens: int, flops_per_token: float, peak_total: float | None) -> dict:
+        """The record's clock fields after a step of `tokens` tokens that took dt seconds;
+        peak_total: the FLOP/s of every rank together (None: no wall_mfu)."""
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now - dt
+        self.tokens += tokens
+        wall = now - self.t0
+        wall_mfu = flops_per_token * self.tokens / (wall * peak_total) if peak_total and wall > 0 else None
+        return {"wall_mfu": wall_mfu, "eval_s": round(self.eval_s, 4), "checkpoint_s": round(self.checkpoint_s, 4),
+                "wall_s": round(wall, 4)}
 
 
 def bars_disabled() -> bool:

@@ -288,10 +288,17 @@ class FusedHeadLoss(torch.autograd.Function):
         if device.type != "cuda":
             return max(1, min(n_rows, FusedHeadLoss.CHUNK_ELEMENTS // padded_vocab))
         if free_bytes is None:
-            free_bytes = torch.cuda.mem_get_info(device)[0]
+            free_bytes = FusedHeadLoss.free_cuda_bytes(device)
         budget = min(FusedHeadLoss.CUDA_CHUNK_BYTES, free_bytes // 8)
         rows = budget // (10 * padded_vocab) // 64 * 64
         return max(64, min(rows, n_rows))
+
+    @staticmethod
+    def free_cuda_bytes(device: torch.device) -> int:
+        """Memory a chunk can take: the device's free bytes plus the caching allocator's reserved
+        but unused blocks, which mem_get_info counts as used (after the first step, most of it)."""
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(0, cached)
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,

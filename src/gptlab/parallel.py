@@ -43,6 +43,29 @@ class Placed:
         blocks are compiled (compile_blocks)."""
         return self.compiled and not self.fsdp and (self.guard is None or self.guard.active)
 
+    def eval_forward(self) -> Callable | None:
+        """What runs a val batch, forward(x, y) -> (logits, loss), when the model is compiled: the
+        compiled model (not the DDP wrapper, whose forward would sync buffers), or under FSDP the
+        model with its compiled blocks, in the mode and grad state the caller set (eval, no
+        gradients: one more graph). None when uncompiled: the raw module runs it."""
+        if self.guard is None or not self.guard.active:
+            return None
+        if not self.fsdp:
+            guard, head = self.guard, self.compiled_head
+            return lambda x, y: guard(x, y, return_logits=head)
+        blocks = [b.__dict__["forward"] for b in self.model.transformer.h
+                  if isinstance(b.__dict__.get("forward"), _TrainingForward)]
+
+        def run(x: torch.Tensor, y: torch.Tensor):
+            for f in blocks:
+                f.always = True
+            try:
+                return self.model(x, y, return_logits=False)
+            finally:
+                for f in blocks:
+                    f.always = False
+        return run
+
 
 def place(model: GPT, rt: Runtime, env: dist.DistEnv, fsdp: bool = False, compile_backend: str = "inductor") -> Placed:
     """Move the model to the runtime's device, then shard (FSDP) or replicate (DDP) it, compiled
@@ -88,7 +111,8 @@ def compile_blocks(model: GPT, backend: str = "inductor") -> torch.nn.Module:
     one static graph. The embeddings, the position add and the final norm stay eager (a gather, an
     add and one norm beside L blocks), and the output layer takes the fused, chunked loss.
     Compiled for training: evaluation and sampling (no gradients, eval mode or a KV cache) run the
-    blocks eager, as they run the uncompiled model without FSDP, and so never recompile them."""
+    blocks eager, and so never recompile them, except val loss during training (Placed.eval_forward:
+    fixed shapes, one more graph)."""
     blocks = list(model.transformer.h)
 
     def undo() -> None:
@@ -106,13 +130,15 @@ def compile_blocks(model: GPT, backend: str = "inductor") -> torch.nn.Module:
 
 
 class _TrainingForward:
-    """A block's forward: the compiled one in a training step, the block's own otherwise."""
+    """A block's forward: the compiled one in a training step (and with `always`, in any mode
+    without a cache: Placed.eval_forward), the block's own otherwise."""
 
     def __init__(self, block: torch.nn.Module, compiled: Callable):
         self.eager, self.compiled, self.block = block.forward, compiled, block
+        self.always = False
 
     def __call__(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        if cache is None and self.block.training and torch.is_grad_enabled():
+        if cache is None and (self.always or (self.block.training and torch.is_grad_enabled())):
             return self.compiled(x)
         return self.eager(x, cache)
 

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import codecs
 import logging
+import os
+import random
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from gptlab.generate import make_generator, sample_next
+from gptlab.errors import UserError
 from gptlab.tokenizer import EOT
 
 log = logging.getLogger("gptlab.serve")
@@ -95,7 +98,7 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     sink: Callable[[Event], None]  # called from the worker thread
-    generator: torch.Generator | None = None
+    rng: random.Random | None = None  # a sampled sequence's draws (seeded: reproducible), on the host
     tokens: list[int] = field(default_factory=list)  # generated ids (an ending EOT included)
     cancelled: bool = False  # set from any thread; honoured at the next step boundary
     finish_reason: str | None = None
@@ -118,6 +121,7 @@ class BatchCache:
         cfg = model.config
         p = next(model.parameters())
         shape = (cfg.n_layer, slots, cfg.n_head, cfg.seq_len, cfg.head_dim)
+        check_cache_fits(2 * torch.Size(shape).numel() * p.element_size(), p.device, slots)
         # CPU pages are only touched (committed) as rows fill up
         self.k = torch.empty(shape, device=p.device, dtype=p.dtype)
         self.v = torch.empty(shape, device=p.device, dtype=p.dtype)
@@ -146,11 +150,14 @@ class BatchCache:
         self._at = torch.tensor(lengths, dtype=torch.long, device=self.device)  # (n,)
         self.positions = self._at.unsqueeze(1)  # (n, 1)
         end = self.pos + 1
-        for r in range(n):
-            if self.clean[r] < end:
-                self.k[:, r, :, self.clean[r]:end] = 0
-                self.v[:, r, :, self.clean[r]:end] = 0
-                self.clean[r] = end
+        lo = min(self.clean[:n])
+        if lo < end:  # one masked fill of the positions lo..end-1 that some row has not written yet
+            clean = torch.tensor(self.clean[:n], dtype=torch.long, device=self.device)
+            dirty = torch.arange(lo, end, device=self.device).unsqueeze(0) >= clean.unsqueeze(1)  # (n, span)
+            dirty = dirty[None, :, None, :, None]  # over (L, n, H, span, hd)
+            self.k[:, :n, :, lo:end].masked_fill_(dirty, 0)
+            self.v[:, :n, :, lo:end].masked_fill_(dirty, 0)
+            self.clean[:n] = [max(c, end) for c in self.clean[:n]]
         if min(lengths) == self.pos:
             self.attn_mask = None
         else:  # row r sees keys 0..lengths[r] (its past and its new token): (n, 1, 1, span)
@@ -248,8 +255,8 @@ class Engine:
             logits = self.model.logits(self.model.hidden(idx, self.cache)[:, -1, :])  # (1, V)
             self.cache.lengths[row] = len(group[0].prompt)
             for s in group:
-                if s.params.seed is not None or s.params.temperature > 0:
-                    s.generator = make_generator(self.device, s.params.seed)
+                if s.params.temperature > 0:
+                    s.rng = random.Random(s.params.seed)  # None: from OS entropy
             self.active.append(group[0])
             for j, s in enumerate(group[1:], start=1):  # every choice starts from the same prefill
                 self.cache.copy_row(row, row + j)
@@ -273,16 +280,7 @@ class Engine:
         """Sample the next token of each row (logits (len(rows), V)), send its text, retire the
         rows that ended."""
         seqs = [self.active[r] for r in rows]
-        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
-        chosen: list[int] = [0] * len(seqs)
-        if greedy:
-            ids = logits[greedy].float().argmax(dim=-1).tolist()
-            for i, t in zip(greedy, ids):
-                chosen[i] = t
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.temperature > 0:
-                chosen[i] = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0])
+        chosen = sample_rows(logits, [s.params for s in seqs], [s.rng for s in seqs]).tolist()  # one sync
         ended = []
         for r, s, t in zip(rows, seqs, chosen):
             s.tokens.append(t)
@@ -341,3 +339,67 @@ class Engine:
             s.sink(event)
         except Exception:  # the receiver is gone (its loop closed): nothing to tell it
             log.debug("dropped an event for a gone request", exc_info=True)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], rngs: list) -> torch.Tensor:
+    """The next token of every row at once: logits (n, V) -> ids (n,), with no per-row kernel or
+    sync. Greedy rows (temperature 0) take the argmax. The others are cut as generate.sample_next
+    cuts them (temperature, then the top_k largest, then the top_p nucleus of those renormalised)
+    and draw by inverse CDF with one uniform from their own host rng (seeded: reproducible)."""
+    logits = logits.float()
+    best = logits.argmax(dim=-1)
+    sampled = [p.temperature > 0 for p in params]
+    if not any(sampled):
+        return best
+    n, V = logits.shape
+    dev = logits.device
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    x = logits / temps.unsqueeze(1)
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    cut = any(k < V for k, on in zip(ks, sampled) if on) or any(p.top_p < 1.0 for p in params)
+    if cut:  # candidates sorted largest first: all of them, or the largest top_k a sampled row asks for
+        kmax = max(k for k, on in zip(ks, sampled) if on)
+        vals, idx = torch.topk(x, kmax, dim=-1) if kmax < V else torch.sort(x, dim=-1, descending=True)
+        rank = torch.arange(vals.size(1), device=dev).unsqueeze(0)
+        vals = vals.masked_fill(rank >= torch.tensor(ks, device=dev).unsqueeze(1), float("-inf"))
+        probs = F.softmax(vals, dim=-1)
+        top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+        # drop a candidate once the ones ranked above it already hold top_p (the first is always kept)
+        probs = probs.masked_fill((probs.cumsum(dim=-1) - probs >= top_p) & (rank > 0), 0.0)
+    else:
+        probs, idx = F.softmax(x, dim=-1), None
+    cdf = probs.cumsum(dim=-1)
+    u = torch.tensor([[r.random() if on else 0.0] for r, on in zip(rngs, sampled)], dtype=cdf.dtype, device=dev)
+    j = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.size(1) - 1)  # (n, 1)
+    ids = (j if idx is None else idx.gather(-1, j)).squeeze(-1)
+    return torch.where(torch.tensor(sampled, device=dev), ids, best)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can take: on CUDA the free bytes plus the caching allocator's unused
+    blocks; on a CPU the available RAM (None where the system does not say)."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(0, cached)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_cache_fits(nbytes: int, device: torch.device, slots: int) -> None:
+    """Refuse, in one line, a KV cache larger than the memory the device has available."""
+    free = available_bytes(torch.device(device))
+    if free is not None and nbytes > free:
+        gib = 1 << 30
+        raise UserError(f"the KV cache of {slots} rows needs {nbytes / gib:.2f} GiB but the {device.type} has "
+                        f"{free / gib:.2f} GiB available: lower --max-batch")

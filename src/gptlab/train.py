@@ -44,7 +44,7 @@ from gptlab.data.loader import TrainLoader, val_windows
 from gptlab.data.remote import is_remote
 from gptlab.errors import UserError, require_extra
 from gptlab.generate import generate_ids
-from gptlab.metrics import MetricsLogger, progress_bar
+from gptlab.metrics import MetricsLogger, RunClock, progress_bar
 from gptlab.model import GPT
 from gptlab.optim import as_list, lr_at, make_optimizers, scale_lr
 from gptlab.parallel import Placed, load_optimizer, place, place_sharded
@@ -577,6 +577,8 @@ class Trainer:
         """[AdamW] or [AdamW, Muon] (optim.make_optimizers)"""
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler else None
         self.checkpointer = Checkpointer(run, cfg.keep_checkpoints, env.rank, sharded=self.placed.fsdp)
+        self.clock = RunClock()
+        """Seconds in evaluation and checkpoints, and the wall-clock MFU, of the train records."""
         self.step = self.tokens = 0
         self.stop_agreed = False
         self.stop_flag: StopFlag | None = None
@@ -733,8 +735,10 @@ class Trainer:
         peak = self.rt.peak_flops()
         mcfg = self.model.config
         mfu = mcfg.flops_per_token(mcfg.seq_len) * tok_s / (peak * self.env.world_size) if peak else None
+        clock = self.clock.step_fields(dt, self.cfg.total_batch_tokens, mcfg.flops_per_token(mcfg.seq_len),
+                                       peak * self.env.world_size if peak else None)
         self.logger.log({"step": self.step, "kind": "train", "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
-                         "tokens": self.tokens, "tok_per_s": tok_s, "mfu": mfu, "time": time.time(),
+                         "tokens": self.tokens, "tok_per_s": tok_s, "mfu": mfu, **clock, "time": time.time(),
                          "epoch": self.loader.epoch, **muon, **self._skip_fields(out)})
         post = {"loss": f"{out.loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
         if mfu is not None:
@@ -800,7 +804,11 @@ class Trainer:
     def save(self, wait: bool = True) -> Path | None:
         """A checkpoint of this step (collective: see Checkpointer.save), only if its weights give a
         finite loss on the next batch: a checkpoint kept as good never holds weights that an
-        exploding update made. Returns the newest good checkpoint."""
+        exploding update made. Returns the newest good checkpoint. Timed (checkpoint_s)."""
+        with self.clock.timing("checkpoint"):
+            return self._save(wait)
+
+    def _save(self, wait: bool) -> Path | None:
         loss = next_batch_loss(self.placed, self.rt, self.loader)
         if not math.isfinite(loss):
             good = self.checkpointer.last_good()
@@ -888,14 +896,20 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> float | None:
-        """Validation loss, HellaSwag and samples at this step, logged; returns the val loss."""
+        """Validation loss, HellaSwag and samples at this step, logged; returns the val loss. Timed
+        (eval_s of the next train record)."""
+        with self.clock.timing("eval"):
+            return self._evaluate()
+
+    def _evaluate(self) -> float | None:
         cfg, env, step, rt = self.cfg, self.env, self.step, self.rt
         self.model.eval()
         val_loss = None
         try:
             res = evaluate.evaluate_val_loss(self.model, self.loader.val_split(), device=rt.device, seq_len=self.model.config.seq_len,
                                              batch_size=self.batch_size, max_tokens=self._val_tokens(),
-                                             autocast=rt.autocast, tokenizer=self.val_tokenizer)
+                                             autocast=rt.autocast, tokenizer=self.val_tokenizer,
+                                             forward=self.placed.eval_forward())
             val_loss = res["loss"]
             bpb = {"bits_per_byte": res["bits_per_byte"]} if res.get("bits_per_byte") is not None else {}
             self._log({"step": step, "kind": "val", "loss": val_loss, "tokens": self.tokens,
@@ -956,7 +970,7 @@ class Trainer:
         # sampling has its own generator: it never touches the training RNG
         gen = torch.Generator(device=self.rt.device).manual_seed(self.cfg.seed + self.step)
         lines = [f"=== step {self.step} ==="]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self.rt.autocast():  # in the run's compute dtype, as it trains
             warnings.simplefilter("ignore")  # a tiny context may not hold the whole sample: that is fine here
             for prompt in SAMPLE_PROMPTS:
                 ids = [tok.eot] + tok.encode(prompt)
