@@ -426,7 +426,7 @@ def _signal_mid_step(data_dir, run: Path, sig: str, accum: int):
 def test_first_signal_during_a_long_step_is_announced_at_once(data_dir, tmp_path, sig):
     """The first Ctrl-C (or SIGTERM) mid-step says at once what will happen, not when the step ends:
     with a step of many micro-batches (several seconds), the line must come well before the exit."""
-    for accum in (512, 4096):  # a micro-batch is ~2 ms here: a faster machine needs more for a step of seconds
+    for accum in (1024, 1536):  # ~2 ms a micro-batch here; at most 1,562 of 4 windows fit data_dir's train split
         run = tmp_path / f"accum{accum}"
         code, err, said, left = _signal_mid_step(data_dir, run, sig, accum)
         if left > 1.0:

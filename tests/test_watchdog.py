@@ -134,7 +134,7 @@ def test_rank0_work_longer_than_the_collective_timeout(tmp_path, mode):
     elif mode == "barrier":  # the test can fail: the same wait in a barrier aborts the job
         assert r.returncode != 0
         assert rank_results_partial(tmp_path / "res", 1) == {"rank": 1, "error": "RuntimeError"}, r.stderr[-3000:]
-        assert "Timed out waiting 5000ms" in r.stderr
+        assert "Timed out waiting 6000ms" in r.stderr
     else:  # rank 0 failed: the waiting rank is told, instead of waiting for ever
         assert r.returncode != 0
         assert rank_results_partial(tmp_path / "res", 1) == {"rank": 1, "error": "Rank0Failed"}
@@ -297,7 +297,9 @@ def test_sigstopped_rank_dumps_stacks_exits_and_the_same_command_continues_exact
         assert dumps, "rank 0's watchdog wrote no stacks"
         assert STALL_TIMEOUT - 1 <= waited <= STALL_TIMEOUT + 30, waited
         text = dumps[0].read_text()
-        assert "no step finished" in text and "all_reduce" in text and "gptlab/train.py" in text, text
+        # rank 0 waits in a collective: the step's all_reduce, or DDP's bucket all-reduce inside backward
+        assert "no step finished" in text and ("all_reduce" in text or "backward" in text) \
+            and "gptlab/train.py" in text, text
         p.wait(timeout=120)  # torchrun ends the stopped worker (SIGTERM, then SIGKILL after its shutdown timeout)
         ended = time.time() - t0
     finally:
