@@ -53,6 +53,7 @@ from shard_server import ShardServer  # noqa: E402
 
 FAULTS = ("kill", "term", "server", "stop", "disk")
 STALL_TIMEOUT = 8  # the watchdog's: a stopped rank ends the group after this
+CHECKPOINT_EVERY = 10
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10",
        "GPTLAB_STREAM_BACKOFF": "0.5", "GPTLAB_STREAM_TIMEOUT": "5"}
 STARTED = re.compile(r"gptlab train: [\d.]+M parameters")  # rank 0, at every start of the group
@@ -71,6 +72,9 @@ class Fault:
     over: bool = False
     # set once the fault's condition has ended (the server back, the disk freed; at once for a signal):
     # the next fault waits for it, so that each recovery is that fault's own and no other's
+    over_step: int | None = None  # the high-water step when it was seen over; survived once a
+    # checkpoint after that step is saved (a save that met the full disk a moment before it was
+    # freed fails later: the next fault must not land on that failure)
 
 
 @dataclass
@@ -114,7 +118,7 @@ def train_cmd(url: str, out: Path, cache: Path, steps: int) -> list[str]:
             "--data", url, "--data-cache", str(cache), "--data-disk-budget", "64K",
             "--batch-size", "4", "--total-batch-tokens", "256", "--max-steps", str(steps), "--lr", "3e-3",
             "--warmup-steps", "5", "--eval-every", "25", "--eval-tokens", "2048", "--sample-tokens", "0",
-            "--checkpoint-every", "10", "--keep-checkpoints", "2", "--stall-timeout", str(STALL_TIMEOUT),
+            "--checkpoint-every", str(CHECKPOINT_EVERY), "--keep-checkpoints", "2", "--stall-timeout", str(STALL_TIMEOUT),
             "--device", "cpu", "--seed", "7", "--out", str(out)]
 
 
@@ -185,11 +189,13 @@ class Supervisor:
         self.high = 0  # the highest step logged so far, across attempts
         self.current: Fault | None = None  # the fault whose recovery is under way
         self.seen_log = 0
+        self.t0 = time.time()
 
     def go(self, deadline: float) -> None:
         env = {**os.environ, **ENV}
         while time.time() < deadline:
             self.report.starts += 1
+            self.event(f"launcher start {self.report.starts}")
             with open(self.log, "a") as out:
                 proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
             try:
@@ -200,7 +206,12 @@ class Supervisor:
                 if proc.poll() is None:
                     self._kill_all(proc)
             self._read_log()
+            self.event(f"launcher exited with status {proc.returncode}")
             if proc.returncode == 0 and last_step(self.run) >= self.steps:
+                fault = self.current
+                if fault is not None and fault.over:  # the run reached its end after it
+                    self.event(f"{fault.kind} survived (the run ended)")
+                    fault.survived, self.current = True, None
                 return
             time.sleep(1.0)  # the scheduler's requeue delay
         raise TimeoutError("the run did not finish in time")
@@ -213,13 +224,21 @@ class Supervisor:
                 and (self.high > fault.at_step + 12 or time.time() > fault.t + 15.0):
             self.disk.free()  # a checkpoint save has met the full disk (or 15 s passed)
             fault.over = True
-        if fault is not None and fault.over and self.high > fault.at_step + 10:
+            self.event(f"disk freed")
+        if fault is not None and fault.over and fault.over_step is None:
+            fault.over_step = self.high
+        if fault is not None and fault.over_step is not None and self.high > fault.over_step + CHECKPOINT_EVERY:
+            self.event(f"{fault.kind} survived")
             fault.survived = True  # training went on past the next checkpoint, the fault over
             self.current = None
         if self.current is None:
             due = next((f for f in self.plan if not f.injected and self.high >= f.at_step), None)
             if due is not None:
                 self._inject(due, proc)
+
+    def event(self, what: str) -> None:
+        """One line of the timeline on stderr: seconds since the start, the high-water step, what."""
+        print(f"soak: {time.time() - self.t0:7.1f} s  step {self.high:4d}  {what}", file=sys.stderr, flush=True)
 
     def _read_log(self) -> None:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -237,6 +256,7 @@ class Supervisor:
         ranks = workers(proc.pid)
         rank = self.rng.choice(sorted(ranks)) if ranks else None
         fault.over = fault.kind in ("kill", "stop", "term")  # a signal is over once sent
+        self.event(f"inject {fault.kind}" + (f" (rank {rank})" if fault.kind in ("kill", "stop") else ""))
         if fault.kind == "kill" and rank is not None:
             os.kill(ranks[rank], signal.SIGKILL)
             fault.note = f"rank {rank}"
@@ -375,6 +395,8 @@ def soak(args, work: Path) -> Soak:
         epochs = 1 + (args.steps * 256) // (args.shards * args.shard_tokens)
         check(report, run, ref, epochs)
         shutil.copy(run / "metrics.jsonl", work / "soak_metrics.jsonl")
+        if (run / "stalls").is_dir():  # the watchdog's stack dumps, kept outside the run's tmpfs
+            shutil.copytree(run / "stalls", work / "stalls", dirs_exist_ok=True)
     finally:
         server.stop()
     return report

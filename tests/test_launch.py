@@ -72,6 +72,29 @@ def test_report_error_under_self_launch_goes_to_the_launcher(capsys, monkeypatch
     assert dist._first_error(str(tmp_path)) == "gptlab train: error: first"  # else the earliest
 
 
+def test_a_rank_stopped_by_its_peer_says_so_in_one_line_not_a_traceback(capsys, monkeypatch, tmp_path):
+    """Rank 0 set "failed" for its section, then was killed or stopped before reporting why (the
+    soak met this: a full disk at a save, then SIGSTOP): the waiting rank's Rank0Failed used to end
+    in a traceback. Now one report to the launcher, exit status 1."""
+    from gptlab import cli
+
+    def raises(args):
+        raise dist.Rank0Failed("rank 0 failed during checkpoint and reported no error of its own")
+
+    monkeypatch.setenv(dist.LAUNCH_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setitem(cli.COMMANDS, "plot", (*cli.COMMANDS["plot"][:2], raises))
+    assert cli.main(["plot", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == ""  # the launcher prints it
+    assert dist._first_error(str(tmp_path)) == (
+        "gptlab plot: rank 1: rank 0 failed during checkpoint and reported no error of its own")
+    monkeypatch.setenv("RANK", "0")
+    dist.report_error("gptlab plot: error: the real cause")
+    monkeypatch.setenv("RANK", "2")
+    assert cli.main(["plot", str(tmp_path)]) == 1  # rank 0 said why: nothing more from this one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.0.0", "error.0.1"]
+
+
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.mark.parametrize("resume", [[], ["--resume", "auto"]])

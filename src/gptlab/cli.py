@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from gptlab.errors import UserError, require_extra
+from gptlab.errors import PeerFailure, UserError, require_extra
 
 
 def positive_int(text: str) -> int:
@@ -785,6 +785,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except PeerFailure as e:  # this rank stops because another failed: one line, unless that one said why
+        if not _peer_reported_error():
+            _report_error(f"gptlab {args.command}: rank {os.environ.get('RANK', '?')}: {e}")
+        return 1
     except Exception as e:
         from gptlab.atomic import DiskFullError, is_disk_full
 

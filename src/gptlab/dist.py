@@ -18,7 +18,7 @@ import torch
 import torch.distributed as tdist
 
 from gptlab.atomic import write_text
-from gptlab.errors import UserError
+from gptlab.errors import PeerFailure, UserError
 
 T = TypeVar("T")
 
@@ -153,11 +153,12 @@ _sections: dict[str, int] = {}
 PULSE_S = 1.0
 
 
-class Rank0Failed(RuntimeError):
-    """Raised on the waiting ranks when rank 0's work failed (rank 0 reports the cause)."""
+class Rank0Failed(PeerFailure):
+    """Raised on the waiting ranks when rank 0's work failed (rank 0 reports the cause, unless it
+    was killed or stopped first)."""
 
 
-class Rank0Timeout(TimeoutError):
+class Rank0Timeout(PeerFailure, TimeoutError):
     """Raised on a waiting rank when rank 0's work took longer than the wait's own timeout."""
 
 
@@ -218,7 +219,8 @@ def wait_for_rank0(name: str, key: str | None = None, timeout: float | None = No
             deadline = time.monotonic() + 5
             while not peer_reported_error() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        raise Rank0Failed(f"rank 0 failed during {name} (its error is reported by rank 0)")
+        raise Rank0Failed(f"rank 0 failed during {name} and reported no error of its own (was it killed or "
+                          f"stopped?)")
 
 
 def rank0_only(name: str, work: Callable[[], T], timeout: float | None = None) -> T | None:
