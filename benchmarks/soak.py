@@ -380,7 +380,9 @@ def soak(args, work: Path) -> Soak:
         disk = Disk(work / "disk", mount=args.in_namespace)
         run = disk.path / "run"
         order = rng.sample(kinds, len(kinds))
-        spots = sorted(rng.sample(range(12, args.steps - 30), len(order)))
+        # the faults' earliest steps in the first half: each waits for the one before it to be survived
+        # (a 20 s outage can outlast 40 fast steps), and the last needs steps left after it
+        spots = sorted(rng.sample(range(12, max(12 + len(order), args.steps // 2)), len(order)))
         plan = [Fault(kind, at) for kind, at in zip(order, spots)]
         sup = Supervisor(train_cmd(url, run, work / "cache", args.steps), run, args.steps, plan, server, disk,
                          work / "soak.log", rng, report)

@@ -13,9 +13,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# One intra-op thread in every test process and every process a test starts: the suite runs two
+# workers on two cores, so a second thread per process only competes (and spins) for a core the other
+# worker is using; the models here are micro-sized. A test that wants more threads says so itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from gptlab.config import ModelConfig
 from gptlab.model import GPT
@@ -386,6 +392,7 @@ def pytest_runtest_protocol(item, nextitem):
     try:
         return (yield)
     finally:
-        rec = {"test": item.nodeid, "wall": round(time.monotonic() - t0, 2), "cpu": round(cpu() - c0, 2)}
+        rec = {"test": item.nodeid, "wall": round(time.monotonic() - t0, 2), "cpu": round(cpu() - c0, 2),
+               "worker": os.environ.get("PYTEST_XDIST_WORKER", ""), "end": round(time.time(), 1)}
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")

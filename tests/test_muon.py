@@ -149,17 +149,30 @@ def assert_identical(a: Path, b: Path) -> None:
         assert losses(a, kind) == losses(b, kind), kind
 
 
+@pytest.fixture(scope="module")
+def two_fsdp_ranks(data_dir, tmp_path_factory) -> Path:
+    """A whole 2-rank --fsdp run, shared (read-only: a test that changes it copies it first)."""
+    full = tmp_path_factory.mktemp("muon_fsdp") / "full"
+    r = torchrun(2, "train", *MICRO, "--fsdp", "--data", data_dir, "--out", full)
+    assert r.returncode == 0, r.stderr
+    assert "2 rank(s)" in r.stderr
+    return full
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_ranks_equal_one_and_resume_exactly(data_dir, one_rank, tmp_path, fsdp):
+def test_two_ranks_equal_one_and_resume_exactly(data_dir, one_rank, tmp_path, fsdp, request):
     """2 ranks (DDP, or FSDP's sharded matrices) train as 1 process does; stopped at step 4 and
     resumed from its checkpoint (single-file, or DCP shards holding Muon's momentum), the run
     gives the unbroken run's losses."""
-    flag = ["--fsdp"] if fsdp else []
-    full, part = tmp_path / "full", tmp_path / "part"
-    r = torchrun(2, "train", *MICRO, *flag, "--data", data_dir, "--out", full)
-    assert r.returncode == 0, r.stderr
-    assert "2 rank(s)" in r.stderr
+    part = tmp_path / "part"
+    if fsdp:
+        full = request.getfixturevalue("two_fsdp_ranks")
+    else:
+        full = tmp_path / "full"
+        r = torchrun(2, "train", *MICRO, "--data", data_dir, "--out", full)
+        assert r.returncode == 0, r.stderr
+        assert "2 rank(s)" in r.stderr
     assert_same_curve(one_rank, full, rel=1e-4)
     ckpt = full / "checkpoints" / "step_000004"
     assert ck.is_sharded_checkpoint(ckpt) == fsdp
@@ -175,12 +188,11 @@ def test_two_ranks_equal_one_and_resume_exactly(data_dir, one_rank, tmp_path, fs
 
 
 @pytest.mark.slow
-def test_fsdp_muon_checkpoint_resumes_on_one_process(data_dir, one_rank, tmp_path):
+def test_fsdp_muon_checkpoint_resumes_on_one_process(two_fsdp_ranks, one_rank, tmp_path):
     """Muon's sharded momentum in a DCP checkpoint reshards: a 2-rank --fsdp run stopped at step 4
     continues on 1 process (--no-fsdp) along the 1-process run's curve."""
     run = tmp_path / "run"
-    r = torchrun(2, "train", *MICRO, "--fsdp", "--data", data_dir, "--out", run)
-    assert r.returncode == 0, r.stderr
+    shutil.copytree(two_fsdp_ranks, run)
     rewind(run, 4)
     r = run_gptlab("train", "--out", run, "--resume", "--no-fsdp", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr

@@ -19,7 +19,7 @@ SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 @pytest.mark.slow
 def test_a_short_soak_survives_every_fault_and_equals_the_unbroken_run(tmp_path):
     report = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, str(SOAK), "--steps", "160", "--seed", "3", "--seconds", "420",
+    r = subprocess.run([sys.executable, str(SOAK), "--steps", "240", "--seed", "3", "--seconds", "420",
                         "--workdir", str(tmp_path / "w"), "--json", str(report)],
                        capture_output=True, text=True, timeout=900)
     assert report.exists(), r.stderr[-4000:]
