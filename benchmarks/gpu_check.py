@@ -70,16 +70,15 @@ def build_steps(work: Path, micro: bool) -> list[Step]:
     steps.append(Step("fp16", "bench in fp16 with the GradScaler, B=16", [*fp16, "--batch-size", "16"], 60))
     data, run = work / "shakespeare", work / "run"
     tokens = "256" if micro else "65536"
+    half = 10 if micro else 100  # steps before the resume (the micro run: 20 steps in all)
     train = [*GPTLAB, "train", *model, *dev, "--data", str(data), "--out", str(run), "--total-batch-tokens", tokens,
-             "--batch-size", "4" if micro else "16", "--eval-every", "100", "--eval-tokens", tokens,
-             "--checkpoint-every", "100", "--warmup-steps", "5" if micro else "20", "--lr", "6e-4", "--sample-tokens", "8",
-             *(["--dtype", "fp32"] if micro else ["--dtype", "bf16", "--compile"])]
-    half = "10" if micro else "100"  # the micro run: 20 steps, the same commands
-    train = [a if a != "100" else half for a in train]  # --eval-every, --checkpoint-every
+             "--batch-size", "4" if micro else "16", "--eval-every", str(half), "--eval-tokens", tokens,
+             "--checkpoint-every", str(half), "--warmup-steps", "5" if micro else "20", "--lr", "6e-4",
+             "--sample-tokens", "8", *(["--dtype", "fp32"] if micro else ["--dtype", "bf16", "--compile"])]
     steps.append(Step("train", "200 steps: 100, then --resume to 200, with evaluation and checkpoints",
                       ["bash", "-c", " && ".join(shlex.join(c) for c in (
                           [*GPTLAB, "prepare", "shakespeare", "--out", str(data)],
-                          [*train, "--max-steps", half], [*train, "--max-steps", str(2 * int(half)), "--resume"]))],
+                          [*train, "--max-steps", str(half)], [*train, "--max-steps", str(2 * half), "--resume"]))],
                       150))
     items = work / "hellaswag.jsonl"
     steps.append(Step("hellaswag", "HellaSwag speed on the trained model",

@@ -224,7 +224,7 @@ class Supervisor:
                 and (self.high > fault.at_step + 12 or time.time() > fault.t + 15.0):
             self.disk.free()  # a checkpoint save has met the full disk (or 15 s passed)
             fault.over = True
-            self.event(f"disk freed")
+            self.event("disk freed")
         if fault is not None and fault.over and fault.over_step is None:
             fault.over_step = self.high
         if fault is not None and fault.over_step is not None and self.high > fault.over_step + CHECKPOINT_EVERY:

@@ -149,14 +149,18 @@ def assert_identical(a: Path, b: Path) -> None:
         assert losses(a, kind) == losses(b, kind), kind
 
 
+def two_rank_run(data_dir, out: Path, *flags: str) -> Path:
+    """A whole 2-rank MICRO run into `out`."""
+    r = torchrun(2, "train", *MICRO, *flags, "--data", data_dir, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "2 rank(s)" in r.stderr
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_fsdp_ranks(data_dir, tmp_path_factory) -> Path:
     """A whole 2-rank --fsdp run, shared (read-only: a test that changes it copies it first)."""
-    full = tmp_path_factory.mktemp("muon_fsdp") / "full"
-    r = torchrun(2, "train", *MICRO, "--fsdp", "--data", data_dir, "--out", full)
-    assert r.returncode == 0, r.stderr
-    assert "2 rank(s)" in r.stderr
-    return full
+    return two_rank_run(data_dir, tmp_path_factory.mktemp("muon_fsdp") / "full", "--fsdp")
 
 
 @pytest.mark.slow
@@ -166,13 +170,7 @@ def test_two_ranks_equal_one_and_resume_exactly(data_dir, one_rank, tmp_path, fs
     resumed from its checkpoint (single-file, or DCP shards holding Muon's momentum), the run
     gives the unbroken run's losses."""
     part = tmp_path / "part"
-    if fsdp:
-        full = request.getfixturevalue("two_fsdp_ranks")
-    else:
-        full = tmp_path / "full"
-        r = torchrun(2, "train", *MICRO, "--data", data_dir, "--out", full)
-        assert r.returncode == 0, r.stderr
-        assert "2 rank(s)" in r.stderr
+    full = request.getfixturevalue("two_fsdp_ranks") if fsdp else two_rank_run(data_dir, tmp_path / "full")
     assert_same_curve(one_rank, full, rel=1e-4)
     ckpt = full / "checkpoints" / "step_000004"
     assert ck.is_sharded_checkpoint(ckpt) == fsdp
